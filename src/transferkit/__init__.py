@@ -1,0 +1,16 @@
+"""transferkit: labelled photos -> pretrained backbone -> cached features -> trained head -> deployable classifier."""
+
+__version__ = "0.1.0"
+
+from transferkit.backbone import EMBEDDED_BACKBONES, Backbone, open_backbone  # noqa: E402
+from transferkit.classifier import Classifier, Prediction, predict_imagenet  # noqa: E402
+from transferkit.data import Dataset, load_dataset  # noqa: E402
+from transferkit.errors import BackboneError, DataError, RunError, TransferkitError  # noqa: E402
+from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
+from transferkit.train import TrainConfig, TrainResult, train  # noqa: E402
+
+__all__ = [
+    "EMBEDDED_BACKBONES", "Backbone", "BackboneError", "Classifier", "DataError", "Dataset", "EvaluationReport",
+    "Prediction", "RunError", "TrainConfig", "TrainResult", "TransferkitError", "evaluate", "load_dataset",
+    "open_backbone", "predict_imagenet", "train",
+]

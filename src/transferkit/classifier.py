@@ -1,0 +1,136 @@
+"""A trained classifier: backbone + head, loaded from a run, predicting top-k labels for images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn
+
+from transferkit.backbone import DEFAULT_BACKBONE, Backbone, open_backbone
+from transferkit.data import Skipped
+from transferkit.errors import BackboneError, RunError
+from transferkit.features import Extractor, default_workers, extract_features, iter_prepared, make_preparer, open_cache
+from transferkit.head import HeadSpec
+from transferkit.runs import read_run_config
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass
+class Prediction:
+    """Top-k answer for one input; `error` says why an input could not be read (then the lists are empty)."""
+
+    source: str
+    labels: list[str]
+    ids: list[int]
+    probabilities: list[float]
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0] if self.labels else None
+
+    @property
+    def probability(self) -> float | None:
+        return self.probabilities[0] if self.probabilities else None
+
+
+def _source_name(item: ImageInput, position: int) -> str:
+    return f"<image {position}>" if isinstance(item, Image.Image) else str(item)
+
+
+def top_k_predictions(extractor: Extractor, inputs: Sequence[ImageInput],
+                      to_probabilities: Callable[[torch.Tensor], np.ndarray], labels: Sequence[str], top_k: int,
+                      batch_size: int = 32, workers: int | None = None) -> list[Prediction]:
+    """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise."""
+    results: list[Prediction | None] = [None] * len(inputs)
+    prepare = make_preparer(extractor.backbone)
+    for batch in iter_prepared(inputs, prepare, batch_size, workers or default_workers()):
+        good = [(i, p) for i, p in batch if p.tensor is not None]
+        for i, p in batch:
+            if p.tensor is None:
+                results[i] = Prediction(_source_name(inputs[i], i), [], [], [], p.error)
+        if not good:
+            continue
+        probabilities = to_probabilities(torch.stack([p.tensor for _, p in good]))
+        for (i, _), row in zip(good, probabilities):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            results[i] = Prediction(_source_name(inputs[i], i), [labels[j] for j in order], order.tolist(),
+                                    row[order].astype(float).tolist())
+    return results
+
+
+class Classifier:
+    """Backbone + trained head. `Classifier.load(run).predict(paths_or_images)` is the whole inference API."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, classes: list[str], config: dict | None = None,
+                 device: str = "cpu", precision: str = "auto"):
+        self.backbone = backbone
+        self.head = head.eval()
+        self.classes = list(classes)
+        self.config = config or {}
+        self.extractor = Extractor(backbone, device, precision)
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "cpu", precision: str = "auto") -> Classifier:
+        config = read_run_config(run)
+        spec = config["backbone"]
+        backbone = open_backbone(spec["name"], spec.get("weights"), config["preprocessing"]["input_size"][0])
+        if backbone.weights_id != spec["weights_id"]:
+            raise RunError(f"the backbone weights of {run} changed since training ({spec['weights_id']} then, "
+                           f"{backbone.weights_id} now); retrain, or restore the original weights file.")
+        head = HeadSpec(**config["head"]).build()
+        state = safetensors.torch.load_file(str(Path(run) / "model.safetensors"))
+        head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+        return cls(backbone, head, config["labels"], config, device, precision)
+
+    def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.softmax(self.head(torch.as_tensor(features, dtype=torch.float32)), dim=1).numpy()
+
+    def probabilities_of_files(self, paths: Sequence[Path], cache_dir: str | Path | None = None,
+                               use_cache: bool = True, batch_size: int = 32, workers: int | None = None,
+                               progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
+        """Class probabilities of image files through the feature cache: (probabilities, kept indices, skipped)."""
+        cache = open_cache(cache_dir, use_cache)
+        try:
+            feature_set = extract_features(self.extractor, paths, cache, batch_size, workers, progress=progress)
+        finally:
+            if cache is not None:
+                cache.close()
+        return self.probabilities_from_features(feature_set.features), feature_set.kept, feature_set.skipped
+
+    def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
+                workers: int | None = None) -> list[Prediction]:
+        if isinstance(inputs, (str, Path, Image.Image)):
+            inputs = [inputs]
+
+        def to_probabilities(images: torch.Tensor) -> np.ndarray:
+            return self.probabilities_from_features(self.extractor.features(images))
+
+        return top_k_predictions(self.extractor, list(inputs), to_probabilities, self.classes,
+                                 min(top_k, len(self.classes)), batch_size, workers)
+
+
+def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+                     top_k: int = 5, batch_size: int = 32, image_size: int | None = None) -> list[Prediction]:
+    """Top-k ImageNet classes from the backbone's own classifier (Keras' decode_predictions use case)."""
+    from timm.data import ImageNetInfo
+
+    extractor = Extractor(open_backbone(backbone, weights, image_size))
+    num_classes = getattr(extractor.backbone.model, "num_classes", 0)
+    if num_classes != 1000:
+        raise BackboneError(f"backbone {backbone} has no ImageNet-1k classifier ({num_classes} outputs).")
+    info = ImageNetInfo()
+    names = [info.index_to_description(i) for i in range(1000)]
+
+    def to_probabilities(images: torch.Tensor) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(extractor.logits(images)), dim=1).numpy()
+
+    return top_k_predictions(extractor, list(inputs), to_probabilities, names, top_k, batch_size)

@@ -1,0 +1,348 @@
+"""Labelled images: find them in folders or CSVs, split them stably, decode them safely."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from transferkit.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+SPLITS = ("train", "val", "test")
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+"""Larger images are rejected as likely decompression bombs (a 10,000 x 10,000 photo still passes)."""
+
+# retrain.py's constant: the hash split stays compatible with TensorFlow's retrain.py.
+_MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
+_HEADER_WORDS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "label",
+                 "class", "category", "target", "y", "split"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """Samples per split with one class list; `skipped` holds files that could not be used."""
+
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def targets(self, split: str) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index[s.label] for s in self.splits[split]], dtype=np.int64)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {name: dict(Counter(s.label for s in samples)) for name, samples in self.splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+
+def hash_split(path: str | Path, val_percent: float, test_percent: float) -> str:
+    """The split a file belongs to, from its name alone (retrain.py's rule).
+
+    Anything after ``_nohash_`` in the file name is ignored, so variants of one picture stay together, and
+    adding files never moves existing ones to another split.
+    """
+    name = re.sub(r"_nohash_.*$", "", Path(path).name)
+    digest = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16)
+    percentage = (digest % (_MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / _MAX_NUM_IMAGES_PER_CLASS)
+    if percentage < val_percent:
+        return "val"
+    if percentage < val_percent + test_percent:
+        return "test"
+    return "train"
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class _Listing:
+    samples: list[Sample]
+    skipped: list[Skipped]
+    empty_classes: list[str]
+    split_column: dict[Path, str] = field(default_factory=dict)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in {"Thumbs.db", "desktop.ini", "__MACOSX"}
+
+
+def _list_class_folders(root: Path) -> _Listing:
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    empty: list[str] = []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    for class_dir in class_dirs:
+        found = 0
+        for folder, subdirs, files in os.walk(class_dir):
+            subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
+            for name in sorted(files):
+                if _is_hidden(name):
+                    continue
+                path = Path(folder) / name
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    samples.append(Sample(path, class_dir.name))
+                    found += 1
+                else:
+                    skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
+        if found == 0:
+            empty.append(class_dir.name)
+    return _Listing(samples, skipped, empty)
+
+
+def _detect_quote_char(text: str) -> str:
+    single = len(re.findall(r"(?:^|,)\s*'", text, re.M))
+    double = len(re.findall(r'(?:^|,)\s*"', text, re.M))
+    return "'" if single > double else '"'
+
+
+def _looks_like_header(row: list[str], base: Path) -> bool:
+    first = row[0].strip()
+    return (first.lower() in _HEADER_WORDS or row[1].strip().lower() in _HEADER_WORDS) and not (base / first).exists()
+
+
+def _read_csv(csv_path: Path) -> _Listing:
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path} is not a UTF-8 text file ({err.reason}); save the CSV as UTF-8.") from err
+    base = csv_path.parent
+    rows = [r for r in csv.reader(io.StringIO(text), quotechar=_detect_quote_char(text), skipinitialspace=True)
+            if any(cell.strip() for cell in r)]
+    if rows and len(rows[0]) >= 2 and _looks_like_header(rows[0], base):
+        rows = rows[1:]
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    split_column: dict[Path, str] = {}
+    for line_no, row in enumerate(rows, start=1):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            skipped.append(Skipped(f"{csv_path}:{line_no}", f"malformed row {row!r}: expected path,label"))
+            continue
+        path = Path(row[0].strip())
+        path = path if path.is_absolute() else base / path
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
+            continue
+        samples.append(Sample(path, row[1].strip()))
+        if len(row) >= 3 and row[2].strip().lower() in ("train", "val", "valid", "validation", "test"):
+            split_column[path] = "val" if row[2].strip().lower() in ("valid", "validation") else row[2].strip().lower()
+    if not samples:
+        raise DataError(f"{csv_path} lists no image files; expected rows of path,label (paths relative to the CSV).")
+    return _Listing(samples, skipped, [], split_column)
+
+
+def _find_split_folders(root: Path) -> dict[str, Path]:
+    found = {}
+    for split, names in SPLIT_FOLDER_NAMES.items():
+        for name in names:
+            if (root / name).is_dir():
+                found[split] = root / name
+                break
+    return found if "train" in found else {}
+
+
+@dataclass
+class _Source:
+    samples: dict[str, list[Sample]]
+    """Samples per split ("train"/"val"/"test"), or under "all" when the source does not fix its splits."""
+    skipped: list[Skipped]
+    empty_classes: list[str]
+
+    @property
+    def fixes_splits(self) -> bool:
+        return "all" not in self.samples
+
+
+def _read_source(source: Path) -> _Source:
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"{source} does not exist; give a folder of class subfolders, a folder with train/ "
+                        "(and val/, test/), or a CSV of path,label rows.")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source} is a file but not a .csv; give a folder of class subfolders or a CSV.")
+        listing = _read_csv(source)
+        if not listing.split_column:
+            return _Source({"all": listing.samples}, listing.skipped, [])
+        by_split: dict[str, list[Sample]] = {}
+        for sample in listing.samples:
+            by_split.setdefault(listing.split_column.get(sample.path, "train"), []).append(sample)
+        return _Source(by_split, listing.skipped, [])
+    split_folders = _find_split_folders(source)
+    if not split_folders:
+        listing = _list_class_folders(source)
+        return _Source({"all": listing.samples}, listing.skipped, listing.empty_classes)
+    listings = {split: _list_class_folders(folder) for split, folder in split_folders.items()}
+    return _Source({split: listing.samples for split, listing in listings.items()},
+                   [s for listing in listings.values() for s in listing.skipped], listings["train"].empty_classes)
+
+
+def _sort_classes(labels: set[str]) -> list[str]:
+    if labels and all(re.fullmatch(r"-?\d+", label) for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def load_dataset(
+    data: str | Path,
+    val: str | Path | None = None,
+    test: str | Path | None = None,
+    val_percent: float = 10.0,
+    test_percent: float = 10.0,
+) -> Dataset:
+    """Read DATA (and explicit --val / --test sources) into train/val/test samples with one sorted class list.
+
+    Splits that DATA does not provide itself are carved from it by `hash_split`. A train/ layout without val/
+    gets a validation split carved from train; its missing test split is left out (the layout is the user's).
+    """
+    if not (0 <= val_percent < 100 and 0 <= test_percent < 100 and val_percent + test_percent < 100):
+        raise DataError("--val-percent and --test-percent must be between 0 and 100 and leave images to train on.")
+    source = _read_source(Path(data))
+    skipped = list(source.skipped)
+    if source.fixes_splits:
+        splits = dict(source.samples)
+    else:
+        splits = {}
+        carve_val = 0.0 if val is not None else val_percent
+        carve_test = 0.0 if test is not None else test_percent
+        for sample in source.samples["all"]:
+            splits.setdefault(hash_split(sample.path, carve_val, carve_test), []).append(sample)
+    if "val" not in splits and val is None and source.fixes_splits and val_percent > 0:
+        carved: dict[str, list[Sample]] = {}
+        for sample in splits.get("train", []):
+            carved.setdefault(hash_split(sample.path, val_percent, 0.0), []).append(sample)
+        splits["train"], splits["val"] = carved.get("train", []), carved.get("val", [])
+    for name, extra in (("val", val), ("test", test)):
+        if extra is not None:
+            extra_source = _read_source(Path(extra))
+            splits[name] = [s for samples in extra_source.samples.values() for s in samples]
+            skipped += extra_source.skipped
+
+    empty = source.empty_classes
+    if empty:
+        raise DataError(f"class folder(s) with no images: {', '.join(empty)}; add images or remove the folder(s).")
+    train_labels = {s.label for s in splits.get("train", [])}
+    if len(train_labels) < 2:
+        raise DataError(f"found {len(train_labels)} class(es) with training images in {data}; at least 2 are needed "
+                        "(one subfolder per class, or a CSV with at least two labels).")
+    for name in ("val", "test"):
+        unknown = sorted({s.label for s in splits.get(name, [])} - train_labels)
+        if unknown:
+            raise DataError(f"the {name} split has classes with no training images: {', '.join(unknown[:10])}; "
+                            "add training images for them or remove them from that split.")
+    return Dataset(_sort_classes(train_labels), {k: v for k, v in splits.items() if v}, skipped)
+
+
+def list_images(sources: list[str | Path]) -> list[Path]:
+    """Image files named by paths: files as given, folders searched recursively, CSVs read (first column)."""
+    paths: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            for folder, subdirs, files in os.walk(source):
+                subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
+                paths += [Path(folder) / f for f in sorted(files)
+                          if not _is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        elif source.suffix.lower() == ".csv" and source.is_file():
+            paths += [s.path for s in _read_csv(source).samples]
+        else:
+            paths.append(source)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+class ImageDecodeError(Exception):
+    """A file that cannot be used as an image; the message is the reason shown to the user."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        # Pillow's own convert() clips 16-bit values at 255 instead of scaling them.
+        array = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        array = array * 255.0 if array.max(initial=0.0) <= 1.0 else array
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes into an upright RGB picture, or raise ImageDecodeError saying why not.
+
+    `draft_size` lets JPEG decoding downscale by 2/4/8 on the fly while staying at least that large, which makes
+    big photos several times cheaper to read.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
+                                       "(possible decompression bomb)")
+            if width < 1 or height < 1:
+                raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+            if draft_size is not None and image.format == "JPEG":
+                image.draft(image.mode, draft_size)
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"possible decompression bomb: {err}") from err
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError("not an image (unrecognised format)") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
+    except Exception as err:  # any other decoder failure must skip this file, never stop the run
+        raise ImageDecodeError(f"cannot decode image: {type(err).__name__}: {err}") from err
+
+
+def read_file(path: Path) -> bytes:
+    """File bytes, or ImageDecodeError with a reason a person understands."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise ImageDecodeError("file not found") from err
+    except PermissionError as err:
+        raise ImageDecodeError("permission denied") from err
+    except IsADirectoryError as err:
+        raise ImageDecodeError("is a folder, not a file") from err
+    except OSError as err:
+        raise ImageDecodeError(f"cannot read file: {err.strerror or err}") from err

@@ -1,0 +1,102 @@
+"""Metrics of a classifier on labelled images: overall, per class, per group of classes, confusion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+
+from transferkit.data import Skipped, load_dataset
+from transferkit.errors import DataError
+
+
+def read_groups(path: str | Path) -> dict[str, list[str]]:
+    """A groups file: {"group name": ["class", ...], ...}."""
+    try:
+        groups = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read groups file {path}: {err}") from err
+    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+        raise DataError(f'{path} must hold a JSON object of group name -> list of class names, e.g. {{"cats": ["lion"]}}')
+    return {str(k): [str(c) for c in v] for k, v in groups.items()}
+
+
+def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                           groups: dict[str, list[str]] | None = None) -> dict:
+    """Accuracy, top-5 accuracy (5+ classes), log loss, per-class P/R/F1/support, confusion matrix, group accuracy."""
+    labels = list(range(len(classes)))
+    predictions = probabilities.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(targets, predictions, labels=labels,
+                                                                     zero_division=0)
+    metrics = {
+        "n": int(len(targets)),
+        "accuracy": float(np.mean(predictions == targets)) if len(targets) else float("nan"),
+        "loss": float(log_loss(targets, np.clip(probabilities, 1e-7, 1), labels=labels)) if len(targets) else None,
+        "macro_f1": float(np.mean(f1)),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        "confusion_matrix": confusion_matrix(targets, predictions, labels=labels).tolist(),
+    }
+    if len(classes) >= 5:
+        metrics["top5_accuracy"] = float(top_k_accuracy_score(targets, probabilities, k=5, labels=labels))
+    if groups:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({c for members in groups.values() for c in members} - set(index))
+        if unknown:
+            raise DataError(f"groups name classes the model does not know: {', '.join(unknown[:10])}")
+        metrics["groups"] = {}
+        for group, members in groups.items():
+            mask = np.isin(targets, [index[c] for c in members])
+            metrics["groups"][group] = {"n": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] ==
+                                        targets[mask])) if mask.any() else None}
+    return metrics
+
+
+@dataclass
+class EvaluationReport:
+    run: Path
+    split: str
+    metrics: dict
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+
+def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
+             cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int = 32,
+             workers: int | None = None, progress: bool | None = None) -> EvaluationReport:
+    """Evaluate a trained run on labelled DATA.
+
+    split: "auto" uses the test split where DATA has one, else validation, else every image; or name one of
+    train / val / test / all. A folder without its own splits is split as the run was (same percentages).
+    """
+    from transferkit.classifier import Classifier
+
+    classifier = Classifier.load(run)
+    data_config = classifier.config.get("data", {})
+    dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
+                           test_percent=data_config.get("test_percent", 10.0))
+    if split == "auto":
+        split = next((s for s in ("test", "val") if s in dataset.splits), "all")
+    if split == "all":
+        samples = [s for part in dataset.splits.values() for s in part]
+    elif split in dataset.splits:
+        samples = dataset.splits[split]
+    else:
+        raise DataError(f"{data} has no {split} split (it has: {', '.join(dataset.splits)}); pick another --split.")
+    unknown = sorted({s.label for s in samples} - set(classifier.classes))
+    if unknown:
+        raise DataError(f"{data} has classes the model was not trained on: {', '.join(unknown[:10])}.")
+    probabilities, kept, skipped = classifier.probabilities_of_files(
+        [s.path for s in samples], cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+        workers=workers, progress=progress)
+    index = {name: i for i, name in enumerate(classifier.classes)}
+    targets = np.array([index[samples[i].label] for i in kept], dtype=np.int64)
+    group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
+    metrics = classification_metrics(targets, probabilities, classifier.classes, group_map)
+    return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped)

@@ -1,0 +1,377 @@
+"""Bottleneck features: the frozen backbone run once per image, kept in an on-disk cache that every run shares.
+
+The cache is a folder holding one SQLite index and append-only shards of float32 rows, read back memory-mapped.
+A writer appends a batch to its own shard, flushes it to disk, and only then commits the batch's index rows, so a
+crash (Ctrl-C, kill -9) loses at most the batch in flight and nobody ever reads a half-written row; concurrent
+runs write separate shards and SQLite serialises their index commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import uuid
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from transferkit.backbone import Backbone
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Skipped, decode_image, read_file
+
+CACHE_FORMAT = 1
+_SQL_CHUNK = 500
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("TRANSFERKIT_CACHE_DIR"):
+        return Path(os.environ["TRANSFERKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transferkit"
+
+
+def content_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------------- extractor
+
+
+class Extractor:
+    """Runs a frozen backbone on the fastest numerically safe torch path of this machine.
+
+    CPU: channels_last, with bf16 autocast where the CPU has native bf16 (about 4x plain fp32 NCHW here; features
+    keep a cosine similarity above 0.999 with fp32). CUDA: channels_last with fp16 autocast.
+    """
+
+    def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", precision: str = "auto"):
+        self.backbone = backbone
+        self.device = torch.device(device)
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        self.precision = precision
+
+    @cached_property
+    def _model(self) -> torch.nn.Module:
+        return self.backbone.model.to(self.device, memory_format=torch.channels_last)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _run(self, images: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        self._model  # noqa: B018 - move the model before the first batch
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            return forward(images).float().cpu().numpy()
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return self._run(images, self.backbone.features)
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        return self._run(images, self._model)
+
+    @property
+    def cache_key(self) -> dict:
+        """Everything that determines a feature vector besides the image bytes."""
+        return {"format": CACHE_FORMAT, "architecture": self.backbone.architecture,
+                "weights_id": self.backbone.weights_id, "preprocessing": self.backbone.preprocessing.to_dict(),
+                "precision": self.precision, "jpeg_draft": True}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input made ready for the backbone, or the reason it cannot be."""
+
+    tensor: torch.Tensor | None
+    digest: str | None
+    error: str | None = None
+
+
+def make_preparer(backbone: Backbone, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Callable[[object], Prepared]:
+    """Path or PIL image -> normalised tensor (and content digest); never raises for a bad image."""
+    transform = backbone.preprocessing.transform()
+    draft = (backbone.preprocessing.resize_size,) * 2
+
+    def prepare(item: object) -> Prepared:
+        try:
+            if isinstance(item, Image.Image):
+                return Prepared(transform(item.convert("RGB")), None)
+            data = read_file(Path(item))
+            return Prepared(transform(decode_image(data, max_pixels, draft)), content_digest(data))
+        except ImageDecodeError as err:
+            return Prepared(None, None, str(err))
+
+    return prepare
+
+
+def iter_prepared(items: Sequence, prepare: Callable[[object], Prepared], batch_size: int, workers: int,
+                  prefetch: int = 2) -> Iterator[list[tuple[int, Prepared]]]:
+    """Batches of (index, prepared) decoded by a thread pool a few batches ahead of the consumer."""
+    numbered = iter(enumerate(items))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-decode") as pool:
+        pending: deque = deque()
+
+        def submit_next() -> None:
+            chunk = list(islice(numbered, batch_size))
+            if chunk:
+                pending.append([(i, pool.submit(prepare, item)) for i, item in chunk])
+
+        for _ in range(prefetch + 1):
+            submit_next()
+        while pending:
+            batch = pending.popleft()
+            submit_next()
+            yield [(i, future.result()) for i, future in batch]
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class CacheUnavailable(Exception):
+    pass
+
+
+class FeatureCache:
+    """Content-addressed feature store shared by all runs: (feature space, image digest) -> float32 row."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "index.sqlite", timeout=120, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript("""
+                CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,
+                                                  inode INTEGER, digest TEXT);
+                CREATE TABLE IF NOT EXISTS spaces (space TEXT PRIMARY KEY, dim INTEGER, key TEXT);
+                CREATE TABLE IF NOT EXISTS features (space TEXT, digest TEXT, shard TEXT, row INTEGER,
+                                                     PRIMARY KEY (space, digest));
+            """)
+        except (OSError, sqlite3.Error) as err:
+            raise CacheUnavailable(f"cannot use feature cache {self.root}: {err}") from err
+
+    @staticmethod
+    def space_id(key: dict) -> str:
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _select(self, sql: str, keys: Sequence, *prefix) -> list[tuple]:
+        rows: list[tuple] = []
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = list(keys[start:start + _SQL_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows += self._db.execute(sql.format(marks=marks), (*prefix, *chunk)).fetchall()
+        return rows
+
+    def digests(self, paths: Sequence[Path], workers: int) -> dict[int, str]:
+        """Content digests by position in `paths`; unchanged files (size, mtime, inode) are not read again."""
+        stats: dict[int, os.stat_result] = {}
+        for i, path in enumerate(paths):
+            try:
+                stats[i] = os.stat(path)
+            except OSError:
+                pass  # reported when the file is prepared
+        names = [str(Path(paths[i]).absolute()) for i in stats]
+        known = {row[0]: row[1:] for row in self._select(
+            "SELECT path, size, mtime_ns, inode, digest FROM files WHERE path IN ({marks})", names)}
+        result: dict[int, str] = {}
+        to_hash: list[tuple[int, str]] = []
+        for (i, st), name in zip(stats.items(), names):
+            row = known.get(name)
+            if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+                result[i] = row[3]
+            else:
+                to_hash.append((i, name))
+
+        def hash_file(name: str) -> str | None:
+            try:
+                return content_digest(Path(name).read_bytes())
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            fresh = list(pool.map(hash_file, [name for _, name in to_hash]))
+        records = []
+        for (i, name), digest in zip(to_hash, fresh):
+            if digest is not None:
+                result[i] = digest
+                st = stats[i]
+                records.append((name, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", records)
+        return result
+
+    def _write(self, sql: str, records: list[tuple]) -> None:
+        if not records:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(sql, records)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def lookup(self, space: str, digests: Iterable[str]) -> dict[str, tuple[str, int]]:
+        rows = self._select("SELECT digest, shard, row FROM features WHERE space = ? AND digest IN ({marks})",
+                            sorted(set(digests)), space)
+        return {digest: (shard, row) for digest, shard, row in rows}
+
+    def read(self, space: str, locations: Sequence[tuple[str, int]]) -> np.ndarray:
+        (dim,) = self._db.execute("SELECT dim FROM spaces WHERE space = ?", (space,)).fetchone()
+        out = np.empty((len(locations), dim), dtype=np.float32)
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for position, (shard, row) in enumerate(locations):
+            by_shard.setdefault(shard, []).append((position, row))
+        for shard, pairs in by_shard.items():
+            path = self.root / space / shard
+            rows = os.path.getsize(path) // (dim * 4)
+            table = np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim))
+            positions, indices = zip(*pairs)
+            out[list(positions)] = table[list(indices)]
+            del table
+        return out
+
+    def writer(self, space: str, key: dict) -> ShardWriter:
+        return ShardWriter(self, space, key)
+
+
+class ShardWriter:
+    """Appends batches to a new shard of one feature space; each batch is on disk before its index rows commit."""
+
+    def __init__(self, cache: FeatureCache, space: str, key: dict):
+        self.cache, self.space, self.key = cache, space, key
+        self.name = f"{uuid.uuid4().hex}.f32"
+        self._file = None
+        self._rows = 0
+
+    def append(self, digests: Sequence[str], features: np.ndarray) -> None:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if self._file is None:
+            (self.cache.root / self.space).mkdir(exist_ok=True)
+            self.cache._write("INSERT OR IGNORE INTO spaces VALUES (?, ?, ?)",
+                              [(self.space, features.shape[1], json.dumps(self.key, sort_keys=True))])
+            self._file = open(self.cache.root / self.space / self.name, "ab")
+        self._file.write(features.tobytes())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        rows = range(self._rows, self._rows + len(digests))
+        self._rows += len(digests)
+        self.cache._write("INSERT OR IGNORE INTO features VALUES (?, ?, ?, ?)",
+                          [(self.space, d, self.name, r) for d, r in zip(digests, rows)])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class FeatureSet:
+    """Features of the inputs that could be read: row j belongs to `paths[kept[j]]`."""
+
+    features: np.ndarray
+    kept: np.ndarray
+    skipped: list[Skipped]
+    computed: int
+    from_cache: int
+
+
+def open_cache(cache_dir: str | Path | None, use_cache: bool) -> FeatureCache | None:
+    """The feature cache, or None (with a warning) when it is switched off or cannot be used."""
+    if not use_cache:
+        return None
+    try:
+        return FeatureCache(cache_dir)
+    except CacheUnavailable as err:
+        warnings.warn(f"{err}; continuing without a cache (pass --cache-dir to use another folder).", stacklevel=2)
+        return None
+
+
+def extract_features(extractor: Extractor, paths: Sequence[Path], cache: FeatureCache | None = None,
+                     batch_size: int = 32, workers: int | None = None,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: bool | None = None,
+                     desc: str = "Extracting features") -> FeatureSet:
+    """Features for every readable image in `paths`, from the cache where possible, the backbone otherwise."""
+    workers = workers or default_workers()
+    space = FeatureCache.space_id(extractor.cache_key)
+    found: dict[int, np.ndarray] = {}
+    if cache is not None:
+        digests = cache.digests(paths, workers)
+        hits = cache.lookup(space, digests.values())
+        cached = [i for i, d in digests.items() if d in hits]
+        if cached:
+            rows = cache.read(space, [hits[digests[i]] for i in cached])
+            found.update(zip(cached, rows))
+    todo = [i for i in range(len(paths)) if i not in found]
+    skipped: list[Skipped] = []
+    writer = cache.writer(space, extractor.cache_key) if cache is not None else None
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=(not todo) if progress is None else not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        prepare = make_preparer(extractor.backbone, max_pixels)
+        for batch in iter_prepared([paths[i] for i in todo], prepare, batch_size, workers):
+            good = [(todo[j], p) for j, p in batch if p.tensor is not None]
+            skipped += [Skipped(str(paths[todo[j]]), p.error) for j, p in batch if p.tensor is None]
+            if good:
+                features = extractor.features(torch.stack([p.tensor for _, p in good]))
+                found.update((i, row) for (i, _), row in zip(good, features))
+                if writer is not None:
+                    writer = _append_or_give_up(writer, [p.digest for _, p in good], features)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    kept = np.array(sorted(found), dtype=np.int64)
+    dim = next(iter(found.values())).shape[0] if found else 0
+    matrix = np.stack([found[i] for i in kept]) if found else np.empty((0, dim), dtype=np.float32)
+    return FeatureSet(matrix, kept, skipped, computed=len(todo) - len(skipped), from_cache=len(paths) - len(todo))
+
+
+def _append_or_give_up(writer: ShardWriter, digests: list[str], features: np.ndarray) -> ShardWriter | None:
+    """A full disk or read-only cache must not stop extraction: warn once and carry on without caching."""
+    try:
+        writer.append(digests, features)
+        return writer
+    except (OSError, sqlite3.Error) as err:
+        warnings.warn(f"feature cache {writer.cache.root} cannot be written ({err}); continuing without caching.",
+                      stacklevel=3)
+        writer.close()
+        return None

@@ -1,0 +1,115 @@
+"""The new classification head, trained on cached backbone features in seconds."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+HEAD_KINDS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str = "linear"
+    in_features: int = 0
+    num_classes: int = 0
+    dropout: float = 0.2
+    hidden: int = 512
+
+    def build(self) -> nn.Sequential:
+        if self.kind == "linear":
+            return nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.in_features, self.num_classes))
+        if self.kind == "mlp":
+            return nn.Sequential(nn.Linear(self.in_features, self.hidden), nn.ReLU(), nn.Dropout(self.dropout),
+                                 nn.Linear(self.hidden, self.num_classes))
+        raise ValueError(f"head must be one of {', '.join(HEAD_KINDS)}, not {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    patience: int = 10
+    balance: bool = False
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    head: nn.Sequential
+    history: list[dict]
+    best_epoch: int
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (sklearn's 'balanced'): every class weighs the same in the loss."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(targets) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    head.eval()
+    with torch.inference_mode():
+        logits = head(x)
+        return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
+             val_y: np.ndarray | None = None, options: FitOptions = FitOptions(),
+             progress: bool | None = None) -> FitResult:
+    """Build and train a head with AdamW; with validation data, stop early on validation loss, keep the best epoch.
+
+    Initialisation and training run in a forked RNG state seeded by `options.seed`: a run is reproducible whatever
+    ran before it, and the caller's RNG is left untouched.
+    """
+    x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y, dtype=torch.long)
+    has_val = val_x is not None and len(val_x) > 0
+    vx = torch.as_tensor(val_x, dtype=torch.float32) if has_val else None
+    vy = torch.as_tensor(val_y, dtype=torch.long) if has_val else None
+    weight = class_weights(train_y, spec.num_classes) if options.balance else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
+    history: list[dict] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        head = spec.build()
+        optimizer = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        best = (math.inf, 0, copy.deepcopy(head.state_dict()))
+        generator = torch.Generator().manual_seed(options.seed)
+        epochs = tqdm(range(1, options.epochs + 1), desc="Training head", unit="epoch", file=sys.stderr,
+                      disable=progress is False or (progress is None and not sys.stderr.isatty()), dynamic_ncols=True)
+        for epoch in epochs:
+            head.train()
+            total_loss, correct = 0.0, 0
+            for batch in torch.randperm(len(x), generator=generator).split(options.batch_size):
+                logits = head(x[batch])
+                loss = criterion(logits, y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(batch)
+                correct += (logits.argmax(1) == y[batch]).sum().item()
+            row = {"epoch": epoch, "train_loss": total_loss / len(x), "train_accuracy": correct / len(x),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            if has_val:
+                row["val_loss"], row["val_accuracy"] = _evaluate(head, vx, vy)
+                if row["val_loss"] < best[0] - 1e-6:
+                    best = (row["val_loss"], epoch, copy.deepcopy(head.state_dict()))
+            history.append(row)
+            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
+            if has_val and epoch - best[1] >= options.patience:
+                break
+    if has_val:
+        head.load_state_dict(best[2])
+    head.eval()
+    return FitResult(head, history, best[1] if has_val else len(history))
