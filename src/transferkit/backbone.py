@@ -209,11 +209,16 @@ def _load_into(architecture: str, state: dict[str, torch.Tensor], source: str) -
     own_keys = {k for k in model.state_dict() if not _is_counter(k)}
     if not own_keys <= set(state) and any(k.startswith("_") for k in state):
         state = map_in_order(state, model)  # EfficientNet-PyTorch keys (_blocks.N...), same tensor order as timm
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    advice = "Check that --backbone names the architecture they were saved from."
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise BackboneError(f"the weights in {source} do not fit {architecture}: {mismatch} {advice}") from err
     missing = [k for k in missing if not _is_counter(k)]
     if missing or unexpected:
         raise BackboneError(f"the weights in {source} do not fit {architecture}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}. Check --backbone names the architecture they were saved from.")
+                            f"unexpected {unexpected[:3]}. {advice}")
     return model
 
 

@@ -67,7 +67,8 @@ class Extractor:
     """Runs a frozen backbone on the fastest numerically safe torch path of this machine.
 
     CPU: channels_last, with bf16 autocast where the CPU has native bf16 (about 4x plain fp32 NCHW here; features
-    keep a cosine similarity above 0.999 with fp32). CUDA: channels_last with fp16 autocast.
+    keep a cosine similarity of about 0.999 with fp32, and hymenoptera head accuracy is unchanged).
+    CUDA: channels_last with fp16 autocast.
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", precision: str = "auto"):

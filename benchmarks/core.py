@@ -1,0 +1,53 @@
+"""Issue #2 numbers on ../shared hymenoptera: validation accuracy with all defaults, cold and warm `transferkit train`.
+
+Runs the real CLI in fresh processes (start-up included), with a fresh feature cache for the cold run.
+Usage: python benchmarks/core.py [--data ../shared/datasets/hymenoptera]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
+
+
+def timed_train(data: Path, out: Path, cache: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out),
+                             "--cache-dir", str(cache), "--json"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    return time.perf_counter() - started, json.loads(result.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data} not found: pass --data pointing at the hymenoptera train/val folder.")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        cold_s, cold = timed_train(args.data, Path(tmp) / "cold", cache)
+        warm_s, warm = timed_train(args.data, Path(tmp) / "warm", cache)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}")
+    print(f"{'measure':<42}{'value':>10}{'target':>10}")
+    rows = [("validation accuracy (defaults)", f"{cold['val_accuracy']:.4f}", ">= 0.95"),
+            ("train, cold cache, end to end (s)", f"{cold_s:.1f}", "<= 30"),
+            ("train, warm cache, end to end (s)", f"{warm_s:.1f}", "<= 5"),
+            ("features computed cold / warm", f"{cold['features_computed']}/{warm['features_computed']}", "398/0"),
+            ("warm run validation accuracy", f"{warm['val_accuracy']:.4f}", "= cold")]
+    for name, value, target in rows:
+        print(f"{name:<42}{value:>10}{target:>10}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shared fixtures: synthetic image sets drawn in the test, and the real hymenoptera set from ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+
+# Each class is a shape in a colour on a noisy background: easy for ImageNet features, made of real pixels.
+CLASS_STYLES = {"circles": ("ellipse", (220, 40, 40)), "squares": ("rectangle", (40, 60, 220)),
+                "stripes": ("stripes", (40, 180, 60))}
+
+
+def draw_sample(style: str, colour: tuple[int, int, int], rng: np.random.Generator, size: int = 96) -> Image.Image:
+    background = rng.integers(90, 170, size=(size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(image)
+    if style == "stripes":
+        width = int(rng.integers(5, 10))
+        for x in range(int(rng.integers(0, width)), size, 2 * width):
+            draw.rectangle([x, 0, x + width - 1, size], fill=colour)
+    else:
+        x0, y0 = rng.integers(5, size // 3, size=2)
+        extent = int(rng.integers(size // 2, size - 10))
+        getattr(draw, style)([int(x0), int(y0), min(size - 1, int(x0) + extent), min(size - 1, int(y0) + extent)],
+                             fill=colour)
+    return image
+
+
+def make_image_folder(root: Path, per_class: int = 12, seed: int = 0, classes=CLASS_STYLES, size: int = 96,
+                      ext: str = ".jpg") -> Path:
+    rng = np.random.default_rng(seed)
+    for name, (style, colour) in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_sample(style, colour, rng, size).save(root / name / f"{name}_{seed}_{i:03d}{ext}", quality=92)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three classes x 12 images, flat (no split folders)."""
+    return make_image_folder(tmp_path / "shapes")
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    """A train/ + val/ layout of the three synthetic classes."""
+    root = tmp_path / "layout"
+    make_image_folder(root / "train", per_class=12, seed=1)
+    make_image_folder(root / "val", per_class=5, seed=2)
+    return root
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def hymenoptera() -> Path:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"real-data test: {HYMENOPTERA} is absent (it ships beside the repository in CI)")
+    return HYMENOPTERA

@@ -1,0 +1,75 @@
+"""The command line on synthetic data: train --json, predict formats, evaluate, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def trained(split_folder, tmp_path, cache_dir):
+    result = runner.invoke(app, ["train", str(split_folder), "--out", str(tmp_path / "run"), "--cache-dir",
+                                 str(cache_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run", json.loads(result.stdout)
+
+
+def test_train_json_summary(trained):
+    run, summary = trained
+    assert summary["run_dir"] == str(run) and summary["val_accuracy"] >= 0.9
+    assert summary["images"] == {"train": 36, "val": 15} and summary["features_computed"] == 51
+
+
+def test_predict_table_json_csv_and_unreadable_input(trained, split_folder, tmp_path):
+    run, _ = trained
+    image = next((split_folder / "val" / "stripes").glob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("no pixels here")
+    as_json = runner.invoke(app, ["predict", str(run), str(image), str(broken), "--format", "json", "--top-k", "2"])
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert rows[0]["predictions"][0]["label"] == "stripes" and len(rows[0]["predictions"]) == 2
+    assert rows[1]["error"].startswith("not an image")
+    as_csv = runner.invoke(app, ["predict", str(run), str(split_folder / "val"), "--format", "csv", "--top-k", "1"])
+    records = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert len(records) == 15 and sum(r["label"] == r["input"].split("/")[-2] for r in records) >= 14
+    table = runner.invoke(app, ["predict", str(run), str(image)])
+    assert table.exit_code == 0 and "stripes" in table.stdout
+    only_bad = runner.invoke(app, ["predict", str(run), str(broken)])
+    assert only_bad.exit_code == 1
+
+
+def test_evaluate_json(trained, split_folder, tmp_path):
+    run, summary = trained
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"round": ["circles"]}))
+    result = runner.invoke(app, ["evaluate", str(run), str(split_folder), "--json", "--groups", str(groups)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["accuracy"] == pytest.approx(summary["val_accuracy"]) and metrics["groups"]["round"]["n"] == 5
+    text = runner.invoke(app, ["evaluate", str(run), str(split_folder)])
+    assert "confusion matrix" in text.stdout and "circles" in text.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "/no/such/folder"], "does not exist"),
+    (["evaluate", "/no/such/run", "."], "is not a run folder"),
+    (["train", ".", "--backbone", "nonexistent_net_xyz"], "unknown backbone"),
+])
+def test_user_errors_are_one_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (16, 16), "white").save(tmp_path / name / "x.png")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output

@@ -1,0 +1,46 @@
+"""Slow tests on real photos (../shared) and the demo: the README's promises, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import transferkit
+
+pytestmark = pytest.mark.slow
+
+
+def test_hymenoptera_defaults_reach_target_and_reuse_cache(hymenoptera, tmp_path):
+    cache = str(tmp_path / "cache")
+    cold = transferkit.train(hymenoptera, out=tmp_path / "cold", cache_dir=cache, progress=False)
+    assert cold.images == {"train": 245, "val": 153}  # formica.jpeg and the GIF placeholder are read too
+    assert cold.val_accuracy >= 0.95
+    assert cold.features_computed == 398
+    warm = transferkit.train(hymenoptera, out=tmp_path / "warm", cache_dir=cache, progress=False)
+    assert warm.features_computed == 0 and warm.val_accuracy == cold.val_accuracy
+
+
+def test_cli_train_and_imagenet_predict_on_real_photos(hymenoptera, tmp_path):
+    env_cache = ["--cache-dir", str(tmp_path / "cache")]
+    train = subprocess.run([sys.executable, "-m", "transferkit", "train", str(hymenoptera), "--out",
+                            str(tmp_path / "run"), "--json", *env_cache], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr
+    assert json.loads(train.stdout)["val_accuracy"] >= 0.95
+    bee = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[0]
+    imagenet = subprocess.run([sys.executable, "-m", "transferkit", "predict", "--imagenet", str(bee), "--format",
+                               "json"], capture_output=True, text=True, timeout=600)
+    assert imagenet.returncode == 0, imagenet.stderr
+    top5 = json.loads(imagenet.stdout)[0]["predictions"]
+    assert len(top5) == 5 and any(p["id"] == 309 and p["label"] == "bee" for p in top5)
+
+
+def test_demo_runs_offline(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "transferkit", "demo", "--out", str(tmp_path / "run"),
+                             "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "a few test predictions" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.85 and metrics["test"]["n"] > 100
