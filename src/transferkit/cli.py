@@ -73,7 +73,7 @@ def train(
     test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write [default: runs/<timestamp>]."),
     overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run."),
-    backbone: str = typer.Option("efficientnet_lite0", help="Embedded efficientnet_lite0/1/2, a timm name or hf-hub:ID."),
+    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0/1/2 (embedded), timm name, hf-hub:ID."),
     weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution [default: the backbone's test resolution]."),
     head: str = typer.Option("linear", help="linear (dropout + dense) or mlp (dense 512 + ReLU + dropout + dense)."),

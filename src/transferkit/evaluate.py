@@ -19,7 +19,7 @@ def read_groups(path: str | Path) -> dict[str, list[str]]:
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"cannot read groups file {path}: {err}") from err
     if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-        raise DataError(f'{path} must hold a JSON object of group name -> list of class names, e.g. {{"cats": ["lion"]}}')
+        raise DataError(f'{path} must hold a JSON object of group -> list of class names, e.g. {{"cats": ["lion"]}}')
     return {str(k): [str(c) for c in v] for k, v in groups.items()}
 
 

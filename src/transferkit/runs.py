@@ -79,5 +79,5 @@ def read_run_config(run: str | Path) -> dict:
         raise RunError(f"{run} is not a complete transferkit run (missing {', '.join(missing)}).")
     config = json.loads((run / "config.json").read_text())
     if config.get("format", 0) > RUN_FORMAT:
-        raise RunError(f"{run} was written by a newer transferkit (run format {config['format']}); upgrade transferkit.")
+        raise RunError(f"{run} was written by a newer transferkit (run format {config['format']}); upgrade it.")
     return config

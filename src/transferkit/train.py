@@ -6,7 +6,7 @@ import csv
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,9 @@ from transferkit.runs import RUN_FORMAT, StagedRun, default_run_dir
 log = logging.getLogger("transferkit")
 
 
-@dataclass
-class TrainConfig:
-    """Every option of a training run; the CLI flags map one to one onto these fields."""
+@dataclass(frozen=True)
+class TrainConfig(FitOptions):
+    """Every option of a training run (the head's fit options included); CLI flags map one to one onto fields."""
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -35,14 +35,6 @@ class TrainConfig:
     head: str = "linear"
     dropout: float = 0.2
     hidden: int = 512
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    patience: int = 10
-    balance: bool = False
-    seed: int = 0
     val_percent: float = 10.0
     test_percent: float = 10.0
     cache_dir: str | None = None
@@ -50,10 +42,6 @@ class TrainConfig:
     extract_batch_size: int = 32
     workers: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-
-    def fit_options(self) -> FitOptions:
-        names = {f.name for f in fields(FitOptions)}
-        return FitOptions(**{k: v for k, v in asdict(self).items() if k in names})
 
 
 @dataclass
@@ -138,7 +126,7 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
 
         spec = HeadSpec(config.head, features["train"].shape[1], len(dataset.classes), config.dropout, config.hidden)
         fit = fit_head(spec, features["train"], kept["train"], features.get("val"), kept.get("val"),
-                       config.fit_options(), progress)
+                       config, progress)
         head = fit.head
         classifier = Classifier(backbone, head, dataset.classes)
         metrics = {name: classification_metrics(kept[name], classifier.probabilities_from_features(features[name]),
