@@ -22,8 +22,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hy
 def timed_train(data: Path, out: Path, cache: Path) -> tuple[float, dict]:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out),
-                             "--cache-dir", str(cache), "--json"], capture_output=True, text=True, check=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                             "--cache-dir", str(cache), "--json"], capture_output=True, text=True, check=True)
     return time.perf_counter() - started, json.loads(result.stdout)
 
 
