@@ -44,8 +44,7 @@ def test_embedded_lite0_reproduces_imagenet_predictions(hymenoptera):
     ants = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:10]
     bees = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:10]
     predictions = predict_imagenet(ants + bees)
-    hits = sum("ant" in p.labels[:5][0:5] or 310 in p.ids for p in predictions[:10])
-    hits += sum(309 in p.ids for p in predictions[10:])
+    hits = sum(310 in p.ids for p in predictions[:10]) + sum(309 in p.ids for p in predictions[10:])  # ant, bee
     assert hits >= 16, [p.labels[:3] for p in predictions]
 
 
