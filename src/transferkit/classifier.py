@@ -40,6 +40,10 @@ class Prediction:
     def probability(self) -> float | None:
         return self.probabilities[0] if self.probabilities else None
 
+    def ranked(self) -> list[tuple[int, str, int, float]]:
+        """(rank from 1, label, class id, probability) for each of the top-k answers."""
+        return [(rank, *answer) for rank, answer in enumerate(zip(self.labels, self.ids, self.probabilities), 1)]
+
 
 def _source_name(item: ImageInput, position: int) -> str:
     return f"<image {position}>" if isinstance(item, Image.Image) else str(item)

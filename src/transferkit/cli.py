@@ -48,6 +48,11 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _accuracy_text(metrics: dict) -> str:
+    top5 = f", top-5 {metrics['top5_accuracy']:.3f}" if "top5_accuracy" in metrics else ""
+    return f"[bold]{metrics['accuracy']:.3f}[/]{top5}"
+
+
 def _print_train_result(result, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(result.summary()))
@@ -59,9 +64,7 @@ def _print_train_result(result, as_json: bool) -> None:
     for split in ("val", "test"):
         if split in result.metrics:
             m = result.metrics[split]
-            top5 = f", top-5 {m['top5_accuracy']:.3f}" if "top5_accuracy" in m else ""
-            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: [bold]{m['accuracy']:.3f}[/]{top5} "
-                      f"({m['n']} images)")
+            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} ({m['n']} images)")
     out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to [bold]{result.run_dir}[/]")
 
 
@@ -129,9 +132,7 @@ def evaluate(
         out.print_json(json.dumps({"split": report.split, **report.metrics}))
         return
     m = report.metrics
-    top5 = f", top-5 {m['top5_accuracy']:.3f}" if "top5_accuracy" in m else ""
-    out.print(f"{report.split}: accuracy [bold]{m['accuracy']:.3f}[/]{top5}, macro F1 {m['macro_f1']:.3f} "
-              f"({m['n']} images)")
+    out.print(f"{report.split}: accuracy {_accuracy_text(m)}, macro F1 {m['macro_f1']:.3f} ({m['n']} images)")
     table = Table("class", "precision", "recall", "F1", "support")
     for name, c in m["per_class"].items():
         table.add_row(name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
@@ -151,7 +152,7 @@ def _print_predictions(predictions, fmt: str) -> None:
         out.print_json(json.dumps([
             {"input": p.source, "error": p.error,
              "predictions": [{"rank": r, "label": label, "id": i, "probability": prob}
-                             for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1)]}
+                             for r, label, i, prob in p.ranked()]}
             for p in predictions]))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -159,7 +160,7 @@ def _print_predictions(predictions, fmt: str) -> None:
         for p in predictions:
             if p.error:
                 writer.writerow([p.source, "", "", "", "", p.error])
-            for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1):
+            for r, label, i, prob in p.ranked():
                 writer.writerow([p.source, r, label, i, f"{prob:.6f}", ""])
     else:
         table = Table("input", "rank", "id", "label", "probability")
@@ -167,7 +168,7 @@ def _print_predictions(predictions, fmt: str) -> None:
         for p in predictions:
             if p.error:
                 table.add_row(p.source, "-", "-", f"[red]unreadable: {p.error}[/]", "-", end_section=True)
-            for r, (label, i, prob) in enumerate(zip(p.labels, p.ids, p.probabilities), 1):
+            for r, label, i, prob in p.ranked():
                 table.add_row(p.source if r == 1 else "", str(r), str(i), label, f"{prob:.4f}",
                               end_section=r == len(p.labels))
         out.print(table)
