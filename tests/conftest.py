@@ -42,6 +42,14 @@ def make_image_folder(root: Path, per_class: int = 12, seed: int = 0, classes=CL
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_default_cache(tmp_path_factory):
+    """Tests never touch ~/.cache; the ONNX export of the default backbone is made once per test session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path_factory.mktemp("default-cache")))
+        yield
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Three classes x 12 images, flat (no split folders)."""

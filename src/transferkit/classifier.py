@@ -50,19 +50,19 @@ def _source_name(item: ImageInput, position: int) -> str:
 
 
 def top_k_predictions(extractor: Extractor, inputs: Sequence[ImageInput],
-                      to_probabilities: Callable[[torch.Tensor], np.ndarray], labels: Sequence[str], top_k: int,
+                      to_probabilities: Callable[[np.ndarray], np.ndarray], labels: Sequence[str], top_k: int,
                       batch_size: int = 32, workers: int | None = None) -> list[Prediction]:
     """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise."""
     results: list[Prediction | None] = [None] * len(inputs)
     prepare = make_preparer(extractor.backbone)
     for batch in iter_prepared(inputs, prepare, batch_size, workers or default_workers()):
-        good = [(i, p) for i, p in batch if p.tensor is not None]
+        good = [(i, p) for i, p in batch if p.pixels is not None]
         for i, p in batch:
-            if p.tensor is None:
+            if p.pixels is None:
                 results[i] = Prediction(_source_name(inputs[i], i), [], [], [], p.error)
         if not good:
             continue
-        probabilities = to_probabilities(torch.stack([p.tensor for _, p in good]))
+        probabilities = to_probabilities(np.stack([p.pixels for _, p in good]))
         for (i, _), row in zip(good, probabilities):
             order = np.argsort(-row, kind="stable")[:top_k]
             results[i] = Prediction(_source_name(inputs[i], i), [labels[j] for j in order], order.tolist(),
@@ -73,16 +73,18 @@ def top_k_predictions(extractor: Extractor, inputs: Sequence[ImageInput],
 class Classifier:
     """Backbone + trained head. `Classifier.load(run).predict(paths_or_images)` is the whole inference API."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, classes: list[str], config: dict | None = None,
-                 device: str = "cpu", precision: str = "auto"):
-        self.backbone = backbone
+    def __init__(self, backbone: Backbone | Extractor, head: nn.Module, classes: list[str],
+                 config: dict | None = None, **engine_options):
+        """`backbone` is a Backbone (run with `Extractor(backbone, **engine_options)`) or a ready Extractor."""
+        self.extractor = backbone if isinstance(backbone, Extractor) else Extractor(backbone, **engine_options)
+        self.backbone = self.extractor.backbone
         self.head = head.eval()
         self.classes = list(classes)
         self.config = config or {}
-        self.extractor = Extractor(backbone, device, precision)
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "cpu", precision: str = "auto") -> Classifier:
+    def load(cls, run: str | Path, **engine_options) -> Classifier:
+        """Options are `Extractor`'s: device, precision, engine, export_dir."""
         config = read_run_config(run)
         spec = config["backbone"]
         backbone = open_backbone(spec["name"], spec.get("weights"), config["preprocessing"]["input_size"][0])
@@ -92,14 +94,14 @@ class Classifier:
         head = HeadSpec(**config["head"]).build()
         state = safetensors.torch.load_file(str(Path(run) / "model.safetensors"))
         head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
-        return cls(backbone, head, config["labels"], config, device, precision)
+        return cls(backbone, head, config["labels"], config, **engine_options)
 
     def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return torch.softmax(self.head(torch.as_tensor(features, dtype=torch.float32)), dim=1).numpy()
 
     def probabilities_of_files(self, paths: Sequence[Path], cache_dir: str | Path | None = None,
-                               use_cache: bool = True, batch_size: int = 32, workers: int | None = None,
+                               use_cache: bool = True, batch_size: int | None = None, workers: int | None = None,
                                progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
         """Class probabilities of image files through the feature cache: (probabilities, kept indices, skipped)."""
         cache = open_cache(cache_dir, use_cache)
@@ -115,26 +117,27 @@ class Classifier:
         if isinstance(inputs, (str, Path, Image.Image)):
             inputs = [inputs]
 
-        def to_probabilities(images: torch.Tensor) -> np.ndarray:
-            return self.probabilities_from_features(self.extractor.features(images))
+        def to_probabilities(pixels: np.ndarray) -> np.ndarray:
+            return self.probabilities_from_features(self.extractor.features(pixels))
 
         return top_k_predictions(self.extractor, list(inputs), to_probabilities, self.classes,
                                  min(top_k, len(self.classes)), batch_size, workers)
 
 
 def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-                     top_k: int = 5, batch_size: int = 32, image_size: int | None = None) -> list[Prediction]:
+                     top_k: int = 5, batch_size: int = 32, image_size: int | None = None,
+                     device: str = "auto") -> list[Prediction]:
     """Top-k ImageNet classes from the backbone's own classifier (Keras' decode_predictions use case)."""
     from timm.data import ImageNetInfo
 
-    extractor = Extractor(open_backbone(backbone, weights, image_size))
+    extractor = Extractor(open_backbone(backbone, weights, image_size), device, engine="torch")
     num_classes = getattr(extractor.backbone.model, "num_classes", 0)
     if num_classes != 1000:
         raise BackboneError(f"backbone {backbone} has no ImageNet-1k classifier ({num_classes} outputs).")
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(1000)]
 
-    def to_probabilities(images: torch.Tensor) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(extractor.logits(images)), dim=1).numpy()
+    def to_probabilities(pixels: np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(extractor.logits(pixels)), dim=1).numpy()
 
     return top_k_predictions(extractor, list(inputs), to_probabilities, names, top_k, batch_size)

@@ -21,6 +21,10 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+ENGINE_OPTION = typer.Option("auto", help="Backbone engine: auto (fastest numerically safe here), torch, onnxruntime.")
+DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
+
+
 def _friendly_errors(command: Callable) -> Callable:
     """User-caused errors become one line on stderr and exit code 2; Ctrl-C keeps what was cached."""
 
@@ -95,6 +99,8 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder [default: ~/.cache/transferkit]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     workers: Optional[int] = typer.Option(None, min=1, help="Image decoding threads [default: CPU count]."),
+    engine: str = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Train a classifier head on cached features of a frozen pretrained backbone."""
@@ -106,7 +112,8 @@ def train(
                        head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                        dropout=dropout, label_smoothing=label_smoothing, patience=patience, balance=balance,
                        seed=seed, val_percent=val_percent, test_percent=test_percent,
-                       cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers)
+                       cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
+                       engine=engine, device=device)
     _print_train_result(result, as_json)
 
 
@@ -119,13 +126,16 @@ def evaluate(
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
     cache_dir: Optional[Path] = typer.Option(None),
     no_cache: bool = typer.Option(False, "--no-cache"),
+    engine: str = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1, confusion matrix (and accuracy per group of classes)."""
     from transferkit.evaluate import evaluate as evaluate_run
 
     _setup_logging()
-    report = evaluate_run(run, data, split=split, groups=groups, cache_dir=cache_dir, use_cache=not no_cache)
+    report = evaluate_run(run, data, split=split, groups=groups, cache_dir=cache_dir, use_cache=not no_cache,
+                          engine=engine, device=device)
     if report.skipped:
         logging.getLogger("transferkit").warning("skipped %d files that could not be used", len(report.skipped))
     if as_json:
@@ -184,6 +194,8 @@ def predict(
     top_k: int = typer.Option(5, min=1),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     batch_size: int = typer.Option(32, min=1),
+    engine: str = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images."""
     from transferkit.classifier import Classifier, predict_imagenet
@@ -200,9 +212,11 @@ def predict(
     if not paths:
         raise DataError(f"no image files found in {', '.join(sources)}.")
     if imagenet:
-        predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size)
+        predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size,
+                                       device=device)
     else:
-        predictions = Classifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size)
+        classifier = Classifier.load(inputs[0], engine=engine, device=device)
+        predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size)
     _print_predictions(predictions, fmt)
     failed = sum(p.error is not None for p in predictions)
     if failed:

@@ -77,16 +77,17 @@ class EvaluationReport:
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
-             cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int = 32,
-             workers: int | None = None, progress: bool | None = None) -> EvaluationReport:
+             cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int | None = None,
+             workers: int | None = None, progress: bool | None = None, **engine_options) -> EvaluationReport:
     """Evaluate a trained run on labelled DATA.
 
     split: "auto" uses the test split where DATA has one, else validation, else every image; or name one of
     train / val / test / all. A folder without its own splits is split as the run was (same percentages).
+    `engine_options` go to `Extractor` (engine, device, precision).
     """
     from transferkit.classifier import Classifier
 
-    classifier = Classifier.load(run)
+    classifier = Classifier.load(run, **engine_options)
     data_config = classifier.config.get("data", {})
     dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
                            test_percent=data_config.get("test_percent", 10.0))

@@ -29,8 +29,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from transferkit.backbone import Backbone
+from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Skipped, decode_image, read_file
+from transferkit.errors import BackboneError
+from transferkit.export import ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider, recorded_failure
 
 CACHE_FORMAT = 1
 _SQL_CHUNK = 500
@@ -63,26 +65,76 @@ def default_workers() -> int:
 # ---------------------------------------------------------------------------------------------- extractor
 
 
-class Extractor:
-    """Runs a frozen backbone on the fastest numerically safe torch path of this machine.
+ENGINES = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-    CPU: channels_last, with bf16 autocast where the CPU has native bf16 (about 4x plain fp32 NCHW here; features
-    keep a cosine similarity of about 0.999 with fp32, and hymenoptera head accuracy is unchanged).
-    CUDA: channels_last with fp16 autocast.
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise BackboneError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device} was asked for but torch sees no CUDA GPU; use --device cpu.")
+    return device
+
+
+class Extractor:
+    """Runs the frozen backbone on uint8 pixel batches with the fastest numerically safe engine of this machine.
+
+    engine="auto": ONNX Runtime fp32 on CPU when the `onnx` extra is installed (measured here: 1.7x the torch bf16
+    path at 288 px, and exact); otherwise torch with channels_last plus bf16 autocast on CPUs with native bf16
+    (features within cosine ~0.999 of fp32), or fp16 autocast on CUDA.
     """
 
-    def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", precision: str = "auto"):
+    def __init__(self, backbone: Backbone, device: str | torch.device = "auto", precision: str = "auto",
+                 engine: str = "auto", export_dir: str | Path | None = None):
+        if engine not in ENGINES:
+            raise BackboneError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+        if precision not in PRECISIONS:
+            raise BackboneError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
         self.backbone = backbone
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.export_dir = Path(export_dir).expanduser() if export_dir else default_cache_dir() / "onnx"
+        self.requested_engine = engine
+        self.engine, self.precision = self._resolve(engine, precision)
+
+    def _resolve(self, engine: str, precision: str) -> tuple[str, str]:
+        if engine == "onnxruntime":
+            if not onnxruntime_installed():
+                raise BackboneError("--engine onnxruntime needs ONNX Runtime: pip install 'transferkit[onnx]' "
+                                    "(or use --engine torch).")
+            if precision not in ("auto", "fp32"):
+                raise BackboneError(f"ONNX Runtime runs the backbone in fp32, not {precision}; "
+                                    "use --engine torch for reduced precision.")
+            if onnxruntime_provider(self.device) is None:
+                raise BackboneError(f"this ONNX Runtime build cannot run on {self.device}; install "
+                                    "onnxruntime-gpu, or use --engine torch.")
+            return "onnxruntime", "fp32"
+        if (engine == "auto" and precision in ("auto", "fp32") and self.device.type == "cpu"
+                and onnxruntime_installed() and recorded_failure(self.backbone, self.export_dir) is None):
+            return "onnxruntime", "fp32"
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-        self.precision = precision
+        return "torch", precision
 
     @cached_property
-    def _model(self) -> torch.nn.Module:
-        return self.backbone.model.to(self.device, memory_format=torch.channels_last)
+    def _torch_model(self) -> PixelFeatures:
+        return self.backbone.pixel_model().to(self.device, memory_format=torch.channels_last)
+
+    @cached_property
+    def _session(self):
+        """The ONNX Runtime session, or None after an auto engine fell back to torch (same fp32 numerics)."""
+        try:
+            return onnx_session(backbone_onnx(self.backbone, self.export_dir), self.device)
+        except ExportError as err:
+            if self.requested_engine == "onnxruntime":
+                raise BackboneError(f"{err}. Use --engine torch.") from err
+            warnings.warn(f"{err}; using the torch engine instead.", stacklevel=3)
+            self.engine = "torch"
+            return None
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -90,46 +142,56 @@ class Extractor:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _run(self, images: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-        self._model  # noqa: B018 - move the model before the first batch
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    def _run_torch(self, pixels: np.ndarray, forward: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            return forward(images).float().cpu().numpy()
+            return forward(batch).float().cpu().numpy()
 
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return self._run(images, self.backbone.features)
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) pixels, as `Preprocessing.pixels` makes them -> float32 (N, D) features."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if self.engine == "onnxruntime" and self._session is not None:
+            return self._session.run(None, {"pixels": pixels})[0]
+        return self._run_torch(pixels, self._torch_model)
 
-    def logits(self, images: torch.Tensor) -> np.ndarray:
-        return self._run(images, self._model)
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """The backbone's own classifier outputs (always run in torch)."""
+        return self._run_torch(np.ascontiguousarray(pixels, dtype=np.uint8), self._torch_model.logits)
 
     @property
     def cache_key(self) -> dict:
-        """Everything that determines a feature vector besides the image bytes."""
+        """Everything that determines a feature vector besides the image bytes (fp32 engines share features)."""
         return {"format": CACHE_FORMAT, "architecture": self.backbone.architecture,
                 "weights_id": self.backbone.weights_id, "preprocessing": self.backbone.preprocessing.to_dict(),
                 "precision": self.precision, "jpeg_draft": True}
 
+    def describe(self) -> dict:
+        return {"engine": self.engine, "precision": self.precision, "device": str(self.device)}
+
 
 @dataclass(frozen=True)
 class Prepared:
-    """One input made ready for the backbone, or the reason it cannot be."""
+    """One input made ready for the backbone (uint8 HWC pixels), or the reason it cannot be."""
 
-    tensor: torch.Tensor | None
+    pixels: np.ndarray | None
     digest: str | None
     error: str | None = None
 
 
 def make_preparer(backbone: Backbone, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Callable[[object], Prepared]:
-    """Path or PIL image -> normalised tensor (and content digest); never raises for a bad image."""
-    transform = backbone.preprocessing.transform()
-    draft = (backbone.preprocessing.resize_size,) * 2
+    """Path or PIL image -> input pixels (and content digest); never raises for a bad image."""
+    preprocessing = backbone.preprocessing
+    draft = (preprocessing.resize_size,) * 2
 
     def prepare(item: object) -> Prepared:
         try:
             if isinstance(item, Image.Image):
-                return Prepared(transform(item.convert("RGB")), None)
+                return Prepared(preprocessing.pixels(item.convert("RGB")), None)
             data = read_file(Path(item))
-            return Prepared(transform(decode_image(data, max_pixels, draft)), content_digest(data))
+            return Prepared(preprocessing.pixels(decode_image(data, max_pixels, draft)), content_digest(data))
         except ImageDecodeError as err:
             return Prepared(None, None, str(err))
 
@@ -326,11 +388,12 @@ def open_cache(cache_dir: str | Path | None, use_cache: bool) -> FeatureCache | 
 
 
 def extract_features(extractor: Extractor, paths: Sequence[Path], cache: FeatureCache | None = None,
-                     batch_size: int = 32, workers: int | None = None,
+                     batch_size: int | None = None, workers: int | None = None,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: bool | None = None,
                      desc: str = "Extracting features") -> FeatureSet:
     """Features for every readable image in `paths`, from the cache where possible, the backbone otherwise."""
     workers = workers or default_workers()
+    batch_size = batch_size or (256 if extractor.device.type == "cuda" else 32)
     space = FeatureCache.space_id(extractor.cache_key)
     found: dict[int, np.ndarray] = {}
     if cache is not None:
@@ -348,10 +411,10 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
     try:
         prepare = make_preparer(extractor.backbone, max_pixels) if todo else None
         for batch in iter_prepared([paths[i] for i in todo], prepare, batch_size, workers):
-            good = [(todo[j], p) for j, p in batch if p.tensor is not None]
-            skipped += [Skipped(str(paths[todo[j]]), p.error) for j, p in batch if p.tensor is None]
+            good = [(todo[j], p) for j, p in batch if p.pixels is not None]
+            skipped += [Skipped(str(paths[todo[j]]), p.error) for j, p in batch if p.pixels is None]
             if good:
-                features = extractor.features(torch.stack([p.tensor for _, p in good]))
+                features = extractor.features(np.stack([p.pixels for _, p in good]))
                 found.update((i, row) for (i, _), row in zip(good, features))
                 if writer is not None:
                     writer = _append_or_give_up(writer, [p.digest for _, p in good], features)

@@ -39,7 +39,10 @@ class TrainConfig(FitOptions):
     test_percent: float = 10.0
     cache_dir: str | None = None
     use_cache: bool = True
-    extract_batch_size: int = 32
+    extract_batch_size: int | None = None
+    engine: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
     workers: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
@@ -97,7 +100,7 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
     dataset = load_dataset(data, val, test, config.val_percent, config.test_percent)
     backbone = open_backbone(config.backbone, config.weights, config.image_size)
-    extractor = Extractor(backbone)
+    extractor = Extractor(backbone, config.device, config.precision, config.engine)
     run_dir = Path(out) if out else default_run_dir()
     with StagedRun(run_dir, overwrite) as staged:
         order = [name for name in ("train", "val", "test") if name in dataset.splits]
@@ -128,7 +131,7 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
         fit = fit_head(spec, features["train"], kept["train"], features.get("val"), kept.get("val"),
                        config, progress)
         head = fit.head
-        classifier = Classifier(backbone, head, dataset.classes)
+        classifier = Classifier(extractor, head, dataset.classes)
         metrics = {name: classification_metrics(kept[name], classifier.probabilities_from_features(features[name]),
                                                 dataset.classes, group_map)
                    for name in ("val", "test") if name in features and len(kept[name])}
@@ -136,7 +139,7 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
         run_config = {
             "format": RUN_FORMAT, "transferkit_version": __version__, "mode": "probe",
             "backbone": backbone.to_config(), "preprocessing": backbone.preprocessing.to_dict(),
-            "precision": extractor.precision, "labels": dataset.classes,
+            "extractor": extractor.describe(), "labels": dataset.classes,
             "head": {k: v for k, v in asdict(spec).items()},
             "train": {k: v for k, v in asdict(config).items() if k not in ("cache_dir",)},
             "data": {"source": str(data), "val": str(val) if val else None, "test": str(test) if test else None,
