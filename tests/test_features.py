@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -15,8 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder
-from transferkit.backbone import open_backbone
+from PIL import Image
+
+from conftest import draw_sample, make_image_folder
+from transferkit import export
+from transferkit import features as features_module
+from transferkit.backbone import Preprocessing, open_backbone
+from transferkit.errors import BackboneError
+from transferkit.export import cosine_rows
 from transferkit.features import Extractor, FeatureCache, extract_features, make_preparer
 
 
@@ -29,18 +36,94 @@ def _paths(folder: Path) -> list[Path]:
     return sorted(folder.glob("*/*.jpg"))
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-def test_fast_path_agrees_with_fp32_reference(backbone, image_folder):
-    prepare = make_preparer(backbone)
-    images = torch.stack([prepare(p).tensor for p in _paths(image_folder)[:8]])
+def _reference_features(backbone, paths: list[Path]) -> np.ndarray:
+    """The plain path a user would write: timm's float transform, NCHW fp32 PyTorch."""
+    transform = backbone.preprocessing.transform()
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.inference_mode():
-        reference = backbone.features(images).numpy()  # plain NCHW fp32
-    fast = Extractor(backbone)
-    assert _cosine(fast.features(images), reference).min() >= (0.995 if fast.precision == "bf16" else 0.99999)
-    assert _cosine(Extractor(backbone, precision="fp32").features(images), reference).min() >= 0.99999
+        return backbone.features(images).numpy()
+
+
+@pytest.mark.parametrize("size", [(96, 96), (640, 480), (333, 501), (300, 40), (17, 23)])
+def test_pixels_match_timms_transform(backbone, size):
+    image = draw_sample("ellipse", (200, 30, 90), np.random.default_rng(sum(size)), size=max(size)).resize(size)
+    ours = backbone.pixel_model().normalize(torch.from_numpy(backbone.preprocessing.pixels(image))[None])[0]
+    timms = backbone.preprocessing.transform()(image)
+    level = 2 / 255  # one grey level after normalising with mean = std = 0.5
+    assert ours.shape == timms.shape
+    assert (ours - timms).abs().mean() < 0.25 * level
+    assert (ours - timms).abs().max() <= 4 * level + 1e-6
+
+
+@pytest.mark.parametrize("crop_mode,input_size", [("squash", (64, 64)), ("center", (64, 96)), ("border", (64, 64))])
+def test_pixels_follow_timm_in_other_crop_modes(crop_mode, input_size):
+    preprocessing = Preprocessing(input_size, "bilinear", (0.5,) * 3, (0.5,) * 3, 0.9, crop_mode)
+    image = draw_sample("rectangle", (30, 200, 90), np.random.default_rng(3), size=150).resize((150, 110))
+    ours = torch.from_numpy(preprocessing.pixels(image)).permute(2, 0, 1).float()
+    timms = preprocessing.transform(normalize=False)(image).float()
+    assert ours.shape == timms.shape == (3, *input_size)
+    assert (ours - timms).abs().mean() < 0.25
+
+
+def test_every_engine_agrees_with_the_fp32_reference(backbone, image_folder):
+    paths = _paths(image_folder)[:8]
+    prepare = make_preparer(backbone)
+    pixels = np.stack([prepare(p).pixels for p in paths])
+    reference = _reference_features(backbone, paths)
+    for engine, precision, floor in [("torch", "fp32", 0.999), ("onnxruntime", "auto", 0.999),
+                                     ("torch", "bf16", 0.99)]:
+        extractor = Extractor(backbone, "cpu", precision, engine)
+        assert cosine_rows(extractor.features(pixels), reference).min() >= floor, (engine, precision)
+    onnx, torch_fp32 = Extractor(backbone, engine="onnxruntime"), Extractor(backbone, precision="fp32", engine="torch")
+    assert onnx.cache_key == torch_fp32.cache_key  # exact engines share cached features
+    assert onnx.features(pixels[:1]).shape == (1, backbone.model.num_features)  # any batch size
+
+
+def test_auto_engine_exports_once_and_reuses_the_export(backbone, tmp_path, monkeypatch):
+    calls = []
+    real_export = export.export_pixel_model
+    monkeypatch.setattr(export, "export_pixel_model", lambda *a: calls.append(1) or real_export(*a))
+    pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
+    first = Extractor(backbone, "cpu", export_dir=tmp_path)
+    assert (first.engine, first.precision) == ("onnxruntime", "fp32")
+    features = first.features(pixels)
+    np.testing.assert_allclose(Extractor(backbone, "cpu", export_dir=tmp_path).features(pixels), features,
+                               rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+    assert json.loads(next(tmp_path.glob("*/export.json")).read_text())["cosine"] >= export.MIN_EXPORT_COSINE
+
+
+def test_a_failed_export_falls_back_to_torch_and_is_remembered(backbone, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("unsupported operator\nlong trace")
+
+    monkeypatch.setattr(export, "export_pixel_model", broken)
+    pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
+    extractor = Extractor(backbone, "cpu", export_dir=tmp_path)
+    with pytest.warns(UserWarning, match="unsupported operator; using the torch engine"):
+        features = extractor.features(pixels)
+    assert (extractor.engine, extractor.precision) == ("torch", "fp32")  # same numerics, same cache space
+    assert cosine_rows(features, Extractor(backbone, "cpu", "fp32", "torch").features(pixels)).min() > 0.99999
+    assert Extractor(backbone, "cpu", export_dir=tmp_path).engine == "torch"  # not tried again
+    with pytest.raises(BackboneError, match="unsupported operator. Use --engine torch"):
+        Extractor(backbone, "cpu", engine="onnxruntime", export_dir=tmp_path).features(pixels)
+
+
+def test_engine_choices_and_their_errors(backbone, monkeypatch):
+    with pytest.raises(BackboneError, match="engine must be one of auto, torch, onnxruntime"):
+        Extractor(backbone, engine="tensorrt")
+    with pytest.raises(BackboneError, match="ONNX Runtime runs the backbone in fp32"):
+        Extractor(backbone, precision="bf16", engine="onnxruntime")
+    assert Extractor(backbone, "cpu", precision="bf16").engine == "torch"
+    with pytest.raises(BackboneError, match="unknown device"):
+        Extractor(backbone, device="tpu:7")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackboneError, match="no CUDA GPU; use --device cpu"):
+            Extractor(backbone, device="cuda")
+    monkeypatch.setattr(features_module, "onnxruntime_installed", lambda: False)
+    assert Extractor(backbone, "cpu").engine == "torch"
+    with pytest.raises(BackboneError, match=r"pip install 'transferkit\[onnx\]'"):
+        Extractor(backbone, engine="onnxruntime")
 
 
 def test_second_extraction_reads_only_the_cache(backbone, image_folder, cache_dir):
@@ -122,7 +205,7 @@ def test_kill_9_mid_extraction_loses_at_most_a_batch(tmp_path, cache_dir):
     resumed = extract_features(Extractor(open_backbone()), paths, FeatureCache(cache_dir), batch_size=4)
     assert resumed.from_cache == done and resumed.computed == len(paths) - done
     reference = extract_features(Extractor(open_backbone()), paths, None, batch_size=4)
-    assert _cosine(resumed.features, reference.features).min() > 0.9999
+    assert cosine_rows(resumed.features, reference.features).min() > 0.9999
     final = extract_features(Extractor(open_backbone()), paths, FeatureCache(cache_dir))
     assert final.computed == 0
 
@@ -137,4 +220,4 @@ def test_two_runs_sharing_a_cache_never_corrupt_it(tmp_path, cache_dir):
     final = extract_features(Extractor(open_backbone()), paths, FeatureCache(cache_dir))
     assert final.computed == 0
     reference = extract_features(Extractor(open_backbone()), paths, None)
-    assert _cosine(final.features, reference.features).min() > 0.9999
+    assert cosine_rows(final.features, reference.features).min() > 0.9999

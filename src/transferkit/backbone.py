@@ -105,7 +105,7 @@ class Preprocessing:
         if box is None:
             return self.transform(normalize=False)(image).permute(1, 2, 0).numpy()
         height, width = self.input_size
-        return np.asarray(image.resize((width, height), _PIL_RESAMPLING[self.interpolation], box=box))
+        return np.array(image.resize((width, height), _PIL_RESAMPLING[self.interpolation], box=box))
 
 
 @dataclass(frozen=True)
