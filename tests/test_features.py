@@ -137,6 +137,20 @@ def test_second_extraction_reads_only_the_cache(backbone, image_folder, cache_di
     assert len(list((cache_dir).glob("*/*.f32"))) == 1  # a few arrays, not one file per image
 
 
+def test_copied_or_touched_files_need_no_backbone_work(backbone, image_folder, tmp_path, cache_dir):
+    paths = _paths(image_folder)
+    first = extract_features(Extractor(backbone), paths, FeatureCache(cache_dir))
+    copies = []
+    for path in paths:
+        copies.append(tmp_path / "copies" / path.name)
+        copies[-1].parent.mkdir(exist_ok=True)
+        copies[-1].write_bytes(path.read_bytes())
+    os.utime(paths[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = extract_features(Extractor(backbone), copies + paths[:1], FeatureCache(cache_dir))
+    assert (again.computed, again.from_cache) == (0, len(paths) + 1)
+    np.testing.assert_array_equal(again.features[:len(paths)], first.features)
+
+
 def test_changed_file_is_recomputed_and_new_preprocessing_is_a_new_space(backbone, image_folder, cache_dir):
     paths = _paths(image_folder)
     extract_features(Extractor(backbone), paths, FeatureCache(cache_dir))

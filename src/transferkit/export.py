@@ -141,6 +141,8 @@ def _new_session(path: str, provider: str, threads: int):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Spinning idle pool threads would take CPU from the decoding threads that feed the next batch.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(path, options, providers=[provider])
 
 
