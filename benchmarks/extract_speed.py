@@ -135,7 +135,7 @@ def val_accuracy(features: np.ndarray, labels: np.ndarray, is_val: np.ndarray) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--big", type=int, default=48, help="number of synthetic 4000x3000 photos")
+    parser.add_argument("--big", type=int, default=128, help="number of synthetic 4000x3000 photos")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"{args.data}/train not found: pass --data pointing at the hymenoptera folder.")

@@ -73,3 +73,19 @@ def test_user_errors_are_one_line(args, message, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_engines_from_the_command_line(trained, split_folder, cache_dir):
+    run, summary = trained
+    assert json.loads((run / "config.json").read_text())["extractor"]["device"] == "cpu"
+    torch_run = runner.invoke(app, ["evaluate", str(run), str(split_folder), "--json", "--engine", "torch",
+                                    "--no-cache"])
+    assert torch_run.exit_code == 0, torch_run.output
+    assert json.loads(torch_run.stdout)["accuracy"] == pytest.approx(summary["val_accuracy"], abs=0.07)
+    onnx = runner.invoke(app, ["predict", str(run), str(split_folder / "val"), "--engine", "onnxruntime",
+                               "--format", "json", "--top-k", "1"])
+    assert onnx.exit_code == 0, onnx.output
+    rows = json.loads(onnx.stdout)
+    assert sum(r["predictions"][0]["label"] == r["input"].split("/")[-2] for r in rows) >= 14
+    bad = runner.invoke(app, ["train", str(split_folder), "--engine", "tensorrt", "--cache-dir", str(cache_dir)])
+    assert bad.exit_code == 2 and "engine must be one of auto, torch, onnxruntime" in bad.output

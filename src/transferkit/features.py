@@ -34,7 +34,7 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Skipped
 from transferkit.errors import BackboneError
 from transferkit.export import ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider, recorded_failure
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # JPEGs are decoded at a DCT scale (1/2, 1/4, 1/8) that stays at least this many times the resize size, so the
 # antialiased resize after it still does the real downsampling. At 1x the worst hymenoptera image's features fell to
 # cosine 0.995 of a full decode (4000x3000 photos: 0.9949); at 2x they stay above 0.999, and decoding a 12 MP JPEG
@@ -51,7 +51,8 @@ def default_cache_dir() -> Path:
 
 
 def content_digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """128 bits of SHA-256: with the SHA instructions of current CPUs it hashes ~1.7 GB/s here, blake2b ~0.9."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -64,7 +65,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoding threads: one per core (PIL releases the GIL while it decodes and resizes)."""
+    return max(1, min(32, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------- extractor
