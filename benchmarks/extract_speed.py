@@ -42,7 +42,7 @@ def image_folder_samples(root: Path) -> list[tuple[Path, int]]:
 
 
 def make_big_photos(sources: list[tuple[Path, int]], classes: list[str], folder: Path) -> list[tuple[Path, int]]:
-    """4000x3000 JPEGs (quality 90) upscaled from real photos, with sensor-like noise so they weigh what a camera's do."""
+    """4000x3000 JPEGs (quality 90) upscaled from real photos, plus sensor-like noise to give them a camera's weight."""
     rng = np.random.default_rng(0)
     made = []
     for i, (source, label) in enumerate(sources):

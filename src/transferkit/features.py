@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Skipped, decode_image, read_file
 from transferkit.errors import BackboneError
-from transferkit.export import ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider, recorded_failure
+from transferkit.export import (ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider,
+                               recorded_failure)
 
 CACHE_FORMAT = 2
 # JPEGs are decoded at a DCT scale (1/2, 1/4, 1/8) that stays at least this many times the resize size, so the
