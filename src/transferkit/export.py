@@ -68,12 +68,17 @@ def recorded_failure(backbone: Backbone, root: Path) -> str | None:
 
 def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export-based ONNX export with a dynamic batch dimension; the exporter's chatter is silenced."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["pixels"],
-                          output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                          verbose=False, external_data=True)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["pixels"],
+                              output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              verbose=False, external_data=True)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def probe_pixels(height: int, width: int, count: int = 3) -> torch.Tensor:
