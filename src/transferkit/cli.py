@@ -52,6 +52,15 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _epoch_list(text: str) -> tuple[int, ...]:
+    from transferkit.errors import DataError
+
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise DataError(f"--lr-steps takes epoch numbers separated by commas (e.g. 6,9), not {text!r}.") from None
+
+
 def _accuracy_text(metrics: dict) -> str:
     top5 = f", top-5 {metrics['top5_accuracy']:.3f}" if "top5_accuracy" in metrics else ""
     return f"[bold]{metrics['accuracy']:.3f}[/]{top5}"
@@ -92,6 +101,15 @@ def train(
     label_smoothing: float = typer.Option(0.0, min=0.0, max=0.99),
     patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better validation loss."),
     balance: bool = typer.Option(False, help="Class-weighted loss for imbalanced data."),
+    optimizer: str = typer.Option("adamw", help="adamw, adam, sgd or rmsprop."),
+    momentum: float = typer.Option(0.9, min=0.0, max=0.999, help="For sgd and rmsprop."),
+    nesterov: bool = typer.Option(False, help="Nesterov momentum for sgd."),
+    schedule: str = typer.Option("constant", help="Learning-rate schedule: constant, step, cosine or onecycle."),
+    lr_steps: str = typer.Option("", help="Epochs where --schedule step multiplies the rate by --lr-gamma, e.g. 6,9."),
+    lr_gamma: float = typer.Option(0.1, min=0.0),
+    warmup_epochs: float = typer.Option(0.0, min=0.0, help="Linear warm-up (fractions allowed)."),
+    grad_clip: Optional[float] = typer.Option(None, min=0.0, help="Clip the gradient norm to this value."),
+    monitor: str = typer.Option("val_loss", help="Early stopping and best epoch by val_loss or val_accuracy."),
     seed: int = typer.Option(0),
     val_percent: float = typer.Option(10.0, min=0.0, max=99.0),
     test_percent: float = typer.Option(10.0, min=0.0, max=99.0),
@@ -111,6 +129,9 @@ def train(
                        backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                        head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                        dropout=dropout, label_smoothing=label_smoothing, patience=patience, balance=balance,
+                       optimizer=optimizer, momentum=momentum, nesterov=nesterov, schedule=schedule,
+                       lr_steps=_epoch_list(lr_steps), lr_gamma=lr_gamma, warmup_epochs=warmup_epochs,
+                       grad_clip=grad_clip, monitor=monitor,
                        seed=seed, val_percent=val_percent, test_percent=test_percent,
                        cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
                        engine=engine, device=device)

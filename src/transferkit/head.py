@@ -12,7 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from transferkit.errors import DataError
+from transferkit.optim import check_choices, make_optimizer, make_scheduler
+
 HEAD_KINDS = ("linear", "mlp")
+MONITORS = ("val_loss", "val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,20 @@ class FitOptions:
     patience: int = 10
     balance: bool = False
     seed: int = 0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "constant"
+    lr_steps: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+    monitor: str = "val_loss"
+
+    def check(self) -> None:
+        check_choices(self.optimizer, self.schedule, self.lr_steps, self.epochs)
+        if self.monitor not in MONITORS:
+            raise DataError(f"monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}.")
 
 
 @dataclass
@@ -68,7 +86,7 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
              val_y: np.ndarray | None = None, options: FitOptions = FitOptions(),
              progress: bool | None = None) -> FitResult:
-    """Build and train a head with AdamW; with validation data, stop early on validation loss, keep the best epoch.
+    """Build and train a head; with validation data, stop early on `options.monitor` and keep the best epoch.
 
     Initialisation and training run in a forked RNG state seeded by `options.seed`: a run is reproducible whatever
     ran before it, and the caller's RNG is left untouched.
@@ -83,8 +101,11 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = spec.build()
-        optimizer = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-        best = (math.inf, 0, copy.deepcopy(head.state_dict()))
+        optimizer = make_optimizer([{"params": list(head.parameters())}], options.optimizer, options.lr,
+                                   options.weight_decay, options.momentum, options.nesterov)
+        scheduler = make_scheduler(optimizer, options.schedule, options.epochs, math.ceil(len(x) / options.batch_size),
+                                   options.warmup_epochs, options.lr_steps, options.lr_gamma)
+        best = ((math.inf,), 0, copy.deepcopy(head.state_dict()))
         generator = torch.Generator().manual_seed(options.seed)
         epochs = tqdm(range(1, options.epochs + 1), desc="Training head", unit="epoch", file=sys.stderr,
                       disable=progress is False or (progress is None and not sys.stderr.isatty()), dynamic_ncols=True)
@@ -96,15 +117,21 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                 loss = criterion(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if options.grad_clip:
+                    nn.utils.clip_grad_norm_(head.parameters(), options.grad_clip)
                 optimizer.step()
+                lr_of_last_batch = optimizer.param_groups[0]["lr"]
+                scheduler.step()
                 total_loss += loss.item() * len(batch)
                 correct += (logits.argmax(1) == y[batch]).sum().item()
             row = {"epoch": epoch, "train_loss": total_loss / len(x), "train_accuracy": correct / len(x),
-                   "lr": optimizer.param_groups[0]["lr"]}
+                   "lr": lr_of_last_batch}
             if has_val:
                 row["val_loss"], row["val_accuracy"] = _evaluate(head, vx, vy)
-                if row["val_loss"] < best[0] - 1e-6:
-                    best = (row["val_loss"], epoch, copy.deepcopy(head.state_dict()))
+                # lower is better; equal accuracies are ranked by loss
+                score = (row["val_loss"],) if options.monitor == "val_loss" else (-row["val_accuracy"], row["val_loss"])
+                if score < best[0]:
+                    best = (score, epoch, copy.deepcopy(head.state_dict()))
             history.append(row)
             epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
             if has_val and epoch - best[1] >= options.patience:

@@ -95,6 +95,7 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
     """
     started = time.perf_counter()
     config = replace(config or TrainConfig(), **options)
+    config.check()
     if config.head not in HEAD_KINDS:
         raise DataError(f"head must be one of {', '.join(HEAD_KINDS)}, not {config.head!r}.")
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups

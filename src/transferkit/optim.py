@@ -1,0 +1,66 @@
+"""Optimisers and learning-rate schedules shared by every training mode (stepped once per batch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from transferkit.errors import DataError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
+def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs: int) -> None:
+    """One-line errors for option values a user can get wrong, before any work starts."""
+    if optimizer not in OPTIMIZERS:
+        raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}.")
+    if schedule not in SCHEDULES:
+        raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}.")
+    steps = list(lr_steps)
+    if schedule == "step" and (not steps or steps != sorted(steps) or steps[0] < 1 or steps[-1] > epochs):
+        raise DataError(f"--lr-steps must be increasing epochs between 1 and {epochs} (e.g. 6,9) with "
+                        f"--schedule step, not {','.join(map(str, steps)) or 'nothing'}.")
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                   nesterov: bool = False) -> torch.optim.Optimizer:
+    """`groups` are parameter groups; each may carry its own `lr` (e.g. a backbone at a fraction of the head's)."""
+    check_choices(name, "constant", (), 1)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                               weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
+                   warmup_epochs: float = 0.0, lr_steps: Iterable[int] = (), lr_gamma: float = 0.1):
+    """A per-batch scheduler: linear warm-up over `warmup_epochs`, then the schedule.
+
+    step: multiply by `lr_gamma` at each epoch in `lr_steps` (torchvision's reference recipe); cosine: decay to 0
+    by the last epoch; onecycle: torch's OneCycleLR, warming up for `warmup_epochs` (default 30% of training).
+    """
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, round(warmup_epochs * steps_per_epoch))
+    if schedule == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total,
+                                                   pct_start=warmup / total if warmup else 0.3)
+    milestones = sorted(int(epoch) * steps_per_epoch for epoch in lr_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "step":
+            return lr_gamma ** sum(step >= m for m in milestones)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
