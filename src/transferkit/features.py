@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 import uuid
 import warnings
 from collections import deque
@@ -248,17 +249,29 @@ class FeatureCache:
             self.root.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.root / "index.sqlite", timeout=120, isolation_level=None,
                                        check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript("""
-                CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,
-                                                  inode INTEGER, digest TEXT);
-                CREATE TABLE IF NOT EXISTS spaces (space TEXT PRIMARY KEY, dim INTEGER, key TEXT);
-                CREATE TABLE IF NOT EXISTS features (space TEXT, digest TEXT, shard TEXT, row INTEGER,
-                                                     PRIMARY KEY (space, digest));
-            """)
+            self._set_up_index()
         except (OSError, sqlite3.Error) as err:
             raise CacheUnavailable(f"cannot use feature cache {self.root}: {err}") from err
+
+    def _set_up_index(self, attempts: int = 100) -> None:
+        """SQLite can answer 'database is locked' at once, without waiting, when two processes set up a new index
+        together (switching to WAL needs an exclusive lock); the one that lost retries for a few seconds."""
+        for attempt in range(attempts):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript("""
+                    CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,
+                                                      inode INTEGER, digest TEXT);
+                    CREATE TABLE IF NOT EXISTS spaces (space TEXT PRIMARY KEY, dim INTEGER, key TEXT);
+                    CREATE TABLE IF NOT EXISTS features (space TEXT, digest TEXT, shard TEXT, row INTEGER,
+                                                         PRIMARY KEY (space, digest));
+                """)
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def space_id(key: dict) -> str:
