@@ -13,10 +13,14 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
+def _check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}.")
+
+
 def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs: int) -> None:
     """One-line errors for option values a user can get wrong, before any work starts."""
-    if optimizer not in OPTIMIZERS:
-        raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}.")
+    _check_optimizer(optimizer)
     if schedule not in SCHEDULES:
         raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}.")
     steps = list(lr_steps)
@@ -28,7 +32,7 @@ def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs
 def make_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                    nesterov: bool = False) -> torch.optim.Optimizer:
     """`groups` are parameter groups; each may carry its own `lr` (e.g. a backbone at a fraction of the head's)."""
-    check_choices(name, "constant", (), 1)
+    _check_optimizer(name)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                                weight_decay=weight_decay)
