@@ -31,7 +31,7 @@ def test_train_writes_a_complete_run(split_folder, tmp_path, cache_dir):
     assert len(history) == len(result.history) and float(history[0]["val_loss"]) > 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] == result.val_accuracy and metrics["val"]["n"] == 15
-    assert not list(tmp_path.glob(".run.partial-*"))
+    assert not list(tmp_path.glob(".run.partial*"))
 
 
 def test_loaded_classifier_predicts_paths_and_pil_images(split_folder, tmp_path, cache_dir):
@@ -83,7 +83,7 @@ def test_class_with_only_unreadable_images_fails_and_leaves_no_run(image_folder,
     (image_folder / "ghosts" / "a.jpg").write_bytes(b"not a picture")
     with pytest.raises(DataError, match="no readable training images left for class.*ghosts"):
         _train(image_folder, tmp_path, cache_dir, val_percent=0, test_percent=0)
-    assert not any(tmp_path.glob("run")) and not list(tmp_path.glob(".run.partial-*"))
+    assert not any(tmp_path.glob("run")) and not list(tmp_path.glob(".run.partial*"))
 
 
 def test_existing_run_is_not_overwritten_by_accident(image_folder, tmp_path, cache_dir):

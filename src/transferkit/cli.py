@@ -38,7 +38,8 @@ def _friendly_errors(command: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted; features already computed are cached, so running again resumes from there.")
+            err.print("interrupted. Features already computed are cached; a run training on images continues "
+                      "from its last finished epoch with `transferkit train --resume RUN`.")
             raise typer.Exit(130) from None
 
     return run
@@ -84,57 +85,106 @@ def _print_train_result(result, as_json: bool) -> None:
 @app.command()
 @_friendly_errors
 def train(
-    data: Path = typer.Argument(..., help="Folder of class subfolders, folder with train/ (val/, test/), or CSV."),
+    data: Optional[Path] = typer.Argument(None, help="Folder of class subfolders, folder with train/ (val/, test/), "
+                                                     "or CSV. Not needed with --resume."),
     val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
     test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write [default: runs/<timestamp>]."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run (or an interrupted one)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run that was writing this folder, "
+                                                     "with its own options."),
+    mode: str = typer.Option("probe", help="probe (head on cached features), head (head on augmented images), "
+                                           "finetune (probe, then unfreeze the top of the backbone) or scratch."),
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0/1/2 (embedded), timm name, hf-hub:ID."),
     weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution [default: the backbone's test resolution]."),
+    train_size: Optional[int] = typer.Option(None, help="Resolution for training on images [default: the one the "
+                                                        "backbone was trained at, or --image-size]."),
     head: str = typer.Option("linear", help="linear (dropout + dense) or mlp (dense 512 + ReLU + dropout + dense)."),
-    epochs: int = typer.Option(100, min=1),
+    augment: str = typer.Option("light", help="Image modes: none, light (random resized crop + flip), vgg "
+                                              "(random short side in [256, 512], crop, flip) or strong."),
+    unfreeze: str = typer.Option("all", help="finetune: all or top-blocks:N (timm's blocks, counted from the top)."),
+    unfreeze_from: Optional[str] = typer.Option(None, help="finetune: unfreeze from this layer name or block index "
+                                                           "upwards (instead of --unfreeze)."),
+    backbone_lr_mult: float = typer.Option(0.1, min=0.0, help="finetune: backbone learning rate = lr x this."),
+    train_bn: bool = typer.Option(False, help="finetune: update BatchNorm statistics (frozen by default)."),
+    head_epochs: int = typer.Option(100, min=1, help="finetune: epochs of the first stage (probe, early-stopped)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="[default: probe 100 (early-stopped), head 15, "
+                                                           "finetune 10, scratch 30]"),
     batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(1e-3, min=0.0),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="[default: 1e-4 for finetune (the backbone x "
+                                                            "--backbone-lr-mult), 1e-3 otherwise]"),
     weight_decay: float = typer.Option(1e-4, min=0.0),
     dropout: float = typer.Option(0.2, min=0.0, max=0.99),
     label_smoothing: float = typer.Option(0.0, min=0.0, max=0.99),
-    patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better validation loss."),
-    balance: bool = typer.Option(False, help="Class-weighted loss for imbalanced data."),
+    patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better monitored value."),
+    balance: str = typer.Option("none", help="Imbalanced data: none, weights (class-weighted loss) or sampler "
+                                             "(class-balanced sampling)."),
     optimizer: str = typer.Option("adamw", help="adamw, adam, sgd or rmsprop."),
     momentum: float = typer.Option(0.9, min=0.0, max=0.999, help="For sgd and rmsprop."),
     nesterov: bool = typer.Option(False, help="Nesterov momentum for sgd."),
-    schedule: str = typer.Option("constant", help="Learning-rate schedule: constant, step, cosine or onecycle."),
+    schedule: Optional[str] = typer.Option(None, help="constant, step, cosine or onecycle [default: constant for "
+                                                      "probe, onecycle otherwise]."),
     lr_steps: str = typer.Option("", help="Epochs where --schedule step multiplies the rate by --lr-gamma, e.g. 6,9."),
     lr_gamma: float = typer.Option(0.1, min=0.0),
     warmup_epochs: float = typer.Option(0.0, min=0.0, help="Linear warm-up (fractions allowed)."),
     grad_clip: Optional[float] = typer.Option(None, min=0.0, help="Clip the gradient norm to this value."),
     monitor: str = typer.Option("val_loss", help="Early stopping and best epoch by val_loss or val_accuracy."),
+    lr_find: bool = typer.Option(False, "--lr-find", help="Run the learning-rate range test instead of training: "
+                                                          "print a suggestion, plot lr_find.png."),
     seed: int = typer.Option(0),
     val_percent: float = typer.Option(10.0, min=0.0, max=99.0),
     test_percent: float = typer.Option(10.0, min=0.0, max=99.0),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder [default: ~/.cache/transferkit]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Image decoding threads [default: CPU count]."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image decoding workers [default: CPU count]."),
     engine: str = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast; fp16 on CUDA only)."),
+    tensorboard: bool = typer.Option(False, help="Also log to TensorBoard (in the run folder's tensorboard/)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
-    """Train a classifier head on cached features of a frozen pretrained backbone."""
+    """Train a classifier: a head on cached features of a frozen backbone, or on images (head/finetune/scratch)."""
+    from transferkit.errors import DataError
+    from transferkit.train import find_lr
+    from transferkit.train import resume as resume_run
     from transferkit.train import train as train_run
 
     _setup_logging()
-    result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
-                       backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
-                       head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                       dropout=dropout, label_smoothing=label_smoothing, patience=patience, balance=balance,
-                       optimizer=optimizer, momentum=momentum, nesterov=nesterov, schedule=schedule,
-                       lr_steps=_epoch_list(lr_steps), lr_gamma=lr_gamma, warmup_epochs=warmup_epochs,
-                       grad_clip=grad_clip, monitor=monitor,
-                       seed=seed, val_percent=val_percent, test_percent=test_percent,
-                       cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
-                       engine=engine, device=device)
+    if resume is not None:
+        _print_train_result(resume_run(resume), as_json)
+        return
+    if data is None:
+        raise DataError("give the DATA to train on (or --resume RUN to continue an interrupted run).")
+    if unfreeze_from is not None:
+        if unfreeze != "all":
+            raise DataError("give either --unfreeze or --unfreeze-from, not both.")
+        unfreeze = f"from:{unfreeze_from}"
+    options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
+                   train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
+                   backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_epochs=head_epochs, epochs=epochs,
+                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
+                   label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
+                   momentum=momentum, nesterov=nesterov, schedule=schedule, lr_steps=_epoch_list(lr_steps),
+                   lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, grad_clip=grad_clip, monitor=monitor, seed=seed,
+                   val_percent=val_percent, test_percent=test_percent,
+                   cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
+                   engine=engine, device=device, precision=precision, tensorboard=tensorboard)
+    if lr_find:
+        finding, plot = find_lr(data, val=val, test=test, out=out_dir, **options)
+        if as_json:
+            out.print_json(json.dumps({"suggestion": finding.suggestion, "plot": str(plot), **{
+                "lrs": finding.lrs, "losses": finding.losses}}))
+            return
+        table = Table("learning rate", "smoothed loss", title="learning-rate range test")
+        for row in finding.to_rows()[::max(1, len(finding.lrs) // 12)]:
+            table.add_row(f"{row['lr']:.2e}", f"{row['loss']:.4f}")
+        out.print(table)
+        out.print(f"Suggested learning rate: [bold]{finding.suggestion:.2e}[/] (steepest descent). "
+                  f"Plot: [bold]{plot}[/]")
+        return
+    result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups, **options)
     _print_train_result(result, as_json)
 
 

@@ -68,9 +68,10 @@ def recorded_failure(backbone: Backbone, root: Path) -> str | None:
 
 def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export-based ONNX export with a dynamic batch dimension; the exporter's chatter is silenced."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    exporter_logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in exporter_logs]
+    for logger in exporter_logs:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -78,7 +79,8 @@ def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Pat
                               output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                               verbose=False, external_data=True)
     finally:
-        exporter_log.setLevel(level)
+        for logger, level in zip(exporter_logs, levels):
+            logger.setLevel(level)
 
 
 def probe_pixels(height: int, width: int, count: int = 3) -> torch.Tensor:

@@ -13,10 +13,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferkit.errors import DataError
-from transferkit.optim import check_choices, make_optimizer, make_scheduler
+from transferkit.optim import LRFinding, check_choices, lr_range_test, make_optimizer, make_scheduler
 
 HEAD_KINDS = ("linear", "mlp")
 MONITORS = ("val_loss", "val_accuracy")
+BALANCES = ("none", "weights", "sampler")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class FitOptions:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     patience: int = 10
-    balance: bool = False
+    balance: str = "none"
     seed: int = 0
     optimizer: str = "adamw"
     momentum: float = 0.9
@@ -60,6 +61,8 @@ class FitOptions:
         check_choices(self.optimizer, self.schedule, self.lr_steps, self.epochs)
         if self.monitor not in MONITORS:
             raise DataError(f"monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}.")
+        if self.balance not in BALANCES:
+            raise DataError(f"balance must be one of {', '.join(BALANCES)}, not {self.balance!r}.")
 
 
 @dataclass
@@ -95,8 +98,10 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
     has_val = val_x is not None and len(val_x) > 0
     vx = torch.as_tensor(val_x, dtype=torch.float32) if has_val else None
     vy = torch.as_tensor(val_y, dtype=torch.long) if has_val else None
-    weight = class_weights(train_y, spec.num_classes) if options.balance else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
+    weight = class_weights(train_y, spec.num_classes)
+    sample_weights = weight[y].double() if options.balance == "sampler" else None
+    criterion = nn.CrossEntropyLoss(weight=weight if options.balance == "weights" else None,
+                                    label_smoothing=options.label_smoothing)
     history: list[dict] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -112,7 +117,9 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
         for epoch in epochs:
             head.train()
             total_loss, correct = 0.0, 0
-            for batch in torch.randperm(len(x), generator=generator).split(options.batch_size):
+            order = (torch.randperm(len(x), generator=generator) if sample_weights is None else
+                     torch.multinomial(sample_weights, len(x), replacement=True, generator=generator))
+            for batch in order.split(options.batch_size):
                 logits = head(x[batch])
                 loss = criterion(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
@@ -140,3 +147,34 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
         head.load_state_dict(best[2])
     head.eval()
     return FitResult(head, history, best[1] if has_val else len(history))
+
+
+def lr_range_test_features(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, options: FitOptions,
+                           progress: bool = False) -> LRFinding:
+    """The learning-rate range test for a head on cached features (a fresh head, thrown away afterwards)."""
+    x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y, dtype=torch.long)
+    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        head = spec.build().train()
+        optimizer = make_optimizer([{"params": list(head.parameters())}], options.optimizer, options.lr,
+                                   options.weight_decay, options.momentum, options.nesterov)
+        generator = torch.Generator().manual_seed(options.seed)
+
+        def batches():
+            while True:
+                yield from torch.randperm(len(x), generator=generator).split(options.batch_size)
+
+        stream = batches()
+
+        def step(lr: float) -> float:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(stream)
+            loss = criterion(head(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        return lr_range_test(step, progress=progress)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from transferkit.errors import DataError
@@ -68,3 +70,49 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int,
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class LRFinding:
+    """A learning-rate range test: the smoothed loss after a step at each rate, and the suggested rate."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float
+
+    def to_rows(self) -> list[dict]:
+        return [{"lr": lr, "loss": loss} for lr, loss in zip(self.lrs, self.losses)]
+
+
+def lr_range_test(step: Callable[[float], float], start: float = 1e-7, end: float = 10.0, steps: int = 100,
+                  smoothing: float = 0.98, diverge: float = 4.0, progress: bool = False) -> LRFinding:
+    """Leslie Smith's range test as fastai's lr_find runs it: one optimiser step at each of `steps` rates spaced
+    geometrically from `start` to `end`, stopping once the smoothed loss exceeds `diverge` times its minimum.
+
+    `step(lr)` trains one batch at `lr` and returns its loss. The suggestion is the rate where the smoothed loss
+    falls fastest (against log lr) before its minimum, the usual "steepest point" reading of the curve.
+    """
+    from tqdm.auto import tqdm
+
+    lrs, losses = [], []
+    average, best = 0.0, math.inf
+    for i in tqdm(range(steps), desc="Learning-rate range test", unit="step", disable=not progress):
+        lr = start * (end / start) ** (i / (steps - 1))
+        loss = step(lr)
+        if not math.isfinite(loss):
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > diverge * best and i > steps // 10:
+            break
+    if len(lrs) < 3:
+        raise DataError("the learning-rate range test diverged at once; check the data and try a smaller --lr.")
+    lowest = int(np.argmin(losses))
+    skip = steps // 10  # the first smoothed values rest on a handful of batches
+    if lowest - skip < 3:
+        return LRFinding(lrs, losses, lrs[lowest] / 10)
+    slopes = np.gradient(np.array(losses[skip:lowest + 1]), np.log(lrs[skip:lowest + 1]))
+    return LRFinding(lrs, losses, lrs[skip + int(np.argmin(slopes))])

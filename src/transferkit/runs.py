@@ -9,10 +9,18 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from transferkit.errors import RunError
+import torch
+
+from transferkit.errors import RunError, TransferkitError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one run per --out is then the user's business
+    fcntl = None
 
 RUN_FORMAT = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "labels.txt")
+CHECKPOINT = "checkpoint.pt"
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
@@ -24,26 +32,84 @@ def default_run_dir(root: str | Path = "runs") -> Path:
     return candidate
 
 
-class StagedRun:
-    """A run written into a hidden sibling folder, renamed into place only when complete.
+def staging_dir(out: str | Path) -> Path:
+    """Where the run that will become `out` is written, checkpoints included, until it is complete."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
 
-    A crash at any moment leaves either no run or the whole run, never one that loads half-way.
+
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary_path)`, flushed to disk, then renamed over `path`: readers see the old or the new file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    write_atomically(folder / CHECKPOINT, lambda temporary: torch.save(state, temporary))
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+                       "pass --overwrite to start the run again.") from err
+
+
+class StagedRun:
+    """A run written into a hidden sibling folder (`staging_dir`), renamed into place only when complete.
+
+    A crash at any moment leaves either no run or the whole run, never one that loads half-way. Image-training
+    modes keep a checkpoint in the staging folder; an interrupted run leaves it there for `resume`. A lock file
+    stops two processes from writing the same run.
     """
 
-    def __init__(self, out: str | Path, overwrite: bool = False):
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False):
         self.out = Path(out)
         self.overwrite = overwrite
+        self.resume = resume
         if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
             raise RunError(f"{self.out} already exists; choose another --out, or pass --overwrite to replace it.")
-        self.staging = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.staging = staging_dir(self.out)
+        self._lock = None
 
     def __enter__(self) -> StagedRun:
         try:
-            self.staging.mkdir(parents=True)
+            self.staging.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.staging / ".lock", "w")
         except OSError as err:
             raise RunError(f"cannot create the run folder in {self.out.parent}: {err.strerror or err}; "
                            "choose a writable --out.") from err
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock.close()
+                raise RunError(f"another transferkit process is writing {self.out}; wait for it to finish or "
+                               "choose another --out.") from None
+        leftovers = [p for p in self.staging.iterdir() if p.name != ".lock"]
+        if leftovers and not self.resume:
+            if (self.staging / CHECKPOINT).exists() and not self.overwrite:
+                self._release()
+                raise RunError(f"{self.out} is an unfinished run that was interrupted; continue it with "
+                               f"`transferkit train --resume {self.out}`, or pass --overwrite to start again.")
+            for leftover in leftovers:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         return self
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -56,9 +122,19 @@ class StagedRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            # an interrupted run keeps its checkpoint for `resume`; a fresh one stopped by a user error does not
+            resumable = (self.staging / CHECKPOINT).exists() and (self.resume or not issubclass(exc_type,
+                                                                                                  TransferkitError))
+            if not resumable:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self._release()
             return
+        (self.staging / CHECKPOINT).unlink(missing_ok=True)
+        (self.staging / ".lock").unlink(missing_ok=True)
+        self._release()
         for file in self.staging.iterdir():
+            if file.is_dir():
+                continue
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         replaced = None

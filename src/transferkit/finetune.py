@@ -1,0 +1,467 @@
+"""Training on images rather than cached features: the head on augmented images over a frozen backbone, the top of
+the backbone fine-tuned, or the whole network from scratch. Checkpointed every epoch; a resumed run replays exactly.
+
+Every random choice is a function of (seed, epoch, sample): the order of an epoch, each image's augmentation and
+the dropout masks. So an epoch interrupted half-way is simply run again from its start and gives the same numbers,
+whichever worker processes decoded which images.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from transferkit.augment import train_transform
+from transferkit.backbone import Backbone, PixelFeatures
+from transferkit.data import ImageDecodeError, decode_image, read_file
+from transferkit.errors import DataError
+from transferkit.features import cpu_has_fast_bf16, default_workers, iter_prepared, make_preparer
+from transferkit.optim import make_optimizer, make_scheduler
+
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class Network(nn.Module):
+    """uint8 NHWC pixels -> backbone features -> head logits: the model every image-training mode trains."""
+
+    def __init__(self, backbone_model: nn.Module, backbone: Backbone, head: nn.Module):
+        super().__init__()
+        self.features = PixelFeatures(backbone_model, backbone.preprocessing)
+        self.head = head
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.features.model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+
+# ---------------------------------------------------------------------------------------------- what trains
+
+
+def backbone_blocks(model: nn.Module) -> list[list[str]]:
+    """The backbone's parameter names grouped into blocks, input to output, by timm's own `group_matcher`
+    (stem, then each residual/MBConv/transformer block; the last block carries the final conv or norm)."""
+    from timm.models import group_parameters
+
+    try:
+        groups = group_parameters(model, model.group_matcher(coarse=False))
+    except (AttributeError, NotImplementedError):
+        groups = {}
+        for name, _ in model.named_parameters():
+            groups.setdefault(name.split(".")[0], []).append(name)
+    return [names for names in groups.values() if names]
+
+
+def trainable_names(model: nn.Module, unfreeze: str) -> list[str]:
+    """Backbone parameter names that `unfreeze` selects: all, top-blocks:N, or from:NAME_OR_INDEX.
+
+    from:NAME unfreezes the parameter (or module) NAME and everything after it; from:INDEX counts blocks as
+    `backbone_blocks` gives them (negative counts from the top).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    blocks = backbone_blocks(model)
+    if unfreeze == "all":
+        return names
+    kind, _, value = unfreeze.partition(":")
+    if kind == "top-blocks":
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= len(blocks):
+            raise DataError(f"--unfreeze top-blocks:N needs N between 1 and {len(blocks)} for this backbone, "
+                            f"not {value!r}.")
+        return [name for block in blocks[-count:] for name in block]
+    if kind == "from":
+        try:
+            index = int(value)
+        except ValueError:
+            index = None
+        if index is not None:
+            if not -len(blocks) <= index < len(blocks):
+                raise DataError(f"--unfreeze-from {index} is out of range: this backbone has {len(blocks)} blocks "
+                                f"(0 to {len(blocks) - 1}, or negative from the top).")
+            return [name for block in blocks[index:] for name in block]
+        first = next((i for i, name in enumerate(names) if name == value or name.startswith(value + ".")), None)
+        if first is None:
+            modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
+            examples = ", ".join(modules[-4:])
+            raise DataError(f"--unfreeze-from {value!r} names no layer of this backbone; give a block index "
+                            f"(0 to {len(blocks) - 1}) or a module name such as {examples}.")
+        return names[first:]
+    raise DataError(f"--unfreeze must be all, top-blocks:N or from:LAYER, not {unfreeze!r}.")
+
+
+def set_train_mode(net: Network, mode: str, train_bn: bool) -> None:
+    """Train mode where weights learn; frozen layers, and BatchNorm unless `train_bn`, run as at inference.
+
+    Fine-tuning a few hundred images with BatchNorm statistics updating ruins what the backbone learned (the
+    Keras transfer-learning guide's warning), so they stay frozen by default.
+    """
+    net.train()
+    if mode == "head":
+        net.backbone.eval()
+    elif mode == "finetune":
+        for module in net.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+                if not (train_bn and trainable):
+                    module.eval()
+
+
+# ---------------------------------------------------------------------------------------------- images in
+
+
+class EpochSampler(Sampler):
+    """(epoch, index) pairs in a shuffled order fixed by (seed, epoch); weighted draws with replacement when
+    `weights` are given (the class-balancing sampler)."""
+
+    def __init__(self, size: int, seed: int, weights: np.ndarray | None = None):
+        self.size, self.seed, self.epoch = size, seed, 1
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+def _mix(*numbers: int) -> int:
+    value = 0
+    for number in numbers:
+        value = (value * 1_000_003 + number) % (2**63 - 1)
+    return value
+
+
+class AugmentedImages(Dataset):
+    """(epoch, index) -> (uint8 HWC pixels, target), augmented with randomness seeded by (seed, epoch, index).
+
+    An image that has become unreadable since it was checked yields None; `collate` leaves it out.
+    """
+
+    def __init__(self, paths: Sequence[Path], targets: np.ndarray, transform: Callable, decode_side: int,
+                 max_pixels: int, seed: int):
+        self.paths, self.targets = list(paths), np.asarray(targets)
+        self.transform, self.draft = transform, (decode_side, decode_side)
+        self.max_pixels, self.seed = max_pixels, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        try:
+            image = decode_image(read_file(self.paths[index]), self.max_pixels, self.draft)
+        except ImageDecodeError:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index, 2))
+            pixels = np.asarray(self.transform(image), dtype=np.uint8)
+        return torch.from_numpy(pixels.copy()), int(self.targets[index])
+
+
+def collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    return torch.stack([pixels for pixels, _ in items]), torch.tensor([target for _, target in items])
+
+
+def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, workers: int | None = None,
+                 progress: bool | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Indices of the images that decode, and (index, reason) for those that do not: checked once, up front."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: Path) -> str | None:
+        try:
+            decode_image(read_file(path), max_pixels, (decode_side, decode_side))
+            return None
+        except ImageDecodeError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        errors = list(tqdm(pool.map(check, paths), total=len(paths), desc="Checking images", unit="img",
+                           file=sys.stderr, disable=_quiet(progress), dynamic_ncols=True))
+    kept = np.array([i for i, error in enumerate(errors) if error is None], dtype=np.int64)
+    return kept, [(i, error) for i, error in enumerate(errors) if error is not None]
+
+
+def _quiet(progress: bool | None) -> bool:
+    return progress is False or (progress is None and not sys.stderr.isatty())
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def resolve_train_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CPUs with native bf16 and on GPUs that have it, fp16 (with loss scaling) on older
+    GPUs, fp32 elsewhere."""
+    if precision not in TRAIN_PRECISIONS:
+        raise DataError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, not {precision!r}.")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise DataError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU.")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class ImageFitResult:
+    history: list[dict]
+    best_epoch: int
+
+
+@dataclass
+class ImageTraining:
+    """One image-training stage, with everything needed to checkpoint and resume it."""
+
+    net: Network
+    mode: str
+    options: object  # TrainConfig: epochs, lr, optimiser, schedule, balance, augment, unfreeze, ...
+    backbone: Backbone
+    device: torch.device
+    precision: str
+
+
+def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Sets requires_grad for the mode and returns optimiser groups: the head at `lr`, the backbone at
+    `lr * backbone_lr_mult` when fine-tuning, everything at `lr` from scratch."""
+    net.backbone.requires_grad_(False)
+    head = {"params": list(net.head.parameters()), "lr": lr}
+    if mode == "head":
+        return [head]
+    if mode == "scratch":
+        net.backbone.requires_grad_(True)
+        return [{"params": list(net.parameters()), "lr": lr}]
+    selected = set(trainable_names(net.backbone, unfreeze))
+    params = [p for name, p in net.backbone.named_parameters() if name in selected]
+    for p in params:
+        p.requires_grad_(True)
+    return [head, {"params": params, "lr": lr * backbone_lr_mult}]
+
+
+def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], device: torch.device, precision: str,
+                    batch_size: int, workers: int | None, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities at the evaluation preprocessing: (probabilities of the readable images, their indices)."""
+    net.eval()
+    probabilities, kept = [], []
+    prepare = make_preparer(backbone, max_pixels)
+    with torch.inference_mode(), autocast(device, precision):
+        for batch in iter_prepared(paths, prepare, batch_size, workers or default_workers()):
+            good = [(i, p.pixels) for i, p in batch if p.pixels is not None]
+            if not good:
+                continue
+            pixels = torch.from_numpy(np.stack([x for _, x in good])).to(device)
+            probabilities.append(torch.softmax(net(pixels).float(), dim=1).cpu().numpy())
+            kept += [i for i, _ in good]
+    classes = net.head[-1].out_features
+    return (np.concatenate(probabilities) if probabilities else np.empty((0, classes), np.float32),
+            np.array(kept, dtype=np.int64))
+
+
+def _loss_and_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    picked = probabilities[np.arange(len(targets)), targets]
+    return float(-np.log(np.clip(picked, 1e-12, None)).mean()), float((probabilities.argmax(1) == targets).mean())
+
+
+class _Stage:
+    """The moving parts of one image-training stage: data loader, loss, optimiser, loss scaler, one step."""
+
+    def __init__(self, training: ImageTraining, paths: Sequence[Path], targets: np.ndarray, schedule: str):
+        from transferkit.augment import decode_size
+        from transferkit.head import class_weights
+
+        self.training = training
+        net, options, device = training.net, training.options, training.device
+        groups = parameter_groups(net, training.mode, options.unfreeze, options.lr, options.backbone_lr_mult)
+        net.to(device, memory_format=torch.channels_last)
+        size, preprocessing = training.backbone.train_size, training.backbone.preprocessing
+        dataset = AugmentedImages(paths, targets, train_transform(options.augment, size, preprocessing),
+                                  decode_size(options.augment, size), options.max_image_pixels, options.seed)
+        num_classes = net.head[-1].out_features
+        weights = class_weights(targets, num_classes)
+        self.sampler = EpochSampler(len(dataset), options.seed,
+                                    weights.numpy()[targets] if options.balance == "sampler" else None)
+        workers = default_workers() if options.workers is None else options.workers
+        # its own generator: starting workers must not draw from the global RNG the dropout masks come from
+        self.loader = DataLoader(dataset, batch_size=options.batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(options.seed))
+        self.criterion = nn.CrossEntropyLoss(weight=weights.to(device) if options.balance == "weights" else None,
+                                             label_smoothing=options.label_smoothing)
+        self.optimizer = make_optimizer(groups, options.optimizer, options.lr, options.weight_decay,
+                                        options.momentum, options.nesterov)
+        self.steps_per_epoch = math.ceil(len(dataset) / options.batch_size)
+        self.scheduler = make_scheduler(self.optimizer, schedule, options.epochs, self.steps_per_epoch,
+                                        options.warmup_epochs, options.lr_steps, options.lr_gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16")
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+        """One optimiser step on a batch: (mean loss, number right)."""
+        net, device, options = self.training.net, self.training.device, self.training.options
+        pixels, targets = (t.to(device, non_blocking=True) for t in batch)
+        with autocast(device, self.training.precision):
+            logits = net(pixels)
+        loss = self.criterion(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if options.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item(), int((logits.argmax(1) == targets).sum().item())
+
+    def state_dict(self) -> dict:
+        return {"model": self.training.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.training.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targets: np.ndarray,
+               val_paths: Sequence[Path], val_targets: np.ndarray, *, first_epoch_number: int = 1,
+               history: list[dict] | None = None, resume_state: dict | None = None,
+               save_checkpoint: Callable[[dict], None] | None = None, tensorboard=None,
+               progress: bool | None = None) -> ImageFitResult:
+    """Train `training.net` for `options.epochs` epochs; checkpoint after each one; early-stop on the monitor and
+    keep the best epoch's weights. `first_epoch_number` numbers this stage's epochs after an earlier stage's, so
+    the history is one table.
+    """
+    net, options, device, precision = training.net, training.options, training.device, training.precision
+    stage = _Stage(training, train_paths, train_targets, options.schedule)
+    history = list(history or [])
+    best = {"score": (math.inf,), "epoch": 0, "model": copy.deepcopy(net.state_dict())}
+    start = 1
+    if resume_state is not None:
+        stage.load_state_dict(resume_state)
+        best, history, start = resume_state["best"], resume_state["history"], resume_state["epoch"] + 1
+        best["score"] = tuple(best["score"])
+    has_val = len(val_paths) > 0
+    eval_batch = 256 if device.type == "cuda" else 32
+    bar = tqdm(total=(options.epochs - start + 1) * stage.steps_per_epoch, unit="batch", file=sys.stderr,
+               disable=_quiet(progress), dynamic_ncols=True)
+    try:
+        for epoch in range(start, options.epochs + 1):
+            if has_val and epoch - 1 - best["epoch"] >= options.patience:
+                break
+            bar.set_description(f"{training.mode} epoch {epoch}/{options.epochs}")
+            stage.sampler.set_epoch(epoch)
+            torch.manual_seed(_mix(options.seed, epoch, 3))  # dropout masks
+            set_train_mode(net, training.mode, options.train_bn)
+            started, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
+            lr_of_last_batch = stage.optimizer.param_groups[0]["lr"]
+            for batch in stage.loader:
+                if batch is not None:
+                    lr_of_last_batch = stage.optimizer.param_groups[0]["lr"]
+                    loss, right = stage.step(batch)
+                    stage.scheduler.step()
+                    seen += len(batch[1])
+                    total_loss += loss * len(batch[1])
+                    correct += right
+                bar.update()
+                bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}",
+                                lr=f"{lr_of_last_batch:.2g}")
+            seconds = time.perf_counter() - started
+            row = {"stage": training.mode, "epoch": first_epoch_number + epoch - 1,
+                   "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                   "lr": lr_of_last_batch, "seconds": round(seconds, 3),
+                   "images_per_second": round(seen / seconds, 2)}
+            if has_val:
+                probabilities, kept = evaluate_images(net, training.backbone, val_paths, device, precision,
+                                                      eval_batch, options.workers, options.max_image_pixels)
+                row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
+                score = ((row["val_loss"],) if options.monitor == "val_loss"
+                         else (-row["val_accuracy"], row["val_loss"]))
+                if score < best["score"]:
+                    best = {"score": score, "epoch": epoch, "model": copy.deepcopy(net.state_dict())}
+            else:
+                best = {"score": (0.0,), "epoch": epoch, "model": None}
+            history.append(row)
+            if tensorboard is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        tensorboard.add_scalar(key, value, row["epoch"])
+                tensorboard.flush()
+            if not _quiet(progress):
+                bar.write(_epoch_line(row), file=sys.stderr)
+            if save_checkpoint is not None:
+                save_checkpoint({**stage.state_dict(), "epoch": epoch, "best": best, "history": history})
+    finally:
+        bar.close()
+    if best["model"] is not None:
+        net.load_state_dict(best["model"])
+    net.eval()
+    return ImageFitResult(history, first_epoch_number + best["epoch"] - 1)
+
+
+def lr_range_test_images(training: ImageTraining, paths: Sequence[Path], targets: np.ndarray,
+                         progress: bool | None = None):
+    """The learning-rate range test on augmented images (the model is trained in place: use a throwaway one)."""
+    from transferkit.optim import lr_range_test
+
+    stage = _Stage(training, paths, targets, "constant")
+    batches = batches_forever(stage.loader, stage.sampler)
+    ratios = [group["lr"] / training.options.lr for group in stage.optimizer.param_groups]
+    set_train_mode(training.net, training.mode, training.options.train_bn)
+
+    def step(lr: float) -> float:
+        for group, ratio in zip(stage.optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        return stage.step(next(batches))[0]
+
+    return lr_range_test(step, progress=not _quiet(progress))
+
+
+def _epoch_line(row: dict) -> str:
+    val = (f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
+           if "val_loss" in row else "")
+    return (f"epoch {row['epoch']} ({row['stage']}): train loss {row['train_loss']:.4f}, accuracy "
+            f"{row['train_accuracy']:.4f}{val}, {row['images_per_second']} img/s")
+
+
+def batches_forever(loader: DataLoader, sampler: EpochSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 1
+    while True:
+        sampler.set_epoch(epoch)
+        yield from (batch for batch in loader if batch is not None)
+        epoch += 1
