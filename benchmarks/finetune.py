@@ -40,11 +40,11 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hy
 EPOCHS_FOR_SPEED = 3
 
 
-def run_mode(data: Path, tmp: Path, mode: str, *extra: str) -> tuple[float, dict, list[dict]]:
-    out = tmp / mode
+def run_mode(data: Path, tmp: Path, name: str, mode: str, *extra: str) -> tuple[float, dict, list[dict]]:
+    out = tmp / name
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--mode", mode, "--out", str(out),
-                             "--cache-dir", str(tmp / f"cache-{mode}"), "--json", *extra], capture_output=True,
+                             "--cache-dir", str(tmp / f"cache-{name}"), "--json", *extra], capture_output=True,
                             text=True)
     if result.returncode != 0:
         sys.exit(f"transferkit train --mode {mode} failed:\n{result.stderr[-3000:]}")
@@ -104,10 +104,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         modes = [("probe",), ("finetune", "--augment", "light"), ("scratch", "--augment", "light")]
         for mode, *extra in modes[:2] if args.skip_scratch else modes:
-            results[mode] = run_mode(args.data, Path(tmp), mode, *extra)
+            results[mode] = run_mode(args.data, Path(tmp), mode, mode, *extra)
             print(f"  {mode}: {results[mode][0]:.0f} s, val accuracy {results[mode][1]['val_accuracy']:.4f}",
                   flush=True)
-        speed_run = run_mode(args.data, Path(tmp), "finetune", "--epochs", str(EPOCHS_FOR_SPEED), "--patience", "99")
+        speed_run = run_mode(args.data, Path(tmp), "speed", "finetune", "--epochs", str(EPOCHS_FOR_SPEED), "--patience", "99")
     ours = statistics.median([float(row["images_per_second"]) for row in speed_run[2]
                               if row["stage"] == "finetune"][1:])
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"

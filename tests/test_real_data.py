@@ -44,3 +44,12 @@ def test_demo_runs_offline(tmp_path):
     assert "test accuracy" in result.stdout and "a few test predictions" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.85 and metrics["test"]["n"] > 100
+
+
+def test_hymenoptera_finetune_keeps_the_probe_accuracy_and_loads(hymenoptera, tmp_path):
+    result = transferkit.train(hymenoptera, out=tmp_path / "run", cache_dir=str(tmp_path / "cache"), progress=False,
+                               mode="finetune", epochs=3)
+    assert result.val_accuracy >= 0.95
+    assert [row["stage"] for row in result.history][-3:] == ["finetune"] * 3
+    report = transferkit.evaluate(result.run_dir, hymenoptera, cache_dir=tmp_path / "cache", progress=False)
+    assert abs(report.accuracy - result.val_accuracy) <= 2 / 153

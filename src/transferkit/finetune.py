@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
 from transferkit.features import cpu_has_fast_bf16, default_workers, iter_prepared, make_preparer
 from transferkit.optim import make_optimizer, make_scheduler
+
+if TYPE_CHECKING:
+    from transferkit.train import TrainConfig
 
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -251,7 +254,7 @@ class ImageTraining:
 
     net: Network
     mode: str
-    options: object  # TrainConfig: epochs, lr, optimiser, schedule, balance, augment, unfreeze, ...
+    options: TrainConfig
     backbone: Backbone
     device: torch.device
     precision: str
