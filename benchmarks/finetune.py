@@ -107,7 +107,8 @@ def main() -> None:
             results[mode] = run_mode(args.data, Path(tmp), mode, mode, *extra)
             print(f"  {mode}: {results[mode][0]:.0f} s, val accuracy {results[mode][1]['val_accuracy']:.4f}",
                   flush=True)
-        speed_run = run_mode(args.data, Path(tmp), "speed", "finetune", "--epochs", str(EPOCHS_FOR_SPEED), "--patience", "99")
+        speed_run = run_mode(args.data, Path(tmp), "speed", "finetune", "--epochs", str(EPOCHS_FOR_SPEED),
+                             "--patience", "99")
     ours = statistics.median([float(row["images_per_second"]) for row in speed_run[2]
                               if row["stage"] == "finetune"][1:])
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"

@@ -45,8 +45,18 @@ def _friendly_errors(command: Callable) -> Callable:
     return run
 
 
+class _LogFormat(logging.Formatter):
+    """Information as is; warnings and errors prefixed with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="warning: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # transferkit checks image sizes itself and reports oversized images as skipped files.
     from PIL import Image
 
@@ -153,6 +163,8 @@ def train(
 
     _setup_logging()
     if resume is not None:
+        if data is not None:
+            raise DataError("--resume continues a run with its own data and options; give only --resume RUN.")
         _print_train_result(resume_run(resume), as_json)
         return
     if data is None:

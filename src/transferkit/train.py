@@ -391,6 +391,9 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
         if checkpoint is None:
             checkpoint = {"arguments": arguments}
             save_checkpoint(staged.staging, checkpoint)
+        if config.mode != "probe":
+            log.info("writing %s; if this run is interrupted, continue it with: transferkit train --resume %s",
+                     run_dir, run_dir)
         tensorboard = _tensorboard(staged.staging, config.tensorboard)
         try:
             if config.mode == "probe":
