@@ -7,10 +7,13 @@ from transferkit.classifier import Classifier, Prediction, predict_imagenet  # n
 from transferkit.data import Dataset, load_dataset  # noqa: E402
 from transferkit.errors import BackboneError, DataError, RunError, TransferkitError  # noqa: E402
 from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
+from transferkit.report import report  # noqa: E402
+from transferkit.summary import ModelSummary, list_backbones, summarize  # noqa: E402
 from transferkit.train import TrainConfig, TrainResult, find_lr, resume, train  # noqa: E402
 
 __all__ = [
     "EMBEDDED_BACKBONES", "Backbone", "BackboneError", "Classifier", "DataError", "Dataset", "EvaluationReport",
-    "Prediction", "RunError", "TrainConfig", "TrainResult", "TransferkitError", "evaluate", "find_lr",
-    "load_dataset", "open_backbone", "predict_imagenet", "resume", "train",
+    "ModelSummary", "Prediction", "RunError", "TrainConfig", "TrainResult", "TransferkitError", "evaluate",
+    "find_lr", "list_backbones", "load_dataset", "open_backbone", "predict_imagenet", "report", "resume",
+    "summarize", "train",
 ]

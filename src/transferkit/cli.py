@@ -17,7 +17,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Labelled photos -> pretrained backbone -> cached features -> trained head -> classifier.")
-out = Console(soft_wrap=True)
+# Piped output gets room for wide tables instead of rich's 80-column default.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -90,6 +91,8 @@ def _print_train_result(result, as_json: bool) -> None:
             m = result.metrics[split]
             out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} ({m['n']} images)")
     out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to [bold]{result.run_dir}[/]")
+    if result.report:
+        out.print(f"Report: [bold]{result.report}[/]")
 
 
 @app.command()
@@ -153,6 +156,7 @@ def train(
     device: str = DEVICE_OPTION,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast; fp16 on CUDA only)."),
     tensorboard: bool = typer.Option(False, help="Also log to TensorBoard (in the run folder's tensorboard/)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (report.html in the run)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Train a classifier: a head on cached features of a frozen backbone, or on images (head/finetune/scratch)."""
@@ -165,7 +169,7 @@ def train(
     if resume is not None:
         if data is not None:
             raise DataError("--resume continues a run with its own data and options; give only --resume RUN.")
-        _print_train_result(resume_run(resume), as_json)
+        _print_train_result(resume_run(resume, report=not no_report), as_json)
         return
     if data is None:
         raise DataError("give the DATA to train on (or --resume RUN to continue an interrupted run).")
@@ -196,7 +200,8 @@ def train(
         out.print(f"Suggested learning rate: [bold]{finding.suggestion:.2e}[/] (steepest descent). "
                   f"Plot: [bold]{plot}[/]")
         return
-    result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups, **options)
+    result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
+                       report=not no_report, **options)
     _print_train_result(result, as_json)
 
 
@@ -306,6 +311,79 @@ def predict(
         logging.getLogger("transferkit").warning("%d of %d inputs could not be read", failed, len(predictions))
     if failed == len(predictions):
         raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def report(
+    run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
+    data: Optional[Path] = typer.Option(None, help="Evaluate on this labelled data [default: the run's own "
+                                                   "test/validation split as training measured it]."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file [default: RUN/report.html]; its PNGs "
+                                                                 "go in a NAME_files/ folder beside it."),
+    split: str = typer.Option("auto", help="With --data: auto (test, else val, else all), train, val, test, all."),
+    groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
+    cache_dir: Optional[Path] = typer.Option(None),
+    engine: str = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
+) -> None:
+    """One self-contained HTML page: learning curves, sample and prediction grids, top losses, confusion matrix,
+    per-class table, model and data summaries."""
+    from transferkit.report import report as write_report
+
+    _setup_logging()
+    page = write_report(run, data, out_file, groups, split, cache_dir=cache_dir, engine=engine, device=device)
+    out.print(f"Report: [bold]{page}[/] (pictures in {page.parent / (page.stem + '_files')})")
+
+
+@app.command()
+@_friendly_errors
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="timm name pattern, e.g. 'convnext*' [default: the embedded "
+                                                       "backbones and a few popular ones]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Backbones to pick from, measured on the model objects: parameters, layers, feature size, input size."""
+    from transferkit.summary import TOP1_SOURCE, list_backbones
+
+    rows = list_backbones(pattern)
+    if as_json:
+        out.print_json(json.dumps([row.to_dict() for row in rows]))
+        return
+    table = Table("name", "weights", "parameters", "layers", "features", "input (train/test)", "weights MB",
+                  "ImageNet top-1")
+    for row in rows:
+        table.add_row(row.name, "[green]embedded[/]" if row.embedded else "download", f"{row.parameters:,}",
+                      str(row.layers), str(row.feature_size), f"{row.input_size}/{row.test_input_size}",
+                      f"{row.weights_mb:.1f}", f"{row.imagenet_top1:.1f}%" if row.imagenet_top1 else "-")
+    out.print(table)
+    out.print(f"layers: modules with weights. weights MB: the file on disk (embedded) or 4 bytes a parameter. "
+              f"ImageNet top-1: {TOP1_SOURCE}.")
+
+
+@app.command()
+@_friendly_errors
+def summary(
+    target: str = typer.Argument(..., help="A run folder or a backbone name."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Parameters (total, trainable, non-trainable), layers and output shapes, like Keras' model.summary()."""
+    from transferkit.summary import summarize
+
+    result = summarize(target)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    table = Table("block", "type", "output shape", "parameters", "trainable", title=result.name)
+    for row in result.rows:
+        table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape or [])), f"{row.parameters:,}",
+                      f"{row.trainable:,}")
+    out.print(table)
+    for key, value in result.notes.items():
+        out.print(f"{key}: {value}")
+    out.print(f"Total parameters: {result.total_parameters:,}\nTrainable parameters: {result.trainable_parameters:,}"
+              f"\nNon-trainable parameters: {result.non_trainable_parameters:,}\nLayers with weights: "
+              f"{result.layers}\nFeature size: {result.feature_size}")
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,16 +54,86 @@ def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, class
         top5 = np.argsort(-probabilities, axis=1, kind="stable")[:, :5]
         metrics["top5_accuracy"] = float(np.mean(np.any(top5 == targets[:, None], axis=1)))
     if groups:
-        index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted({c for members in groups.values() for c in members} - set(index))
-        if unknown:
-            raise DataError(f"groups name classes the model does not know: {', '.join(unknown[:10])}")
-        metrics["groups"] = {}
-        for group, members in groups.items():
-            mask = np.isin(targets, [index[c] for c in members])
-            metrics["groups"][group] = {"n": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] ==
-                                        targets[mask])) if mask.any() else None}
+        metrics["groups"] = group_accuracy(targets, predictions, classes, groups)
     return metrics
+
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+@dataclass
+class Predictions:
+    """Per image of one split: its path, true class, predicted class and the probabilities of both."""
+
+    split: str
+    paths: list[str]
+    targets: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    label_probability: np.ndarray
+
+    @classmethod
+    def from_probabilities(cls, split: str, paths: list, targets: np.ndarray, probabilities: np.ndarray) -> Predictions:
+        predicted = probabilities.argmax(1) if len(targets) else np.empty(0, dtype=np.int64)
+        rows = np.arange(len(targets))
+        return cls(split, [str(p) for p in paths], np.asarray(targets), predicted, probabilities[rows, predicted],
+                   probabilities[rows, targets])
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.targets
+
+    def top_losses(self, count: int) -> np.ndarray:
+        """Indices of the most confident mistakes: the lowest probability given to the true class first."""
+        wrong = np.flatnonzero(~self.correct)
+        return wrong[np.argsort(self.label_probability[wrong], kind="stable")][:count]
+
+
+def predictions_csv(predictions: list[Predictions], classes: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "path", "label", "predicted", "probability", "label_probability"])
+    for part in predictions:
+        for path, target, predicted, confidence, label_probability in zip(
+                part.paths, part.targets, part.predicted, part.confidence, part.label_probability):
+            writer.writerow([part.split, path, classes[target], classes[predicted], f"{confidence:.6g}",
+                             f"{label_probability:.6g}"])
+    return buffer.getvalue()
+
+
+def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
+    """A run's predictions.csv by split; empty when the run has none (runs from before it was written)."""
+    if not path.is_file():
+        return {}
+    index = {name: i for i, name in enumerate(classes)}
+    columns: dict[str, dict[str, list]] = {}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            part = columns.setdefault(row["split"], {k: [] for k in ("paths", "targets", "predicted", "confidence",
+                                                                      "label_probability")})
+            part["paths"].append(row["path"])
+            part["targets"].append(index[row["label"]])
+            part["predicted"].append(index[row["predicted"]])
+            part["confidence"].append(float(row["probability"]))
+            part["label_probability"].append(float(row["label_probability"]))
+    return {split: Predictions(split, part["paths"], np.array(part["targets"], dtype=np.int64),
+                               np.array(part["predicted"], dtype=np.int64), np.array(part["confidence"]),
+                               np.array(part["label_probability"])) for split, part in columns.items()}
+
+
+def group_accuracy(targets: np.ndarray, predicted: np.ndarray, classes: list[str],
+                   groups: dict[str, list[str]]) -> dict[str, dict]:
+    """Accuracy over the images whose true class belongs to each group."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({c for members in groups.values() for c in members} - set(index))
+    if unknown:
+        raise DataError(f"groups name classes the model does not know: {', '.join(unknown[:10])}")
+    result = {}
+    for group, members in groups.items():
+        mask = np.isin(targets, [index[c] for c in members])
+        result[group] = {"n": int(mask.sum()),
+                         "accuracy": float(np.mean(predicted[mask] == targets[mask])) if mask.any() else None}
+    return result
 
 
 @dataclass
@@ -70,6 +142,7 @@ class EvaluationReport:
     split: str
     metrics: dict
     skipped: list[Skipped] = field(default_factory=list)
+    predictions: Predictions | None = None
 
     @property
     def accuracy(self) -> float:
@@ -109,4 +182,5 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     targets = np.array([index[samples[i].label] for i in kept], dtype=np.int64)
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
     metrics = classification_metrics(targets, probabilities, classifier.classes, group_map)
-    return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped)
+    predictions = Predictions.from_probabilities(split, [samples[i].path for i in kept], targets, probabilities)
+    return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped, predictions)

@@ -19,7 +19,7 @@ from transferkit.backbone import DEFAULT_BACKBONE, open_backbone, state_digest
 from transferkit.classifier import Classifier
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, Skipped, load_dataset
 from transferkit.errors import DataError, RunError
-from transferkit.evaluate import classification_metrics, read_groups
+from transferkit.evaluate import PREDICTIONS_FILE, Predictions, classification_metrics, predictions_csv, read_groups
 from transferkit.features import Extractor, extract_features, open_cache, resolve_device
 from transferkit.finetune import (ImageTraining, Network, check_images, evaluate_images, fit_images,
                                   lr_range_test_images, resolve_train_precision, trainable_names)
@@ -109,6 +109,7 @@ class TrainResult:
     features_computed: int = 0
     features_from_cache: int = 0
     seconds: float = 0.0
+    report: Path | None = None
 
     @property
     def val_accuracy(self) -> float | None:
@@ -124,7 +125,7 @@ class TrainResult:
                 "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
                 "best_epoch": self.best_epoch, "epochs_run": len(self.history), "skipped": len(self.skipped),
                 "features_computed": self.features_computed, "features_from_cache": self.features_from_cache,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "report": str(self.report) if self.report else None}
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -171,6 +172,12 @@ class Prepared:
     @property
     def sizes(self) -> dict[str, int]:
         return {name: len(paths) for name, paths in self.paths.items()}
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class per split."""
+        return {name: {label: targets.count(i) for i, label in enumerate(self.classes)}
+                for name, targets in self.targets.items()}
 
 
 def _splits(dataset) -> list[str]:
@@ -243,15 +250,22 @@ def _fit_probe(prepared: Prepared, features: dict[str, np.ndarray], spec: HeadSp
     return fit_head(spec, features["train"], train_targets, features.get("val"), val_targets, options, progress)
 
 
-def _metrics(prepared: Prepared, probabilities: dict[str, np.ndarray], group_map: dict | None) -> dict:
-    return {name: classification_metrics(prepared.split(name)[1], probabilities[name], prepared.classes, group_map)
-            for name in ("val", "test") if name in probabilities and len(probabilities[name])}
+def _evaluated(prepared: Prepared, probabilities: dict[str, np.ndarray],
+               group_map: dict | None) -> tuple[dict, list[Predictions]]:
+    """Metrics and per-image predictions of the validation and test splits."""
+    metrics, predictions = {}, []
+    for name in ("val", "test"):
+        if name in probabilities and len(probabilities[name]):
+            paths, targets = prepared.split(name)
+            metrics[name] = classification_metrics(targets, probabilities[name], prepared.classes, group_map)
+            predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities[name]))
+    return metrics, predictions
 
 
 @dataclass
 class _Outcome:
     prepared: Prepared
-    metrics: dict
+    probabilities: dict[str, np.ndarray]
     history: list[dict]
     best_epoch: int
     tensors: dict[str, torch.Tensor]
@@ -260,7 +274,7 @@ class _Outcome:
     engine: dict
 
 
-def _run_probe(dataset, backbone, config: TrainConfig, group_map, progress, tensorboard) -> _Outcome:
+def _run_probe(dataset, backbone, config: TrainConfig, progress, tensorboard) -> _Outcome:
     extractor = Extractor(backbone, config.device, config.precision, config.engine)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
@@ -276,8 +290,8 @@ def _run_probe(dataset, backbone, config: TrainConfig, group_map, progress, tens
     probabilities = {name: classifier.probabilities_from_features(features[name]) for name in ("val", "test")
                      if name in features}
     tensors = {f"head.{k}": v.contiguous() for k, v in fit.head.state_dict().items()}
-    return _Outcome(prepared, _metrics(prepared, probabilities, group_map), fit.history, fit.best_epoch, tensors,
-                    spec, backbone.to_config(), extractor.describe())
+    return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone.to_config(),
+                    extractor.describe())
 
 
 def _prepare_images(dataset, backbone, config: TrainConfig, progress) -> tuple[Prepared, dict | None]:
@@ -306,7 +320,7 @@ def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, 
         return Network(model, backbone, spec.build()), spec
 
 
-def _run_images(dataset, backbone, config: TrainConfig, group_map, progress, tensorboard, staged: StagedRun,
+def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun,
                 checkpoint: dict) -> _Outcome:
     device = resolve_device(config.device)
     precision = resolve_train_precision(config.precision, device)
@@ -345,25 +359,26 @@ def _run_images(dataset, backbone, config: TrainConfig, group_map, progress, ten
         tensors.update({f"backbone.{k}": v for k, v in backbone_state.items()})
         backbone_config.update(stored_in_run=True, started_from=backbone.weights_id,
                                weights_id=f"{config.mode}:{state_digest(backbone_state)}")
-    return _Outcome(prepared, _metrics(prepared, probabilities, group_map), fit.history, fit.best_epoch, tensors,
-                    spec, backbone_config, {"engine": "torch", "precision": precision, "device": str(device)})
+    return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
+                    {"engine": "torch", "precision": precision, "device": str(device)})
 
 
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
           out: str | Path | None = None, overwrite: bool = False, groups: str | Path | dict | None = None,
-          config: TrainConfig | None = None, progress: bool | None = None, **options) -> TrainResult:
-    """Train a classifier on DATA and write a run folder. Options are `TrainConfig` fields, e.g. ``head="mlp"``,
-    ``mode="finetune"``.
+          config: TrainConfig | None = None, progress: bool | None = None, report: bool = True,
+          **options) -> TrainResult:
+    """Train a classifier on DATA and write a run folder (with report.html unless `report=False`). Options are
+    `TrainConfig` fields, e.g. ``head="mlp"``, ``mode="finetune"``.
 
     Example: ``transferkit.train("photos/", epochs=50).val_accuracy``.
     """
     config = replace(config or TrainConfig(), **options).resolved()
     arguments = {"data": str(data), "val": str(val) if val else None, "test": str(test) if test else None,
                  "groups": str(groups) if isinstance(groups, (str, Path)) else groups, "config": asdict(config)}
-    return _train(arguments, config, Path(out) if out else default_run_dir(), overwrite, progress, None)
+    return _train(arguments, config, Path(out) if out else default_run_dir(), overwrite, progress, None, report)
 
 
-def resume(run: str | Path, *, progress: bool | None = None) -> TrainResult:
+def resume(run: str | Path, *, progress: bool | None = None, report: bool = True) -> TrainResult:
     """Continue the interrupted run that was being written to `run`, with its own options, from its last
     checkpoint (the end of the last finished epoch)."""
     run = Path(run)
@@ -374,11 +389,11 @@ def resume(run: str | Path, *, progress: bool | None = None) -> TrainResult:
         raise RunError(f"there is no interrupted run at {run} to resume (no {staging_dir(run) / CHECKPOINT}).")
     arguments = checkpoint["arguments"]
     config = TrainConfig(**arguments["config"]).resolved()
-    return _train(arguments, config, run, False, progress, checkpoint)
+    return _train(arguments, config, run, False, progress, checkpoint, report)
 
 
 def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool, progress: bool | None,
-           checkpoint: dict | None) -> TrainResult:
+           checkpoint: dict | None, report: bool) -> TrainResult:
     started = time.perf_counter()
     groups = arguments["groups"]
     group_map = read_groups(groups) if isinstance(groups, str) else groups
@@ -397,13 +412,14 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
         tensorboard = _tensorboard(staged.staging, config.tensorboard)
         try:
             if config.mode == "probe":
-                outcome = _run_probe(dataset, backbone, config, group_map, progress, tensorboard)
+                outcome = _run_probe(dataset, backbone, config, progress, tensorboard)
             else:
-                outcome = _run_images(dataset, backbone, config, group_map, progress, tensorboard, staged, checkpoint)
+                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
         prepared = outcome.prepared
+        metrics, predictions = _evaluated(prepared, outcome.probabilities, group_map)
         if prepared.skipped:
             log.warning("skipped %d of %d files that could not be used (listed in %s)", len(prepared.skipped),
                         sum(prepared.sizes.values()) + len(prepared.skipped), run_dir / "skipped.txt")
@@ -414,18 +430,31 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
-                     "images": prepared.sizes},
+                     "images": prepared.sizes, "class_counts": prepared.class_counts},
         }
         safetensors.torch.save_file(outcome.tensors, str(staged.path("model.safetensors")),
                                     metadata={"format": "transferkit"})
         staged.write_json("config.json", run_config)
         staged.write_text("labels.txt", "\n".join(prepared.classes) + "\n")
         staged.write_text("history.csv", _history_csv(outcome.history))
-        staged.write_json("metrics.json", outcome.metrics)
+        staged.write_json("metrics.json", metrics)
+        staged.write_text(PREDICTIONS_FILE, predictions_csv(predictions, prepared.classes))
         staged.write_text("skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in prepared.skipped))
-    return TrainResult(run_dir, prepared.classes, outcome.metrics, outcome.history, outcome.best_epoch,
+    return TrainResult(run_dir, prepared.classes, metrics, outcome.history, outcome.best_epoch,
                        prepared.sizes, prepared.skipped, prepared.features_computed, prepared.features_from_cache,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, _write_report(run_dir, group_map) if report else None)
+
+
+def _write_report(run_dir: Path, group_map: dict | None) -> Path | None:
+    """The finished run's report; a failure here is reported and never costs the run itself."""
+    from transferkit.report import report
+
+    try:
+        return report(run_dir, groups=group_map)
+    except Exception as err:  # noqa: BLE001 - the run is complete and saved whatever goes wrong with its pictures
+        log.warning("could not write the report (%s: %s); the run is complete. Retry with: transferkit report %s",
+                    type(err).__name__, err, run_dir)
+        return None
 
 
 def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,

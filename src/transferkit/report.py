@@ -1,0 +1,265 @@
+"""`report()`: one self-contained HTML page, and its PNGs, showing what a run learned."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_dataset, read_file
+from transferkit.errors import DataError, RunError, TransferkitError
+from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, evaluate, group_accuracy, read_groups,
+                                  read_predictions)
+from transferkit.runs import read_run_config, write_atomically
+
+log = logging.getLogger("transferkit")
+
+GRID_IMAGES = 16
+TOP_LOSSES = 8
+CONFUSED_PAIRS = 15
+SKIPPED_SHOWN = 50
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+
+@dataclass
+class Figure:
+    title: str
+    file: str
+    data_uri: str
+
+
+@dataclass
+class _Evaluation:
+    split: str | None
+    metrics: dict | None
+    predictions: Predictions | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _read_history(run: Path) -> list[dict]:
+    path = run / "history.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _read_skipped(run: Path) -> list[tuple[str, str]]:
+    path = run / "skipped.txt"
+    if not path.is_file():
+        return []
+    return [tuple(line.split("\t", 1)) for line in path.read_text().splitlines() if "\t" in line]
+
+
+def _run_evaluation(run: Path, classes: list[str], groups: dict | None) -> _Evaluation:
+    """The run's own test split (validation when it has none), as `train` measured it."""
+    all_metrics = json.loads((run / "metrics.json").read_text())
+    split = next((name for name in ("test", "val") if name in all_metrics), None)
+    predictions = read_predictions(run / PREDICTIONS_FILE, classes).get(split)
+    metrics = all_metrics.get(split)
+    if metrics is not None and groups and predictions is not None:
+        metrics = {**metrics, "groups": group_accuracy(predictions.targets, predictions.predicted, classes, groups)}
+    return _Evaluation(split, metrics, predictions, _read_skipped(run))
+
+
+def _view(path: str, preprocessing, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The image as the classifier sees it at evaluation (resize + centre crop); grey when it cannot be read."""
+    try:
+        side = 2 * max(preprocessing.input_size)
+        return preprocessing.pixels(decode_image(read_file(Path(path)), max_pixels, (side, side)))
+    except ImageDecodeError:
+        return np.full((*preprocessing.input_size, 3), 128, dtype=np.uint8)
+
+
+def _training_samples(config: dict, source: str | Path, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """`count` training images as the model saw them in its first epoch: augmented for the image modes, the
+    evaluation crop for a probe."""
+    from transferkit.augment import decode_size, train_transform
+    from transferkit.backbone import Preprocessing
+    from transferkit.finetune import AugmentedImages
+
+    data = config.get("data", {})
+    dataset = load_dataset(source, data.get("val"), data.get("test"), data.get("val_percent", 10.0),
+                           data.get("test_percent", 10.0))
+    samples = dataset.splits.get("train", [])
+    chosen = np.random.default_rng(seed).permutation(len(samples))[:count]
+    preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    options = config.get("train", {})
+    if config.get("mode", "probe") == "probe":
+        return [_view(str(samples[i].path), preprocessing) for i in chosen], [samples[i].label for i in chosen]
+    size = config["backbone"].get("train_size") or preprocessing.input_size[0]
+    augment = options.get("augment", "light")
+    # Indexed as in training (by position in the train split), so each picture is the crop epoch 1 drew.
+    images = AugmentedImages([s.path for s in samples], np.zeros(len(samples)),
+                             train_transform(augment, size, preprocessing), decode_size(augment, size),
+                             DEFAULT_MAX_IMAGE_PIXELS, options.get("seed", 0))
+    pixels, titles = [], []
+    for i in chosen:
+        item = images[(1, int(i))]
+        if item is not None:
+            pixels.append(item[0].numpy())
+            titles.append(samples[i].label)
+    return pixels, titles
+
+
+def confused_pairs(confusion: list[list[int]], classes: list[str], count: int = CONFUSED_PAIRS) -> list[dict]:
+    """The (true, predicted) pairs with the most mistakes."""
+    matrix = np.asarray(confusion)
+    off_diagonal = matrix * (1 - np.eye(len(classes), dtype=matrix.dtype))
+    order = np.argsort(-off_diagonal, axis=None, kind="stable")[:count]
+    support = matrix.sum(1)
+    pairs = []
+    for flat in order:
+        true, predicted = divmod(int(flat), len(classes))
+        if off_diagonal[true, predicted] == 0:
+            break
+        pairs.append({"true": classes[true], "predicted": classes[predicted], "count": int(matrix[true, predicted]),
+                      "share": float(matrix[true, predicted] / support[true])})
+    return pairs
+
+
+def _directory_bytes(folder: Path, exclude: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and exclude not in p.parents and p.suffix != ".html")
+
+
+def _backbone_weights_bytes(config: dict) -> int | None:
+    from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file
+
+    spec = config["backbone"]
+    if spec.get("weights") and Path(spec["weights"]).is_file():
+        return Path(spec["weights"]).stat().st_size
+    embedded = EMBEDDED_BACKBONES.get(spec["name"])
+    return _embedded_file(embedded).stat().st_size if embedded else None
+
+
+class _Pictures:
+    """Writes each figure as a PNG in the assets folder and keeps it for embedding in the page."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.figures: dict[str, Figure] = {}
+
+    def add(self, key: str, title: str, draw) -> None:
+        path = draw(self.folder / f"{key}.png")
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        self.figures[key] = Figure(title, f"{self.folder.name}/{path.name}", f"data:image/png;base64,{encoded}")
+
+
+def report(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
+           groups: str | Path | dict | None = None, split: str = "auto", seed: int = 0,
+           cache_dir: str | Path | None = None, progress: bool | None = None, **engine_options) -> Path:
+    """Write RUN's report: `out` (default RUN/report.html), one self-contained page, plus its PNGs in a folder
+    beside it (`report_files/`). Without `data` it shows the run's own test (else validation) split as training
+    measured it; with `data` it evaluates the run on DATA's `split` first. Returns the page's path."""
+    from transferkit import plots
+    from transferkit.backbone import Preprocessing
+
+    run = Path(run)
+    config = read_run_config(run)
+    classes = config["labels"]
+    out = Path(out) if out else run / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--out must name an .html file, not {out}.")
+    assets = out.parent / f"{out.stem}_files"
+    try:
+        assets.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot create {assets}: {err.strerror or err}; choose a writable --out.") from err
+    group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
+    if data is not None:
+        evaluation = evaluate(run, data, split, group_map, cache_dir=cache_dir, progress=progress, **engine_options)
+        chosen = _Evaluation(evaluation.split, evaluation.metrics, evaluation.predictions,
+                             [(s.path, s.reason) for s in evaluation.skipped])
+        counts = load_dataset(data, val_percent=config["data"].get("val_percent", 10.0),
+                              test_percent=config["data"].get("test_percent", 10.0)).counts()
+    else:
+        chosen = _run_evaluation(run, classes, group_map)
+        counts = config["data"].get("class_counts", {})
+    preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    pictures = _Pictures(assets)
+    notes = []
+
+    history = _read_history(run)
+    if history:
+        pictures.add("curves", "Learning curves", lambda path: plots.plot_learning_curves(history, path))
+    source = data if data is not None else config["data"].get("source")
+    try:
+        images, titles = _training_samples(config, source, GRID_IMAGES, seed)
+        pictures.add("samples", "Training images as the model sees them",
+                     lambda path: plots.plot_image_grid(images, titles, path))
+    except (TransferkitError, OSError) as err:
+        notes.append(f"Training samples not shown: {err} Pass --data to point at the images.")
+    predictions = chosen.predictions
+    top_losses = []
+    if predictions is not None and len(predictions.paths):
+        shown = np.random.default_rng(seed).permutation(len(predictions.paths))[:GRID_IMAGES]
+        pictures.add("predictions", f"Predictions on the {chosen.split} split", lambda path: plots.plot_image_grid(
+            [_view(predictions.paths[i], preprocessing) for i in shown],
+            [_prediction_title(predictions, i, classes) for i in shown], path,
+            [RIGHT if predictions.correct[i] else WRONG for i in shown]))
+        worst = predictions.top_losses(TOP_LOSSES)
+        top_losses = [{"path": predictions.paths[i], "predicted": classes[predictions.predicted[i]],
+                       "true": classes[predictions.targets[i]], "probability": float(predictions.confidence[i]),
+                       "label_probability": float(predictions.label_probability[i])} for i in worst]
+        if len(worst):
+            pictures.add("top_losses", "Top losses: the most confident mistakes", lambda path: plots.plot_image_grid(
+                [_view(predictions.paths[i], preprocessing) for i in worst],
+                [f"{classes[predictions.predicted[i]]} {predictions.confidence[i]:.2f}\n"
+                 f"(true: {classes[predictions.targets[i]]})" for i in worst], path, [WRONG] * len(worst)))
+    elif chosen.split is not None:
+        notes.append("This run has no per-image predictions (trained before predictions.csv was written); "
+                     "pass --data to evaluate it afresh.")
+    metrics = chosen.metrics
+    if metrics is not None:
+        pictures.add("confusion", "Confusion matrix",
+                     lambda path: plots.plot_confusion(np.array(metrics["confusion_matrix"]), classes, path))
+        if metrics.get("groups"):
+            pictures.add("groups", "Accuracy per group of classes",
+                         lambda path: plots.plot_group_accuracy(metrics["groups"], path))
+    else:
+        notes.append("The run has no validation or test split to measure; pass --data with labelled images.")
+
+    page = _render(run=run, config=config, classes=classes, split=chosen.split, metrics=metrics,
+                   finetune_start=plots.fine_tuning_start(history),
+                   figures=pictures.figures, top_losses=top_losses, notes=notes, counts=counts,
+                   skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped),
+                   pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
+                   model=_model_summary(run, config, assets))
+    write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return out
+
+
+def _prediction_title(predictions: Predictions, i: int, classes: list[str]) -> str:
+    title = f"{classes[predictions.predicted[i]]} {predictions.confidence[i]:.2f}"
+    return title if predictions.correct[i] else f"{title}\n({classes[predictions.targets[i]]})"
+
+
+def _model_summary(run: Path, config: dict, assets: Path) -> dict:
+    from transferkit.summary import summarize_run
+
+    summary = summarize_run(run).to_dict()
+    summary["run_bytes"] = _directory_bytes(run, assets)
+    summary["backbone_weights_bytes"] = _backbone_weights_bytes(config)
+    return summary
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "–"
+    return f"{size / 1e3:,.1f} kB" if size < 1e6 else f"{size / 1e6:,.1f} MB"
+
+
+def _render(**values) -> str:
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("transferkit", "templates"),
+                                     autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
+    environment.filters["size"] = _human_size
+    environment.filters["thousands"] = lambda n: f"{n:,}"
+    return environment.get_template("report.html").render(**values)

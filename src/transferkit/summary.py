@@ -1,0 +1,260 @@
+"""What a model holds (parameters, layers, sizes), and the table of backbones a user can pick from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, open_backbone
+from transferkit.errors import BackboneError
+
+# Backbones listed besides the embedded ones: small, widely used ImageNet models that suit transfer learning.
+POPULAR_BACKBONES = ("mobilenetv3_large_100", "efficientnet_b0", "resnet18", "resnet50", "convnext_tiny",
+                     "vit_small_patch16_224", "regnety_016")
+# ImageNet-1k top-1 (%) of the TensorFlow EfficientNet-Lite checkpoints these weights were converted from, as
+# published in tensorflow/tpu models/official/efficientnet/lite/README.md. No other figure is typed in: a model
+# without a published figure we can vouch for shows none.
+KNOWN_TOP1 = {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6}
+TOP1_SOURCE = "tensorflow/tpu EfficientNet-Lite README (the checkpoints the embedded weights were converted from)"
+
+
+def has_own_weights(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def count_layers(model: nn.Module) -> int:
+    """Layers with weights (convolutions, norms, linears...), the count Keras' summary calls layers."""
+    return sum(1 for module in model.modules() if has_own_weights(module))
+
+
+def feature_size(model: nn.Module) -> int:
+    """Width of the pooled pre-logits features a new head is trained on."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: list[int] | None
+    parameters: int
+    trainable: int
+
+
+@dataclass
+class ModelSummary:
+    """Keras-style model summary: totals, and one row per top-level block with its output shape."""
+
+    name: str
+    total_parameters: int
+    trainable_parameters: int
+    layers: int
+    feature_size: int | None = None
+    input_size: list[int] | None = None
+    rows: list[LayerRow] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def non_trainable_parameters(self) -> int:
+        return self.total_parameters - self.trainable_parameters
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "non_trainable_parameters": self.non_trainable_parameters}
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-level children, with sequences of blocks (timm's `blocks`, `stages`, `layerN`) opened one level."""
+    rows = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+            rows.extend((f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children())
+        else:
+            rows.append((name, child))
+    return rows
+
+
+def _output_shapes(model: nn.Module, modules: list[tuple[str, nn.Module]],
+                   input_size: tuple[int, int]) -> dict[str, list[int]]:
+    """Each module's output shape for one image, from a forward pass on the meta device (no compute)."""
+    shapes: dict[str, list[int]] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, output) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, list(output.shape[1:]))
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in modules]
+    try:
+        with torch.no_grad():
+            model.to("meta")(torch.empty(1, 3, *input_size, device="meta"))
+    except Exception:  # noqa: BLE001 - a model whose forward the meta device cannot run keeps its shapes blank
+        shapes.clear()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def summarize_model(name: str, model: nn.Module, input_size: tuple[int, int] | None = None,
+                    head: nn.Module | None = None, notes: dict[str, str] | None = None) -> ModelSummary:
+    """Totals from the parameters' `requires_grad`; shapes need `input_size`. The model may be moved to meta."""
+    full = nn.ModuleDict({"backbone": model, "head": head}) if head is not None else model
+    blocks = _blocks(model) + ([("head", head)] if head is not None else [])
+    shapes = _output_shapes(nn.Sequential(model, head) if head is not None else model, blocks,
+                            input_size) if input_size else {}
+    rows = [LayerRow(block_name, type(module).__name__, shapes.get(block_name),
+                     sum(p.numel() for p in module.parameters()),
+                     sum(p.numel() for p in module.parameters() if p.requires_grad))
+            for block_name, module in blocks]
+    parameters = list(full.parameters())
+    return ModelSummary(name, sum(p.numel() for p in parameters),
+                        sum(p.numel() for p in parameters if p.requires_grad), count_layers(full),
+                        feature_size(model) if hasattr(model, "num_features") else None,
+                        list(input_size) if input_size else None, rows, notes or {})
+
+
+def summarize_backbone(name: str) -> ModelSummary:
+    """The architecture behind a backbone name (built on the meta device: no weights, no download), all trainable."""
+    if name.startswith("hf-hub:"):
+        raise BackboneError("summary takes a timm architecture name (or a run folder), not an hf-hub id.")
+    backbone = open_backbone(name, pretrained=False)
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone.architecture, pretrained=False)
+    return summarize_model(backbone.name, model, (backbone.train_size, backbone.train_size),
+                           notes={"architecture": backbone.architecture})
+
+
+def _frozen_backbone(classifier, size: int) -> ModelSummary:
+    """The summary of a pretrained backbone without its classifier, all frozen. It depends only on the weights and
+    size, so it is kept per machine: building the model needs timm (2.5 s to import), which a warm probe run and
+    its report otherwise never load."""
+    import hashlib
+
+    from transferkit.features import default_cache_dir
+    from transferkit.runs import write_atomically
+
+    backbone = classifier.backbone
+    key = hashlib.sha256(f"{backbone.architecture}|{backbone.weights_id}|{size}".encode()).hexdigest()[:24]
+    path = default_cache_dir() / "summaries" / f"{key}.json"
+    try:
+        values = json.loads(path.read_text())
+        return ModelSummary(**{**values, "rows": [LayerRow(**row) for row in values["rows"]]})
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    summary = summarize_model(backbone.name, backbone.trainable_copy().requires_grad_(False), (size, size))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(asdict(summary))))
+    except OSError:
+        pass  # an unwritable cache only costs the next report the same work again
+    return summary
+
+
+def summarize_run(run: str | Path) -> ModelSummary:
+    """A trained run: its backbone without the ImageNet classifier, plus its head, trainable as the run trained."""
+    from transferkit.classifier import Classifier
+    from transferkit.finetune import trainable_names
+
+    classifier = Classifier.load(run, engine="torch")
+    config = classifier.config
+    mode = config.get("mode", "probe")
+    evaluation_size = config["preprocessing"]["input_size"][0]
+    # A probe trains on features of the evaluation crops; the image modes train at the backbone's training size.
+    size = evaluation_size if mode == "probe" else config["backbone"].get("train_size") or evaluation_size
+    notes = {"mode": mode, "backbone": config["backbone"]["name"], "weights": config["backbone"]["weights_id"],
+             "head": config["head"]["kind"], "classes": str(len(classifier.classes))}
+    name = f"{config['backbone']['name']} + {config['head']['kind']} head"
+    head = classifier.head.requires_grad_(True)
+    if mode in ("probe", "head"):
+        frozen = _frozen_backbone(classifier, size)
+        head_parameters = sum(p.numel() for p in head.parameters())
+        head_row = LayerRow("head", type(head).__name__, [len(classifier.classes)], head_parameters, head_parameters)
+        return ModelSummary(name, frozen.total_parameters + head_parameters, head_parameters,
+                            frozen.layers + count_layers(head), frozen.feature_size, frozen.input_size,
+                            frozen.rows + [head_row], notes)
+    model = classifier.backbone.model
+    if mode == "finetune":
+        unfrozen = set(trainable_names(model, config["train"].get("unfreeze", "all")))
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter_name in unfrozen)
+    else:
+        model.requires_grad_(True)
+    return summarize_model(name, model, (size, size), head, notes)
+
+
+def summarize(target: str | Path) -> ModelSummary:
+    """`transferkit summary`: a run folder, or a backbone name."""
+    path = Path(target)
+    if path.is_dir():
+        return summarize_run(path)
+    if path.exists():
+        raise BackboneError(f"{target} is a file; pass a run folder or a backbone name such as efficientnet_lite0.")
+    return summarize_backbone(str(target))
+
+
+@dataclass
+class BackboneInfo:
+    """One row of `transferkit models`, computed from the model object built on the meta device."""
+
+    name: str
+    architecture: str
+    embedded: bool
+    parameters: int
+    layers: int
+    feature_size: int
+    input_size: int
+    test_input_size: int
+    weights_mb: float
+    imagenet_top1: float | None
+    top1_source: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_backbone(name: str) -> BackboneInfo:
+    import timm
+
+    embedded = EMBEDDED_BACKBONES.get(name)
+    architecture = embedded.architecture if embedded else name
+    if not timm.is_model(architecture):
+        raise BackboneError(f"'{name}' is not a timm architecture; `transferkit models 'PATTERN*'` lists them.")
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False)
+    parameters = sum(p.numel() for p in model.parameters())
+    cfg = model.pretrained_cfg
+    if embedded:
+        weights_mb = _embedded_file(embedded).stat().st_size / 1e6
+        train_size, test_size = embedded.train_size, embedded.preprocessing.input_size[0]
+    else:
+        weights_mb = parameters * 4 / 1e6
+        train_size = cfg.get("input_size", (3, 224, 224))[-1]
+        test_size = (cfg.get("test_input_size") or cfg.get("input_size", (3, 224, 224)))[-1]
+    top1 = KNOWN_TOP1.get(name)
+    return BackboneInfo(name, architecture, embedded is not None, parameters, count_layers(model),
+                        feature_size(model), train_size, test_size, round(weights_mb, 1), top1,
+                        TOP1_SOURCE if top1 is not None else None)
+
+
+def list_backbones(pattern: str | None = None, limit: int = 100) -> list[BackboneInfo]:
+    """The embedded backbones first, then popular timm models; with `pattern` (e.g. 'convnext*'), timm's
+    pretrained models matching it."""
+    if pattern:
+        import timm
+
+        names = [n for n in EMBEDDED_BACKBONES if fnmatch(n, pattern)]
+        names += sorted({n.split(".")[0] for n in timm.list_models(pattern, pretrained=True)} - set(names))
+        if not names:
+            raise BackboneError(f"no backbone matches {pattern!r}; try a wider pattern such as 'resnet*'.")
+    else:
+        names = [*EMBEDDED_BACKBONES, *POPULAR_BACKBONES]
+    return [describe_backbone(name) for name in names[:limit]]
+
