@@ -26,8 +26,8 @@ from PIL import Image
 
 from transferkit.backbone import open_backbone
 from transferkit.export import cosine_rows
-from transferkit.features import (Extractor, FeatureCache, cpu_has_fast_bf16, default_workers, extract_features,
-                                  iter_prepared, make_preparer)
+from transferkit.data import default_workers, iter_prepared, make_preparer
+from transferkit.features import Extractor, FeatureCache, cpu_has_fast_bf16, extract_features
 from transferkit.head import FitOptions, HeadSpec, fit_head
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
@@ -142,7 +142,7 @@ def main() -> None:
 
     backbone = open_backbone()
     model = backbone.model  # fp32, NCHW: what the naive loop runs
-    prepare = make_preparer(backbone)
+    prepare = make_preparer(backbone.preprocessing)
     splits = {name: image_folder_samples(args.data / name) for name in ("train", "val")}
     small = splits["train"] + splits["val"]
     small_paths = [p for p, _ in small]

@@ -24,7 +24,8 @@ from transferkit import features as features_module
 from transferkit.backbone import Preprocessing, open_backbone
 from transferkit.errors import BackboneError
 from transferkit.export import cosine_rows
-from transferkit.features import Extractor, FeatureCache, extract_features, make_preparer
+from transferkit.data import make_preparer
+from transferkit.features import Extractor, FeatureCache, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_pixels_follow_timm_in_other_crop_modes(crop_mode, input_size):
 
 def test_every_engine_agrees_with_the_fp32_reference(backbone, image_folder):
     paths = _paths(image_folder)[:8]
-    prepare = make_preparer(backbone)
+    prepare = make_preparer(backbone.preprocessing)
     pixels = np.stack([prepare(p).pixels for p in paths])
     reference = _reference_features(backbone, paths)
     for engine, precision, floor in [("torch", "fp32", 0.999), ("onnxruntime", "auto", 0.999),

@@ -1,19 +1,26 @@
 """transferkit: labelled photos -> pretrained backbone -> cached features -> trained head -> deployable classifier."""
 
+import importlib.util
+
 __version__ = "0.1.0"
 
-from transferkit.backbone import EMBEDDED_BACKBONES, Backbone, open_backbone  # noqa: E402
-from transferkit.classifier import Classifier, Prediction, predict_imagenet  # noqa: E402
-from transferkit.data import Dataset, load_dataset  # noqa: E402
 from transferkit.errors import BackboneError, DataError, RunError, TransferkitError  # noqa: E402
-from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
-from transferkit.report import report  # noqa: E402
-from transferkit.summary import ModelSummary, list_backbones, summarize  # noqa: E402
-from transferkit.train import TrainConfig, TrainResult, find_lr, resume, train  # noqa: E402
+from transferkit.runtime import ExportedClassifier, Prediction  # noqa: E402
 
-__all__ = [
-    "EMBEDDED_BACKBONES", "Backbone", "BackboneError", "Classifier", "DataError", "Dataset", "EvaluationReport",
-    "ModelSummary", "Prediction", "RunError", "TrainConfig", "TrainResult", "TransferkitError", "evaluate",
-    "find_lr", "list_backbones", "load_dataset", "open_backbone", "predict_imagenet", "report", "resume",
-    "summarize", "train",
-]
+__all__ = ["BackboneError", "DataError", "ExportedClassifier", "Prediction", "RunError", "TransferkitError"]
+
+# Without PyTorch (a production install that only runs exported models) the package offers the runtime alone.
+if importlib.util.find_spec("torch") is not None:
+    from transferkit.backbone import EMBEDDED_BACKBONES, Backbone, open_backbone  # noqa: E402
+    from transferkit.classifier import Classifier, predict_imagenet  # noqa: E402
+    from transferkit.data import Dataset, load_dataset  # noqa: E402
+    from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
+    from transferkit.report import report  # noqa: E402
+    from transferkit.summary import ModelSummary, list_backbones, summarize  # noqa: E402
+    from transferkit.train import TrainConfig, TrainResult, find_lr, resume, train  # noqa: E402
+
+    __all__ += [
+        "EMBEDDED_BACKBONES", "Backbone", "Classifier", "Dataset", "EvaluationReport", "ModelSummary", "TrainConfig",
+        "TrainResult", "evaluate", "find_lr", "list_backbones", "load_dataset", "open_backbone", "predict_imagenet",
+        "report", "resume", "summarize", "train",
+    ]

@@ -8,107 +8,21 @@ import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
-import math
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from transferkit.data import Preprocessing
 from transferkit.errors import BackboneError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-_PIL_RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-                   "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the backbone's input tensor (from timm's pretrained_cfg)."""
-
-    input_size: tuple[int, int]
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float
-    crop_mode: str = "center"
-
-    @classmethod
-    def from_timm(cls, model_or_cfg: nn.Module | dict, image_size: int | None = None) -> Preprocessing:
-        """timm's evaluation preprocessing at its test resolution (`test_input_size` when the model has one)."""
-        import timm
-
-        if isinstance(model_or_cfg, nn.Module):
-            cfg = timm.data.resolve_data_config({}, model=model_or_cfg, use_test_size=True)
-        else:
-            cfg = timm.data.resolve_data_config(pretrained_cfg=model_or_cfg, use_test_size=True)
-        size = (image_size, image_size) if image_size else tuple(cfg["input_size"][1:])
-        return cls(size, cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]),
-                   float(cfg["crop_pct"]), cfg.get("crop_mode", "center"))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Preprocessing:
-        return cls(tuple(values["input_size"]), values["interpolation"], tuple(values["mean"]), tuple(values["std"]),
-                   float(values["crop_pct"]), values.get("crop_mode", "center"))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def resize_size(self) -> int:
-        """Short side before the centre crop."""
-        return math.floor(max(self.input_size) / self.crop_pct)
-
-    def transform(self, normalize: bool = True) -> Callable:
-        """timm's evaluation transform: PIL RGB image -> normalised CHW float tensor (uint8 if not `normalize`)."""
-        import timm.data
-
-        return timm.data.create_transform(input_size=(3, *self.input_size), is_training=False,
-                                          interpolation=self.interpolation, mean=self.mean, std=self.std,
-                                          crop_pct=self.crop_pct, crop_mode=self.crop_mode,
-                                          use_prefetcher=not normalize)
-
-    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float] | None:
-        """The region of a width x height image that timm's resize + centre crop maps onto the input.
-
-        None for the modes this does not model (non-square centre crops, 'border'); `pixels` then runs timm's own
-        transform.
-        """
-        out_h, out_w = self.input_size
-        scale_h, scale_w = (math.floor(side / self.crop_pct) for side in self.input_size)
-        if self.crop_mode == "squash":
-            new_w, new_h = scale_w, scale_h
-        elif self.crop_mode == "center" and out_h == out_w:
-            # torchvision Resize(int): the short side becomes scale_h, the long side is truncated, not rounded.
-            new_w, new_h = (scale_h, int(scale_h * height / width)) if width <= height else \
-                (int(scale_h * width / height), scale_h)
-        else:
-            return None
-        left, top = int(round((new_w - out_w) / 2.0)), int(round((new_h - out_h) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
-
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """PIL RGB image -> uint8 HWC input crop; normalisation happens batched in the engine.
-
-        Resizing only the cropped region (PIL's `box`) gives timm's result to within a grey level or so at about
-        half the cost of resizing the whole picture and cropping afterwards.
-        """
-        box = self.crop_box(*image.size)
-        if box is None:
-            return self.transform(normalize=False)(image).permute(1, 2, 0).numpy()
-        height, width = self.input_size
-        return np.array(image.resize((width, height), _PIL_RESAMPLING[self.interpolation], box=box))
-
-
 @dataclass(frozen=True)
 class EmbeddedWeights:
     """ImageNet weights shipped by a PyPI package, in EfficientNet-PyTorch key order.

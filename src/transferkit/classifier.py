@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import safetensors.torch
@@ -15,60 +14,10 @@ from torch import nn
 from transferkit.backbone import DEFAULT_BACKBONE, Backbone, Preprocessing, backbone_from_state, open_backbone
 from transferkit.data import Skipped
 from transferkit.errors import BackboneError, RunError
-from transferkit.features import Extractor, default_workers, extract_features, iter_prepared, make_preparer, open_cache
+from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.head import HeadSpec
 from transferkit.runs import read_run_config
-
-ImageInput = str | Path | Image.Image
-
-
-@dataclass
-class Prediction:
-    """Top-k answer for one input; `error` says why an input could not be read (then the lists are empty)."""
-
-    source: str
-    labels: list[str]
-    ids: list[int]
-    probabilities: list[float]
-    error: str | None = None
-
-    @property
-    def label(self) -> str | None:
-        return self.labels[0] if self.labels else None
-
-    @property
-    def probability(self) -> float | None:
-        return self.probabilities[0] if self.probabilities else None
-
-    def ranked(self) -> list[tuple[int, str, int, float]]:
-        """(rank from 1, label, class id, probability) for each of the top-k answers."""
-        return [(rank, *answer) for rank, answer in enumerate(zip(self.labels, self.ids, self.probabilities), 1)]
-
-
-def _source_name(item: ImageInput, position: int) -> str:
-    return f"<image {position}>" if isinstance(item, Image.Image) else str(item)
-
-
-def top_k_predictions(extractor: Extractor, inputs: Sequence[ImageInput],
-                      to_probabilities: Callable[[np.ndarray], np.ndarray], labels: Sequence[str], top_k: int,
-                      batch_size: int = 32, workers: int | None = None) -> list[Prediction]:
-    """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise."""
-    results: list[Prediction | None] = [None] * len(inputs)
-    prepare = make_preparer(extractor.backbone)
-    for batch in iter_prepared(inputs, prepare, batch_size, workers or default_workers()):
-        good = [(i, p) for i, p in batch if p.pixels is not None]
-        for i, p in batch:
-            if p.pixels is None:
-                results[i] = Prediction(_source_name(inputs[i], i), [], [], [], p.error)
-        if not good:
-            continue
-        probabilities = to_probabilities(np.stack([p.pixels for _, p in good]))
-        for (i, _), row in zip(good, probabilities):
-            order = np.argsort(-row, kind="stable")[:top_k]
-            results[i] = Prediction(_source_name(inputs[i], i), [labels[j] for j in order], order.tolist(),
-                                    row[order].astype(float).tolist())
-    return results
-
+from transferkit.runtime import ImageInput, Prediction, top_k_predictions
 
 class Classifier:
     """Backbone + trained head. `Classifier.load(run).predict(paths_or_images)` is the whole inference API."""
@@ -124,7 +73,7 @@ class Classifier:
         def to_probabilities(pixels: np.ndarray) -> np.ndarray:
             return self.probabilities_from_features(self.extractor.features(pixels))
 
-        return top_k_predictions(self.extractor, list(inputs), to_probabilities, self.classes,
+        return top_k_predictions(self.backbone.preprocessing, list(inputs), to_probabilities, self.classes,
                                  min(top_k, len(self.classes)), batch_size, workers)
 
 
@@ -144,4 +93,5 @@ def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKB
     def to_probabilities(pixels: np.ndarray) -> np.ndarray:
         return torch.softmax(torch.from_numpy(extractor.logits(pixels)), dim=1).numpy()
 
-    return top_k_predictions(extractor, list(inputs), to_probabilities, names, top_k, batch_size)
+    return top_k_predictions(extractor.backbone.preprocessing, list(inputs), to_probabilities, names, top_k,
+                             batch_size)

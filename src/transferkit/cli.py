@@ -247,11 +247,7 @@ def evaluate(
 
 def _print_predictions(predictions, fmt: str) -> None:
     if fmt == "json":
-        out.print_json(json.dumps([
-            {"input": p.source, "error": p.error,
-             "predictions": [{"rank": r, "label": label, "id": i, "probability": prob}
-                             for r, label, i, prob in p.ranked()]}
-            for p in predictions]))
+        out.print_json(json.dumps([p.to_dict() for p in predictions]))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["input", "rank", "label", "id", "probability", "error"])
@@ -275,7 +271,8 @@ def _print_predictions(predictions, fmt: str) -> None:
 @app.command()
 @_friendly_errors
 def predict(
-    inputs: list[str] = typer.Argument(..., help="RUN then images, folders or CSVs; with --imagenet only images."),
+    inputs: list[str] = typer.Argument(..., help="RUN (or an export folder) then images, folders or CSVs; with "
+                                                 "--imagenet only images."),
     imagenet: bool = typer.Option(False, "--imagenet", help="Top ImageNet classes from the backbone's own head."),
     backbone: str = typer.Option("efficientnet_lite0", help="Backbone for --imagenet."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights file for --imagenet."),
@@ -286,9 +283,9 @@ def predict(
     device: str = DEVICE_OPTION,
 ) -> None:
     """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images."""
-    from transferkit.classifier import Classifier, predict_imagenet
     from transferkit.data import list_images
     from transferkit.errors import DataError
+    from transferkit.runtime import ExportedClassifier, is_export
 
     _setup_logging()
     if fmt not in ("table", "json", "csv"):
@@ -300,9 +297,15 @@ def predict(
     if not paths:
         raise DataError(f"no image files found in {', '.join(sources)}.")
     if imagenet:
+        from transferkit.classifier import predict_imagenet
+
         predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size,
                                        device=device)
+    elif is_export(inputs[0]):  # ONNX Runtime, Pillow and numpy only: no PyTorch needed
+        predictions = ExportedClassifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size)
     else:
+        from transferkit.classifier import Classifier
+
         classifier = Classifier.load(inputs[0], engine=engine, device=device)
         predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size)
     _print_predictions(predictions, fmt)
@@ -311,6 +314,60 @@ def predict(
         logging.getLogger("transferkit").warning("%d of %d inputs could not be read", failed, len(predictions))
     if failed == len(predictions):
         raise typer.Exit(1)
+
+
+@app.command("export")
+@_friendly_errors
+def export_command(
+    run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    quantize: Optional[str] = typer.Option(None, help="int8: static quantisation (ONNX), calibrated on the run's "
+                                                      "training images."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder [default: RUN/export-FORMAT[-int8]]."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The whole classifier (pixels in, probabilities out, any batch size) with labels.txt and preprocessing.json,
+    checked against PyTorch before it is written."""
+    from transferkit.export import export_run
+
+    _setup_logging()
+    result = export_run(run, fmt, quantize, out_dir, overwrite)
+    if as_json:
+        out.print_json(json.dumps(result.summary()))
+        return
+    parity = result.parity
+    out.print(f"Exported {result.format} to [bold]{result.folder}[/] ({result.model}).")
+    out.print(f"Parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.3f}, "
+              f"max probability difference {parity['max_abs_probability_difference']:.2e}.")
+    q = result.quantization
+    if q:
+        change = "n/a" if q["accuracy_change"] is None else f"{100 * q['accuracy_change']:+.2f} points"
+        out.print(f"int8: validation accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} ({change} on "
+                  f"{q['validation_images']} images); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
+                  f"{q['size_ratio']:.2f}x the fp32 model.")
+    if result.format == "onnx":
+        out.print(f"Predict without PyTorch: transferkit predict {result.folder} IMAGES...")
+
+
+@app.command("serve")
+@_friendly_errors
+def serve_command(
+    model: Path = typer.Argument(..., help="An export folder (served by ONNX Runtime, no PyTorch) or a run folder."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    max_batch: int = typer.Option(16, min=1, help="Micro-batching: most images per model call (1 = off)."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="Micro-batching: longest wait for more requests."),
+    max_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body accepted (413 above)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Decoding and ONNX Runtime threads [default: cores]."),
+) -> None:
+    """Serve a classifier over HTTP: POST /v1/predict, /v1/predict/batch; GET /v1/model, /healthz, /docs and a
+    page at / where a person drops a photo."""
+    from transferkit.serve import ServeConfig, serve
+
+    _setup_logging()
+    serve(model, host, port, ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
+                                         threads=threads))
 
 
 @app.command()

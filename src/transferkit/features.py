@@ -16,32 +16,24 @@ import sys
 import time
 import uuid
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from transferkit.backbone import Backbone, PixelFeatures
-from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Skipped, decode_image, read_file
+from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, JPEG_DRAFT_MARGIN, Skipped, default_workers,
+                              iter_prepared, make_preparer)
 from transferkit.errors import BackboneError
 from transferkit.export import (ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider,
                                recorded_failure)
 
 CACHE_FORMAT = 2
-# JPEGs are decoded at a DCT scale (1/2, 1/4, 1/8) that stays at least this many times the resize size, so the
-# antialiased resize after it still does the real downsampling. At 1x the worst hymenoptera image's features fell to
-# cosine 0.995 of a full decode (4000x3000 photos: 0.9949); at 2x they stay above 0.999, and decoding a 12 MP JPEG
-# still costs only a third of a full decode.
-JPEG_DRAFT_MARGIN = 2
 _SQL_CHUNK = 500
 
 
@@ -52,11 +44,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "transferkit"
 
 
-def content_digest(data: bytes) -> str:
-    """128 bits of SHA-256: with the SHA instructions of current CPUs it hashes ~1.7 GB/s here, blake2b ~0.9."""
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
     try:
@@ -64,11 +51,6 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def default_workers() -> int:
-    """Decoding threads: one per core (PIL releases the GIL while it decodes and resizes)."""
-    return max(1, min(32, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------- extractor
@@ -179,58 +161,6 @@ class Extractor:
 
     def describe(self) -> dict:
         return {"engine": self.engine, "precision": self.precision, "device": str(self.device)}
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One input made ready for the backbone (uint8 HWC pixels), or the reason it cannot be."""
-
-    pixels: np.ndarray | None
-    digest: str | None
-    error: str | None = None
-    file_stat: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) taken before the bytes were read
-
-
-def make_preparer(backbone: Backbone, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Callable[[object], Prepared]:
-    """Path or PIL image -> input pixels (and content digest); never raises for a bad image."""
-    preprocessing = backbone.preprocessing
-    draft = (JPEG_DRAFT_MARGIN * preprocessing.resize_size,) * 2
-
-    def prepare(item: object) -> Prepared:
-        try:
-            if isinstance(item, Image.Image):
-                return Prepared(preprocessing.pixels(item.convert("RGB")), None)
-            try:
-                st = os.stat(item)
-            except OSError:
-                st = None  # read_file says why
-            data = read_file(Path(item))
-            return Prepared(preprocessing.pixels(decode_image(data, max_pixels, draft)), content_digest(data), None,
-                            (st.st_size, st.st_mtime_ns, st.st_ino) if st else None)
-        except ImageDecodeError as err:
-            return Prepared(None, None, str(err))
-
-    return prepare
-
-
-def iter_prepared(items: Sequence, prepare: Callable[[object], Prepared], batch_size: int, workers: int,
-                  prefetch: int = 2) -> Iterator[list[tuple[int, Prepared]]]:
-    """Batches of (index, prepared) decoded by a thread pool a few batches ahead of the consumer."""
-    numbered = iter(enumerate(items))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-decode") as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            chunk = list(islice(numbered, batch_size))
-            if chunk:
-                pending.append([(i, pool.submit(prepare, item)) for i, item in chunk])
-
-        for _ in range(prefetch + 1):
-            submit_next()
-        while pending:
-            batch = pending.popleft()
-            submit_next()
-            yield [(i, future.result()) for i, future in batch]
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -425,7 +355,7 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=(not todo) if progress is None else not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
-        prepare = make_preparer(extractor.backbone, max_pixels) if todo else None
+        prepare = make_preparer(extractor.backbone.preprocessing, max_pixels) if todo else None
         for batch in iter_prepared([paths[i] for i in todo], prepare, batch_size, workers):
             good = [(todo[j], p) for j, p in batch if p.pixels is not None]
             skipped += [Skipped(str(paths[todo[j]]), p.error) for j, p in batch if p.pixels is None]

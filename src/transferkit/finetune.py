@@ -27,7 +27,8 @@ from transferkit.augment import train_transform
 from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
-from transferkit.features import cpu_has_fast_bf16, default_workers, iter_prepared, make_preparer
+from transferkit.data import default_workers, iter_prepared, make_preparer
+from transferkit.features import cpu_has_fast_bf16
 from transferkit.optim import make_optimizer, make_scheduler
 
 if TYPE_CHECKING:
@@ -282,7 +283,7 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
     """Class probabilities at the evaluation preprocessing: (probabilities of the readable images, their indices)."""
     net.eval()
     probabilities, kept = [], []
-    prepare = make_preparer(backbone, max_pixels)
+    prepare = make_preparer(backbone.preprocessing, max_pixels)
     with torch.inference_mode(), autocast(device, precision):
         for batch in iter_prepared(paths, prepare, batch_size, workers or default_workers()):
             good = [(i, p.pixels) for i, p in batch if p.pixels is not None]

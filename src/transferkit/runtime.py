@@ -1,0 +1,140 @@
+"""Inference without PyTorch: an exported classifier run by ONNX Runtime, with Pillow and numpy.
+
+A production image only needs ``pip install --no-deps transferkit`` plus onnxruntime, Pillow, numpy (and typer/rich
+for the CLI, fastapi/uvicorn for the server): nothing here imports torch. `Prediction` and the batched top-k loop
+live here so that the PyTorch `Classifier` shares them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
+from transferkit.errors import RunError
+
+ImageInput = str | Path | Image.Image
+EXPORT_MANIFEST = "export.json"
+EXPORT_FILES = ("labels.txt", "preprocessing.json", EXPORT_MANIFEST)
+
+
+@dataclass
+class Prediction:
+    """Top-k answer for one input; `error` says why an input could not be read (then the lists are empty)."""
+
+    source: str
+    labels: list[str]
+    ids: list[int]
+    probabilities: list[float]
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0] if self.labels else None
+
+    @property
+    def probability(self) -> float | None:
+        return self.probabilities[0] if self.probabilities else None
+
+    def ranked(self) -> list[tuple[int, str, int, float]]:
+        """(rank from 1, label, class id, probability) for each of the top-k answers."""
+        return [(rank, *answer) for rank, answer in enumerate(zip(self.labels, self.ids, self.probabilities), 1)]
+
+    def to_dict(self) -> dict:
+        return {"input": self.source, "error": self.error,
+                "predictions": [{"rank": rank, "label": label, "id": i, "probability": probability}
+                                for rank, label, i, probability in self.ranked()]}
+
+
+def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[str], top_k: int) -> Prediction:
+    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    return Prediction(source, [labels[j] for j in order], order.tolist(), probabilities[order].astype(float).tolist())
+
+
+def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput],
+                      to_probabilities: Callable[[np.ndarray], np.ndarray], labels: Sequence[str], top_k: int,
+                      batch_size: int = 32, workers: int | None = None) -> list[Prediction]:
+    """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise."""
+    results: list[Prediction | None] = [None] * len(inputs)
+    for batch in iter_prepared(inputs, make_preparer(preprocessing), batch_size, workers or default_workers()):
+        good = [(i, p) for i, p in batch if p.pixels is not None]
+        for i, p in batch:
+            if p.pixels is None:
+                results[i] = Prediction(_source_name(inputs[i], i), [], [], [], p.error)
+        if good:
+            probabilities = to_probabilities(np.stack([p.pixels for _, p in good]))
+            for (i, _), row in zip(good, probabilities):
+                results[i] = ranked_prediction(_source_name(inputs[i], i), row, labels, top_k)
+    return results
+
+
+def _source_name(item: ImageInput, position: int) -> str:
+    return f"<image {position}>" if isinstance(item, Image.Image) else str(item)
+
+
+@functools.lru_cache(maxsize=8)
+def onnx_session(path: str, provider: str = "CPUExecutionProvider", threads: int | None = None):
+    """An ONNX Runtime session, cached per (file, provider, threads) in a process."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RunError("running an exported model needs ONNX Runtime: pip install onnxruntime") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.log_severity_level = 3
+    # Spinning idle pool threads would take CPU from the decoding threads that feed the next batch.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(path, options, providers=[provider])
+
+
+def is_export(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / EXPORT_MANIFEST).is_file() and (folder / "preprocessing.json").is_file()
+
+
+class ExportedClassifier:
+    """A classifier written by `transferkit export --format onnx`: uint8 NHWC pixels in, class probabilities out."""
+
+    def __init__(self, folder: str | Path, model_file: str | None = None, threads: int | None = None):
+        folder = Path(folder)
+        missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+        if missing:
+            raise RunError(f"{folder} is not a transferkit export (missing {', '.join(missing)}); make one with "
+                           f"`transferkit export RUN --format onnx`.")
+        self.folder = folder
+        self.manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        if self.manifest.get("format") != "onnx":
+            raise RunError(f"{folder} holds a {self.manifest.get('format')} export; the light runtime runs ONNX "
+                           f"exports (`transferkit export RUN --format onnx`).")
+        self.classes = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
+        self.preprocessing = Preprocessing.from_dict(json.loads((folder / "preprocessing.json").read_text()))
+        self.model_path = folder / (model_file or self.manifest["model"])
+        self.session = onnx_session(str(self.model_path), threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @classmethod
+    def load(cls, folder: str | Path, **options) -> ExportedClassifier:
+        return cls(folder, **options)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) pixels, as `Preprocessing.pixels` makes them -> float32 (N, classes)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+
+    def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
+                workers: int | None = None) -> list[Prediction]:
+        if isinstance(inputs, (str, Path, Image.Image)):
+            inputs = [inputs]
+        return top_k_predictions(self.preprocessing, list(inputs), self.probabilities, self.classes,
+                                 min(top_k, len(self.classes)), batch_size, workers)
+
+    def describe(self) -> dict:
+        return {"labels": self.classes, "backbone": self.manifest.get("backbone"),
+                "metrics": self.manifest.get("metrics"), "format": "onnx", "model": self.model_path.name,
+                "preprocessing": self.preprocessing.to_dict()}

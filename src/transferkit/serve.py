@@ -1,0 +1,275 @@
+"""`transferkit serve`: a classifier behind HTTP (FastAPI + uvicorn), with concurrent requests micro-batched.
+
+An export folder is served by ONNX Runtime alone (no PyTorch import); a run folder loads the PyTorch classifier.
+Decoding runs in a thread pool; inference runs in one worker thread that takes up to `max_batch` images from all
+waiting requests at once, waiting at most `max_wait_ms` for more to arrive.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request, Query), which are
+# imported inside create_app so that this module imports without fastapi installed.
+import asyncio
+import html
+import importlib.util
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
+from transferkit.runtime import ExportedClassifier, is_export, ranked_prediction
+
+DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
+PAGE = Path(__file__).with_name("templates") / "serve.html"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_bytes: int = 20_000_000
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_files: int = 64
+    request_timeout_s: float = 60.0
+    threads: int | None = None
+
+
+@dataclass
+class ServedModel:
+    """What the server needs of a classifier: its labels, preprocessing and a pixels -> probabilities function."""
+
+    name: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    info: dict
+
+
+def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
+    """An export folder (ONNX Runtime, no PyTorch) or a run folder (PyTorch)."""
+    path = Path(path)
+    if is_export(path):
+        exported = ExportedClassifier(path, threads=threads)
+        return ServedModel(path.name, exported.classes, exported.preprocessing, exported.probabilities,
+                           exported.describe())
+    from transferkit.classifier import Classifier
+
+    classifier = Classifier.load(path)
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+
+    def probabilities(pixels: np.ndarray) -> np.ndarray:
+        return classifier.probabilities_from_features(classifier.extractor.features(pixels))
+
+    info = {"labels": classifier.classes, "backbone": classifier.config["backbone"]["name"],
+            "metrics": {split: values.get("accuracy") for split, values in metrics.items()}, "format": "run",
+            "preprocessing": classifier.backbone.preprocessing.to_dict()}
+    return ServedModel(path.name, classifier.classes, classifier.backbone.preprocessing, probabilities, info)
+
+
+class MicroBatcher:
+    """Runs `model` on the images of all requests waiting together, up to `max_batch` at a time."""
+
+    def __init__(self, model: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float):
+        self.model, self.max_batch, self.max_wait_s = model, max(1, max_batch), max(0.0, max_wait_s)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-infer")
+        self.task: asyncio.Task | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+
+    async def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((pixels, future))
+        return await future
+
+    async def _next_batch(self) -> list:
+        items = [await self.queue.get()]
+        count, deadline = len(items[0][0]), time.monotonic() + self.max_wait_s
+        while count < self.max_batch:
+            try:
+                item = self.queue.get_nowait() if self.max_wait_s == 0 else await asyncio.wait_for(
+                    self.queue.get(), max(0.0, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+            items.append(item)
+            count += len(item[0])
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._next_batch()
+            live = [(pixels, future) for pixels, future in items if not future.cancelled()]
+            if not live:
+                continue
+            try:
+                probabilities = await loop.run_in_executor(self.executor, self.model,
+                                                           np.concatenate([pixels for pixels, _ in live]))
+                self.batches += 1
+            except Exception as err:  # noqa: BLE001 - one failed batch answers its requests, the server goes on
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            start = 0
+            for pixels, future in live:
+                if not future.done():
+                    future.set_result(probabilities[start:start + len(pixels)])
+                start += len(pixels)
+
+
+def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
+    """The FastAPI application: /v1/predict, /v1/predict/batch, /v1/model, /healthz, / (a page), /docs."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    decoder = ThreadPoolExecutor(max_workers=config.threads or default_workers(),
+                                 thread_name_prefix="transferkit-decode")
+    batcher = MicroBatcher(model.probabilities, config.max_batch, config.max_wait_ms / 1000)
+    draft = (2 * model.preprocessing.resize_size,) * 2
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        decoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="transferkit classifier", version="1", lifespan=lifespan,
+                  description=f"Image classifier {model.name}: {len(model.classes)} classes.")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_bytes:
+            raise HTTPException(413, f"the body is {int(declared):,} bytes; the limit is {config.max_bytes:,} "
+                                     f"(--max-bytes).")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_bytes:
+                raise HTTPException(413, f"the body is over the {config.max_bytes:,}-byte limit (--max-bytes).")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def uploads(request: Request) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each uploaded file: multipart fields, or the raw body as one image."""
+        body = await read_body(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return [("body", body)]
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, stream(), max_files=config.max_files,
+                                         max_part_size=config.max_bytes).parse()
+        except MultiPartException as err:
+            raise HTTPException(400, f"malformed multipart body: {err.message}") from None
+        files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
+                 if isinstance(value, UploadFile)]
+        if not files:
+            raise HTTPException(400, "the multipart body has no file; send the image in a 'file' field.")
+        return files
+
+    def prepare(data: bytes) -> np.ndarray:
+        return model.preprocessing.pixels(decode_image(data, config.max_pixels, draft))
+
+    async def decode(data: bytes) -> np.ndarray:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(decoder, prepare, data)
+        except ImageDecodeError as err:
+            raise HTTPException(DECODE_STATUS.get(err.kind, 400), f"cannot use this image: {err}") from None
+
+    async def classify(pixels: np.ndarray) -> np.ndarray:
+        try:
+            return await asyncio.wait_for(batcher(pixels), config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, "the model did not answer in time; retry later.") from None
+
+    def answer(name: str, probabilities: np.ndarray, top_k: int) -> dict:
+        prediction = ranked_prediction(name, probabilities, model.classes, min(top_k, len(model.classes)))
+        return {"predictions": [{"rank": rank, "label": label, "id": i, "probability": p}
+                                for rank, label, i, p in prediction.ranked()]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def describe() -> dict:
+        return {**model.info, "name": model.name, "config": asdict(config)}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
+        """One image, as a multipart 'file' field or as the raw body: the top-k classes."""
+        started = time.perf_counter()
+        name, data = (await uploads(request))[0]
+        pixels = await decode(data)
+        decoded = time.perf_counter()
+        probabilities = await classify(pixels[None])
+        done = time.perf_counter()
+        return {"input": name, **answer(name, probabilities[0], top_k),
+                "timing_ms": {"decode": round(1000 * (decoded - started), 2),
+                              "inference": round(1000 * (done - decoded), 2),
+                              "total": round(1000 * (done - started), 2)}}
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
+        """Several images as multipart files: one result each, with an error (and its status) for bad ones."""
+        started = time.perf_counter()
+        files = await uploads(request)
+        results: list[dict | None] = [None] * len(files)
+        good, pixels = [], []
+        for position, (name, data) in enumerate(files):
+            try:
+                pixels.append(await decode(data))
+                good.append(position)
+            except HTTPException as err:
+                results[position] = {"input": name, "error": err.detail, "status": err.status_code}
+        if good:
+            probabilities = await classify(np.stack(pixels))
+            for position, row in zip(good, probabilities):
+                results[position] = {"input": files[position][0], **answer(files[position][0], row, top_k)}
+        return {"results": results, "timing_ms": {"total": round(1000 * (time.perf_counter() - started), 2)}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text(encoding="utf-8").replace("{{ model }}", html.escape(model.name))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
+
+    return app
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(),
+          log_level: str = "info") -> None:
+    """Load RUN or EXPORT and serve it until interrupted (SIGINT/SIGTERM shut down gracefully)."""
+    missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        from transferkit.errors import DataError
+
+        raise DataError("serving needs fastapi, uvicorn and python-multipart: pip install 'transferkit[serve]' "
+                        "(or pip install fastapi uvicorn python-multipart).")
+    import uvicorn
+
+    app = create_app(load_model(path, config.threads), config)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                timeout_graceful_shutdown=10)
