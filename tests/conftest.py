@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CHROMIUM = Path("/usr/bin/chromium")
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 
 # Each class is a shape in a colour on a noisy background: easy for ImageNet features, made of real pixels.
@@ -75,3 +77,27 @@ def hymenoptera() -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real-data test: {HYMENOPTERA} is absent (it ships beside the repository in CI)")
     return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright. CI installs Debian's chromium and sets TRANSFERKIT_REQUIRE_BROWSER,
+    so there the test fails rather than skips when the browser is missing."""
+    required = os.environ.get("TRANSFERKIT_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("browser test: playwright is not installed (pip install -e '.[dev]')")
+    if not CHROMIUM.exists():
+        if required:
+            pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+        pytest.skip(f"browser test: {CHROMIUM} is absent (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,31 +23,6 @@ from transferkit.summary import list_backbones, summarize
 from conftest import make_image_folder
 
 FAST = dict(image_size=96, workers=2)
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium driven by Playwright. CI installs Debian's chromium and sets TRANSFERKIT_REQUIRE_BROWSER,
-    so there the test fails rather than skips when the browser is missing."""
-    required = os.environ.get("TRANSFERKIT_REQUIRE_BROWSER") == "1"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if required:
-            raise
-        pytest.skip("browser test: playwright is not installed (pip install -e '.[dev]')")
-    if not CHROMIUM.exists():
-        if required:
-            pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-        pytest.skip(f"browser test: {CHROMIUM} is absent (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        yield browser
-        browser.close()
 
 
 def _open(browser, page_path: Path) -> dict:

@@ -78,7 +78,7 @@ class MicroBatcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-infer")
         self.task: asyncio.Task | None = None
-        self.batches = 0
+        self.batches = self.images = 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -118,6 +118,7 @@ class MicroBatcher:
                 probabilities = await loop.run_in_executor(self.executor, self.model,
                                                            np.concatenate([pixels for pixels, _ in live]))
                 self.batches += 1
+                self.images += sum(len(pixels) for pixels, _ in live)
             except Exception as err:  # noqa: BLE001 - one failed batch answers its requests, the server goes on
                 for _, future in live:
                     if not future.done():
@@ -213,7 +214,8 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
 
     @app.get("/v1/model")
     async def describe() -> dict:
-        return {**model.info, "name": model.name, "config": asdict(config)}
+        return {**model.info, "name": model.name, "config": asdict(config),
+                "served": {"images": batcher.images, "model_calls": batcher.batches}}
 
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:

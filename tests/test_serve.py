@@ -1,0 +1,226 @@
+"""Export (ONNX, TorchScript, int8), the PyTorch-free runtime, and the HTTP server with its page."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transferkit
+from transferkit import Classifier, DataError, ExportedClassifier
+from transferkit.export import export_run
+
+from conftest import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A probe run on the synthetic shapes, and its ONNX export."""
+    root = tmp_path_factory.mktemp("serve")
+    data = make_image_folder(root / "data" / "train", per_class=10, seed=1).parent
+    make_image_folder(data / "val", per_class=4, seed=2)
+    result = transferkit.train(data, out=root / "run", cache_dir=str(root / "cache"), progress=False,
+                               report=False, image_size=96, workers=2)
+    return result.run_dir, export_run(result.run_dir).folder
+
+
+def _images(run: Path) -> list[Path]:
+    return sorted((run.parent / "data" / "val").rglob("*.jpg"))
+
+
+def test_onnx_export_matches_pytorch_at_any_batch_size(trained):
+    run, folder = trained
+    assert {p.name for p in folder.iterdir()} == {"model.onnx", "labels.txt", "preprocessing.json", "export.json"}
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["parity"]["top1_agreement"] == 1.0
+    assert manifest["parity"]["max_abs_probability_difference"] <= 1e-4
+    assert manifest["inputs"]["pixels"] == ["batch", 96, 96, 3]
+    preprocessing = json.loads((folder / "preprocessing.json").read_text())
+    assert preprocessing["input_size"] == [96, 96] and preprocessing["mean"] == [0.5, 0.5, 0.5]
+    images = _images(run)
+    exported = ExportedClassifier(folder)
+    reference = Classifier.load(run, engine="torch").predict(images, top_k=3)
+    for batch_size in (1, 5, 32):
+        answers = exported.predict(images, top_k=3, batch_size=batch_size)
+        assert [a.labels for a in answers] == [r.labels for r in reference]
+        assert np.abs(np.array([a.probabilities for a in answers]) -
+                      np.array([r.probabilities for r in reference])).max() <= 1e-4
+    probabilities = exported.probabilities(np.zeros((3, 96, 96, 3), np.uint8))
+    assert probabilities.shape == (3, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_torchscript_and_int8_exports(trained, tmp_path):
+    run, _ = trained
+    scripted = export_run(run, "torchscript", out=tmp_path / "ts")
+    assert scripted.parity["max_abs_probability_difference"] <= 1e-4
+    model = torch.jit.load(str(tmp_path / "ts" / "model.pt"))
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8))
+    assert torch.allclose(model(pixels).sum(1), torch.ones(2), atol=1e-5)
+
+    quantized = export_run(run, quantize="int8", out=tmp_path / "int8")
+    q = quantized.quantization
+    assert quantized.model == "model.int8.onnx" and (tmp_path / "int8" / "model.int8.onnx").is_file()
+    assert q["size_ratio"] < 0.5 and q["validation_images"] == 12 and q["calibration_images"] > 0
+    assert q["accuracy_change"] == pytest.approx(q["accuracy_int8"] - q["accuracy_fp32"])
+    answers = ExportedClassifier(tmp_path / "int8").predict(_images(run), top_k=1)
+    accuracy = np.mean([a.label == Path(a.source).parent.name for a in answers])
+    assert accuracy == pytest.approx(q["accuracy_int8"])
+
+    with pytest.raises(DataError, match="needs --format onnx"):
+        export_run(run, "torchscript", quantize="int8", out=tmp_path / "bad")
+    done = subprocess.run([sys.executable, "-m", "transferkit", "export", str(run), "--format", "tflite"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "onnx, torchscript" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    _, folder = trained
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", str(folder), "--port", str(port),
+                                "--max-bytes", "300000", "--max-wait-ms", "30"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not start: {process.stderr.read()[-2000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status reports it.
+    assert "Finished server process" in process.stderr.read()
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_server_endpoints_and_bad_input(server, trained):
+    run, folder = trained
+    images = _images(run)
+    expected = ExportedClassifier(folder).predict(images[:2], top_k=2)
+    files = {"file": (images[0].name, images[0].read_bytes(), "image/jpeg")}
+    answer = httpx.post(f"{server}/v1/predict", params={"top_k": 2}, files=files).json()
+    assert [p["label"] for p in answer["predictions"]] == expected[0].labels
+    assert answer["predictions"][0]["probability"] == pytest.approx(expected[0].probability, abs=1e-5)
+    assert set(answer["timing_ms"]) == {"decode", "inference", "total"}
+    raw = httpx.post(f"{server}/v1/predict", content=images[1].read_bytes()).json()
+    assert raw["predictions"][0]["label"] == expected[1].label and len(raw["predictions"]) == 3
+
+    batch = httpx.post(f"{server}/v1/predict/batch", files=[
+        ("files", (images[0].name, images[0].read_bytes(), "image/jpeg")),
+        ("files", ("notes.txt", b"not a picture", "text/plain")),
+        ("files", (images[1].name, images[1].read_bytes(), "image/jpeg"))]).json()["results"]
+    assert [r.get("status") for r in batch] == [None, 415, None]
+    assert batch[2]["predictions"][0]["label"] == expected[1].label
+
+    info = httpx.get(f"{server}/v1/model").json()
+    assert info["labels"] == ["circles", "squares", "stripes"] and info["backbone"] == "efficientnet_lite0"
+    assert httpx.get(f"{server}/docs").status_code == 200
+    assert httpx.get(f"{server}/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/v1/predict/batch"}
+
+    bomb = io.BytesIO()
+    Image.new("L", (12_000, 9_000)).save(bomb, format="PNG")  # 108 MP in ~100 kB
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    cases = {
+        "not an image": (b"GIF89a? no, just text", 415),
+        "empty body": (b"", 400),
+        "over --max-bytes": (_jpeg(noisy, 100) * 2, 413),
+        "decompression bomb": (bomb.getvalue(), 400),
+        "truncated JPEG": (images[0].read_bytes()[:600], 400),
+    }
+    for name, (body, status) in cases.items():
+        response = httpx.post(f"{server}/v1/predict", content=body)
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["detail"], name
+    assert httpx.post(f"{server}/v1/predict", params={"top_k": 0}, files=files).status_code == 422
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}  # still serving after all of that
+    assert httpx.post(f"{server}/v1/predict", files=files).status_code == 200
+
+
+def test_concurrent_requests_are_micro_batched(server, trained):
+    run, _ = trained
+    images = [p.read_bytes() for p in _images(run)]
+    before = httpx.get(f"{server}/v1/model").json()["served"]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            responses = await asyncio.gather(*[client.post("/v1/predict", content=images[i % len(images)])
+                                               for i in range(24)])
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(burst()) == [200] * 24
+    after = httpx.get(f"{server}/v1/model").json()["served"]
+    assert after["images"] - before["images"] == 24
+    assert after["model_calls"] - before["model_calls"] < 24  # several requests shared a model call
+
+
+def test_page_shows_the_top_label(server, trained, browser):
+    run, folder = trained
+    image = _images(run)[0]
+    expected = ExportedClassifier(folder).predict([image], top_k=1)[0].label
+    page = browser.new_page()
+    try:
+        page.goto(server)
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#result .row .label", timeout=30_000)
+        labels = page.locator("#result .row .label").all_text_contents()
+        assert labels[0] == expected and len(labels) == 3
+        assert page.locator("#preview").evaluate("img => img.naturalWidth") > 0
+        page.set_input_files("#file", files=[{"name": "x.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        assert "not an image" in page.locator("#error").text_content()
+    finally:
+        page.close()
+
+
+@pytest.mark.slow
+def test_exported_model_runs_without_pytorch(trained, tmp_path):
+    """The production install: transferkit without its dependencies, plus ONNX Runtime, Pillow, numpy and the CLI's
+    typer/rich. No torch in that venv."""
+    run, folder = trained
+    env_dir = tmp_path / "light"
+    venv.create(env_dir, with_pip=True)
+    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", "-e", str(REPO)], check=True, capture_output=True)
+    subprocess.run([*pip, "onnxruntime", "pillow", "numpy", "typer", "rich"], check=True, capture_output=True)
+    python = str(env_dir / "bin" / "python")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    images = _images(run)[:4]
+    done = subprocess.run([python, "-m", "transferkit", "predict", str(folder), *map(str, images), "--format",
+                           "json", "--top-k", "2"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    light = json.loads(done.stdout)
+    reference = ExportedClassifier(folder).predict(images, top_k=2)
+    assert [[p["label"] for p in item["predictions"]] for item in light] == [r.labels for r in reference]
