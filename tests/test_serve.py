@@ -204,16 +204,32 @@ def test_page_shows_the_top_label(server, trained, browser):
         page.close()
 
 
+def test_a_run_folder_is_served_with_pytorch(trained):
+    from fastapi.testclient import TestClient
+
+    from transferkit.serve import ServeConfig, create_app, load_model
+
+    run, _ = trained
+    image = _images(run)[0]
+    expected = Classifier.load(run).predict([image], top_k=3)[0]
+    with TestClient(create_app(load_model(run), ServeConfig(max_batch=1))) as client:
+        answer = client.post("/v1/predict", content=image.read_bytes()).json()
+        assert client.get("/v1/model").json()["format"] == "run"
+    assert [p["label"] for p in answer["predictions"]] == expected.labels
+    assert answer["predictions"][0]["probability"] == pytest.approx(expected.probability, abs=1e-5)
+
+
 @pytest.mark.slow
 def test_exported_model_runs_without_pytorch(trained, tmp_path):
-    """The production install: transferkit without its dependencies, plus ONNX Runtime, Pillow, numpy and the CLI's
-    typer/rich. No torch in that venv."""
+    """The production install: transferkit without its dependencies, plus ONNX Runtime, Pillow, numpy, the CLI's
+    typer/rich and the server's fastapi/uvicorn/python-multipart. No torch in that venv."""
     run, folder = trained
     env_dir = tmp_path / "light"
     venv.create(env_dir, with_pip=True)
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "--no-deps", "-e", str(REPO)], check=True, capture_output=True)
-    subprocess.run([*pip, "onnxruntime", "pillow", "numpy", "typer", "rich"], check=True, capture_output=True)
+    subprocess.run([*pip, "onnxruntime", "pillow", "numpy", "typer", "rich", "fastapi", "uvicorn", "python-multipart"],
+                   check=True, capture_output=True)
     python = str(env_dir / "bin" / "python")
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
     images = _images(run)[:4]
@@ -224,3 +240,19 @@ def test_exported_model_runs_without_pytorch(trained, tmp_path):
     light = json.loads(done.stdout)
     reference = ExportedClassifier(folder).predict(images, top_k=2)
     assert [[p["label"] for p in item["predictions"]] for item in light] == [r.labels for r in reference]
+
+    port = _free_port()
+    server = subprocess.Popen([python, "-m", "transferkit", "serve", str(folder), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", content=images[0].read_bytes())
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert answer.status_code == 200
+        assert [p["label"] for p in answer.json()["predictions"]][:2] == reference[0].labels
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
