@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -11,6 +10,7 @@ import subprocess
 import sys
 import time
 import venv
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -173,13 +173,11 @@ def test_concurrent_requests_are_micro_batched(server, trained):
     images = [p.read_bytes() for p in _images(run)]
     before = httpx.get(f"{server}/v1/model").json()["served"]
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
-            responses = await asyncio.gather(*[client.post("/v1/predict", content=images[i % len(images)])
-                                               for i in range(24)])
-        return [r.status_code for r in responses]
-
-    assert asyncio.run(burst()) == [200] * 24
+    # Threads, not asyncio.run: Playwright's sync API (the browser fixture) may already run an event loop here.
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        statuses = list(pool.map(lambda i: httpx.post(f"{server}/v1/predict", content=images[i % len(images)],
+                                                      timeout=60).status_code, range(24)))
+    assert statuses == [200] * 24
     after = httpx.get(f"{server}/v1/model").json()["served"]
     assert after["images"] - before["images"] == 24
     assert after["model_calls"] - before["model_calls"] < 24  # several requests shared a model call
@@ -240,6 +238,10 @@ def test_exported_model_runs_without_pytorch(trained, tmp_path):
     light = json.loads(done.stdout)
     reference = ExportedClassifier(folder).predict(images, top_k=2)
     assert [[p["label"] for p in item["predictions"]] for item in light] == [r.labels for r in reference]
+
+    needs_torch = subprocess.run([python, "-m", "transferkit", "predict", str(run), str(images[0])],
+                                 capture_output=True, text=True)
+    assert needs_torch.returncode == 2 and "runtime-only install" in needs_torch.stderr
 
     port = _free_port()
     server = subprocess.Popen([python, "-m", "transferkit", "serve", str(folder), "--port", str(port)],

@@ -26,6 +26,10 @@ ENGINE_OPTION = typer.Option("auto", help="Backbone engine: auto (fastest numeri
 DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
 
 
+# What a runtime-only install (transferkit --no-deps + onnxruntime, Pillow, numpy) leaves out.
+_FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "jinja2"}
+
+
 def _friendly_errors(command: Callable) -> Callable:
     """User-caused errors become one line on stderr and exit code 2; Ctrl-C keeps what was cached."""
 
@@ -37,6 +41,13 @@ def _friendly_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except TransferkitError as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as error:
+            if error.name not in _FULL_INSTALL_MODULES:
+                raise
+            err.print(f"[bold red]error:[/] this needs {error.name}, which this runtime-only install lacks; it runs "
+                      "exported models (`transferkit predict EXPORT_DIR ...`, `transferkit serve EXPORT_DIR`). "
+                      "For everything else: pip install transferkit", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted. Features already computed are cached; a run training on images continues "
