@@ -247,3 +247,13 @@ def test_cli_image_training_errors(split_folder, tmp_path):
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_like_the_eager_one(split_folder, tmp_path, cache_dir):
+    """--compile (torch.compile; inductor needs a C compiler, and minutes on a CPU) gives the same training."""
+    eager = _train(split_folder, tmp_path, cache_dir, name="eager", mode="head", epochs=1, report=False)
+    compiled = _train(split_folder, tmp_path, cache_dir, name="compiled", mode="head", epochs=1, compile=True,
+                      report=False)
+    assert compiled.history[-1]["train_loss"] == pytest.approx(eager.history[-1]["train_loss"], rel=0.05)
+    assert compiled.val_accuracy == pytest.approx(eager.val_accuracy, abs=0.1)

@@ -75,6 +75,19 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _without_option(arguments: list[str], name: str) -> list[str]:
+    """`arguments` without `name VALUE` / `name=VALUE`."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == name:
+            skip = True
+        elif not argument.startswith(f"{name}="):
+            kept.append(argument)
+    return kept
+
+
 def _epoch_list(text: str) -> tuple[int, ...]:
     from transferkit.errors import DataError
 
@@ -167,7 +180,11 @@ def train(
     device: str = DEVICE_OPTION,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast; fp16 on CUDA only)."),
     tensorboard: bool = typer.Option(False, help="Also log to TensorBoard (in the run folder's tensorboard/)."),
+    compile_model: bool = typer.Option(False, "--compile", help="Image modes: torch.compile the network (pays off "
+                                                                "on GPUs; on a CPU compiling takes minutes)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (report.html in the run)."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this machine: launches torchrun --nproc_per_node N "
+                                             "(--batch-size is per process)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Train a classifier: a head on cached features of a frozen backbone, or on images (head/finetune/scratch)."""
@@ -176,11 +193,17 @@ def train(
     from transferkit.train import resume as resume_run
     from transferkit.train import train as train_run
 
+    from transferkit import distributed
+
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     _setup_logging()
     if resume is not None:
         if data is not None:
             raise DataError("--resume continues a run with its own data and options; give only --resume RUN.")
-        _print_train_result(resume_run(resume, report=not no_report), as_json)
+        result = resume_run(resume, report=not no_report)
+        if distributed.current().is_main:
+            _print_train_result(result, as_json)
         return
     if data is None:
         raise DataError("give the DATA to train on (or --resume RUN to continue an interrupted run).")
@@ -197,7 +220,8 @@ def train(
                    lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, grad_clip=grad_clip, monitor=monitor, seed=seed,
                    val_percent=val_percent, test_percent=test_percent,
                    cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
-                   engine=engine, device=device, precision=precision, tensorboard=tensorboard)
+                   engine=engine, device=device, precision=precision, tensorboard=tensorboard,
+                   compile=compile_model)
     if lr_find:
         finding, plot = find_lr(data, val=val, test=test, out=out_dir, **options)
         if as_json:
@@ -213,7 +237,8 @@ def train(
         return
     result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
                        report=not no_report, **options)
-    _print_train_result(result, as_json)
+    if distributed.current().is_main:
+        _print_train_result(result, as_json)
 
 
 @app.command()

@@ -27,7 +27,9 @@ from transferkit.augment import train_transform
 from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
+from transferkit import distributed
 from transferkit.data import default_workers, iter_prepared, make_preparer
+from transferkit.distributed import Ranks
 from transferkit.features import cpu_has_fast_bf16
 from transferkit.optim import make_optimizer, make_scheduler
 
@@ -134,15 +136,17 @@ class EpochSampler(Sampler):
     """(epoch, index) pairs in a shuffled order fixed by (seed, epoch); weighted draws with replacement when
     `weights` are given (the class-balancing sampler)."""
 
-    def __init__(self, size: int, seed: int, weights: np.ndarray | None = None):
-        self.size, self.seed, self.epoch = size, seed, 1
+    def __init__(self, size: int, seed: int, weights: np.ndarray | None = None, ranks: Ranks = Ranks()):
+        self.size, self.seed, self.epoch, self.ranks = size, seed, 1, ranks
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        """Under DDP each rank takes every world_size-th image of the shared order, all ranks the same number
+        (like DistributedSampler with drop_last), so that they step together."""
+        return self.size // self.ranks.world_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
@@ -150,7 +154,7 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
-        return iter([(self.epoch, int(i)) for i in order])
+        return iter([(self.epoch, int(i)) for i in order[self.ranks.rank::self.ranks.world_size][:len(self)]])
 
 
 def _mix(*numbers: int) -> int:
@@ -318,8 +322,14 @@ class _Stage:
                                   decode_size(options.augment, size), options.max_image_pixels, options.seed)
         num_classes = net.head[-1].out_features
         weights = class_weights(targets, num_classes)
+        ranks = distributed.current()
         self.sampler = EpochSampler(len(dataset), options.seed,
-                                    weights.numpy()[targets] if options.balance == "sampler" else None)
+                                    weights.numpy()[targets] if options.balance == "sampler" else None, ranks)
+        # DDP averages gradients over ranks: each step is one of batch_size x world_size images.
+        self.model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else net
+        if options.compile:
+            self.model = torch.compile(self.model)
         workers = default_workers() if options.workers is None else options.workers
         # its own generator: starting workers must not draw from the global RNG the dropout masks come from
         self.loader = DataLoader(dataset, batch_size=options.batch_size, sampler=self.sampler, num_workers=workers,
@@ -330,7 +340,7 @@ class _Stage:
                                              label_smoothing=options.label_smoothing)
         self.optimizer = make_optimizer(groups, options.optimizer, options.lr, options.weight_decay,
                                         options.momentum, options.nesterov)
-        self.steps_per_epoch = math.ceil(len(dataset) / options.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / options.batch_size)
         self.scheduler = make_scheduler(self.optimizer, schedule, options.epochs, self.steps_per_epoch,
                                         options.warmup_epochs, options.lr_steps, options.lr_gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16")
@@ -340,7 +350,7 @@ class _Stage:
         net, device, options = self.training.net, self.training.device, self.training.options
         pixels, targets = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device, self.training.precision):
-            logits = net(pixels)
+            logits = self.model(pixels)
         loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -406,6 +416,7 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                 bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}",
                                 lr=f"{lr_of_last_batch:.2g}")
             seconds = time.perf_counter() - started
+            total_loss, correct, seen = distributed.sum_over_ranks(total_loss, correct, seen)
             row = {"stage": training.mode, "epoch": first_epoch_number + epoch - 1,
                    "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                    "lr": lr_of_last_batch, "seconds": round(seconds, 3),

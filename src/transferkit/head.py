@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from transferkit import distributed
 from transferkit.errors import DataError
 from transferkit.optim import LRFinding, check_choices, lr_range_test, make_optimizer, make_scheduler
 
@@ -106,9 +107,14 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = spec.build()
+        ranks = distributed.current()
+        # Under torchrun every rank draws the same order and takes its share of each global batch of
+        # batch_size x world_size; DDP averages the gradients, so each step matches one of that global size.
+        model = nn.parallel.DistributedDataParallel(head) if ranks.distributed else head
+        global_batch = options.batch_size * ranks.world_size
         optimizer = make_optimizer([{"params": list(head.parameters())}], options.optimizer, options.lr,
                                    options.weight_decay, options.momentum, options.nesterov)
-        scheduler = make_scheduler(optimizer, options.schedule, options.epochs, math.ceil(len(x) / options.batch_size),
+        scheduler = make_scheduler(optimizer, options.schedule, options.epochs, math.ceil(len(x) / global_batch),
                                    options.warmup_epochs, options.lr_steps, options.lr_gamma)
         best = ((math.inf,), 0, copy.deepcopy(head.state_dict()))
         generator = torch.Generator().manual_seed(options.seed)
@@ -116,11 +122,14 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                       disable=progress is False or (progress is None and not sys.stderr.isatty()), dynamic_ncols=True)
         for epoch in epochs:
             head.train()
-            total_loss, correct = 0.0, 0
+            total_loss, correct, seen = 0.0, 0, 0
             order = (torch.randperm(len(x), generator=generator) if sample_weights is None else
                      torch.multinomial(sample_weights, len(x), replacement=True, generator=generator))
-            for batch in order.split(options.batch_size):
-                logits = head(x[batch])
+            for shared in order.split(global_batch):
+                if len(shared) < ranks.world_size:
+                    continue  # too few images left to give every rank one; all ranks skip it alike
+                batch = shared[ranks.rank::ranks.world_size]
+                logits = model(x[batch])
                 loss = criterion(logits, y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -131,7 +140,9 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                 scheduler.step()
                 total_loss += loss.item() * len(batch)
                 correct += (logits.argmax(1) == y[batch]).sum().item()
-            row = {"epoch": epoch, "train_loss": total_loss / len(x), "train_accuracy": correct / len(x),
+                seen += len(batch)
+            total_loss, correct, seen = distributed.sum_over_ranks(total_loss, correct, seen)
+            row = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                    "lr": lr_of_last_batch}
             if has_val:
                 row["val_loss"], row["val_accuracy"] = _evaluate(head, vx, vy)

@@ -13,11 +13,12 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from transferkit import __version__
+from transferkit import __version__, distributed
 from transferkit.augment import check_augment, decode_size
 from transferkit.backbone import DEFAULT_BACKBONE, open_backbone, state_digest
 from transferkit.classifier import Classifier
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, Skipped, load_dataset
+from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
 from transferkit.evaluate import PREDICTIONS_FILE, Predictions, classification_metrics, predictions_csv, read_groups
 from transferkit.features import Extractor, extract_features, open_cache, resolve_device
@@ -78,6 +79,7 @@ class TrainConfig(FitOptions):
     workers: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     tensorboard: bool = False
+    compile: bool = False
 
     def resolved(self) -> TrainConfig:
         """The mode's defaults filled in, `balance=True` read as "weights", and every value checked."""
@@ -199,9 +201,19 @@ def _extract(dataset, extractor: Extractor, config: TrainConfig,
     paths = [s.path for name in order for s in dataset.splits[name]]
     split_of = np.concatenate([np.full(len(dataset.splits[name]), k) for k, name in enumerate(order)])
     cache = open_cache(config.cache_dir, config.use_cache)
+    ranks = distributed.current()
     try:
+        computed = 0
+        if ranks.distributed:
+            # Each rank extracts its share into the shared cache; then every rank reads all features from it.
+            computed = extract_features(extractor, ranks.shard(paths), cache, config.extract_batch_size,
+                                        config.workers, config.max_image_pixels, progress).computed
+            distributed.barrier()
         feature_set = extract_features(extractor, paths, cache, config.extract_batch_size, config.workers,
                                        config.max_image_pixels, progress)
+        if ranks.distributed:
+            computed, = distributed.sum_over_ranks(computed + feature_set.computed)
+            feature_set.from_cache, feature_set.computed = len(feature_set.kept) - int(computed), int(computed)
     finally:
         if cache is not None:
             cache.close()
@@ -339,7 +351,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     training = ImageTraining(net, config.mode, config, backbone, device, precision)
     fit = fit_images(training, *prepared.split("train"), *prepared.split("val"), first_epoch_number=len(earlier) + 1,
                      history=earlier, resume_state=checkpoint.get("stage"),
-                     save_checkpoint=lambda state: save_checkpoint(staged.staging, {**checkpoint, "stage": state}),
+                     save_checkpoint=(lambda state: save_checkpoint(staged.staging, {**checkpoint, "stage": state}))
+                     if distributed.current().is_main else None,
                      tensorboard=tensorboard, progress=progress)
     probabilities = {}
     for name in ("val", "test"):
@@ -395,6 +408,12 @@ def resume(run: str | Path, *, progress: bool | None = None, report: bool = True
 def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool, progress: bool | None,
            checkpoint: dict | None, report: bool) -> TrainResult:
     started = time.perf_counter()
+    ranks = distributed.setup(config.device)
+    if ranks.distributed and not config.use_cache:
+        raise DataError("under torchrun the ranks share features through the cache; drop --no-cache.")
+    if not ranks.is_main:  # rank 0 speaks for the job
+        progress = False
+        log.setLevel(logging.ERROR)
     groups = arguments["groups"]
     group_map = read_groups(groups) if isinstance(groups, str) else groups
     dataset = load_dataset(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
@@ -402,7 +421,8 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
         backbone.train_size = config.train_size
-    with StagedRun(run_dir, overwrite, resume=checkpoint is not None) as staged:
+    run_folder = StagedRun(run_dir, overwrite, resume=checkpoint is not None) if ranks.is_main else ScratchRun()
+    with run_folder as staged:
         if checkpoint is None:
             checkpoint = {"arguments": arguments}
             save_checkpoint(staged.staging, checkpoint)
@@ -442,7 +462,8 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
         staged.write_text("skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in prepared.skipped))
     return TrainResult(run_dir, prepared.classes, metrics, outcome.history, outcome.best_epoch,
                        prepared.sizes, prepared.skipped, prepared.features_computed, prepared.features_from_cache,
-                       time.perf_counter() - started, _write_report(run_dir, group_map) if report else None)
+                       time.perf_counter() - started,
+                       _write_report(run_dir, group_map) if report and ranks.is_main else None)
 
 
 def _write_report(run_dir: Path, group_map: dict | None) -> Path | None:
@@ -463,6 +484,8 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
     """The learning-rate range test for the training a `train` call with the same options would run (for
     fine-tuning: the second stage, after the head is probed). Writes lr_find.png and lr_find.csv into `out`."""
     config = replace(config or TrainConfig(), **options).resolved()
+    if distributed.launched_by_torchrun():
+        raise DataError("--lr-find runs in one process; run it without torchrun or --nproc.")
     dataset = load_dataset(data, val, test, config.val_percent, config.test_percent)
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:

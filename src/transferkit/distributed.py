@@ -1,0 +1,115 @@
+"""Several processes, one run: PyTorch DDP as launched by `torchrun` (gloo on CPU, nccl on CUDA).
+
+`torchrun --nproc_per_node N -m transferkit train ...` starts N copies of the same command; each finds its rank in
+the environment torchrun sets. `transferkit train --nproc N` is a shortcut that starts torchrun itself. Only rank 0
+writes the run folder; the feature cache, which already takes concurrent writers, is how ranks share features.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: rank among `world_size` processes, `local_rank` on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list) -> list:
+        """This rank's share of `items`: every world_size-th one, starting at its rank."""
+        return items[self.rank::self.world_size]
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current() -> Ranks:
+    """The ranks of an initialised process group, else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks()
+
+
+def setup(device: str) -> Ranks:
+    """Join the process group torchrun describes (once per process): nccl when each rank has a GPU, gloo otherwise.
+
+    On CUDA each rank takes the GPU of its local rank; on CPU the machine's cores are split between its ranks.
+    """
+    if not launched_by_torchrun():
+        return Ranks()
+    if not dist.is_initialized():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        else:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return current()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    """Each value summed over all ranks (unchanged in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def launch(nproc: int, arguments: list[str]) -> int:
+    """`torchrun --standalone --nproc_per_node nproc -m transferkit ARGUMENTS` on this machine; its exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "transferkit", *arguments]
+    return subprocess.run(command).returncode
+
+
+class ScratchRun:
+    """What ranks other than 0 write instead of the run folder: a private folder thrown away at the end."""
+
+    def __init__(self):
+        self.staging = Path(tempfile.mkdtemp(prefix="transferkit-rank-"))
+
+    def __enter__(self) -> ScratchRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_text(self, name: str, text: str) -> None:
+        self.path(name).write_text(text, encoding="utf-8")
+
+    def write_json(self, name: str, value: object) -> None:
+        import json
+
+        self.path(name).write_text(json.dumps(value, indent=2), encoding="utf-8")
