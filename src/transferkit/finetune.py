@@ -326,8 +326,8 @@ class _Stage:
         self.sampler = EpochSampler(len(dataset), options.seed,
                                     weights.numpy()[targets] if options.balance == "sampler" else None, ranks)
         # DDP averages gradients over ranks: each step is one of batch_size x world_size images.
-        self.model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else net
+        gpu = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(net, device_ids=gpu) if ranks.distributed else net
         if options.compile:
             self.model = torch.compile(self.model)
         workers = default_workers() if options.workers is None else options.workers

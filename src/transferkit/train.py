@@ -336,6 +336,10 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                 checkpoint: dict) -> _Outcome:
     device = resolve_device(config.device)
     precision = resolve_train_precision(config.precision, device)
+    if config.compile and device.type == "cpu" and precision == "bf16":
+        # Inductor's CPU kernels for this network under bf16 autocast crash the process (torch 2.14, seen here).
+        log.warning("--compile on a CPU trains in fp32: torch.compile with bf16 autocast crashes there")
+        precision = "fp32"
     net, spec = _network(backbone, config, len(dataset.classes))
     if config.mode == "finetune":
         trainable_names(net.backbone, config.unfreeze)  # a bad --unfreeze fails here, before any work
