@@ -481,6 +481,38 @@ def summary(
 
 @app.command()
 @_friendly_errors
+def doctor(
+    data: Path = typer.Argument(..., help="Folder or CSV, as for train."),
+    val: Optional[Path] = typer.Option(None),
+    test: Optional[Path] = typer.Option(None),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
+    near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, help="Feature similarity for near "
+                                                                             "duplicates."),
+    cache_dir: Optional[Path] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check a dataset: unreadable/odd files, duplicates and train/val leakage, imbalance, likely label errors."""
+    from transferkit.doctor import TITLES, diagnose, write_html
+
+    _setup_logging()
+    result = diagnose(data, val, test, near_duplicate_cosine=near_duplicate_cosine, cache_dir=cache_dir)
+    if report_file is not None:
+        write_html(result, report_file)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(result.summary())
+    for kind, count in result.totals().items():
+        table = Table("file", "why", title=f"{TITLES.get(kind, kind)} ({count})", title_justify="left")
+        for finding in result.of_kind(kind)[:10]:
+            table.add_row(finding.path, finding.detail)
+        out.print(table)
+    if report_file is not None:
+        out.print(f"Report: [bold]{report_file}[/]")
+
+
+@app.command()
+@_friendly_errors
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/<timestamp>]."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where the demo images and features are kept."),

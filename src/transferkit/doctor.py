@@ -1,0 +1,264 @@
+"""`transferkit doctor`: problems in an image dataset, found from the files and from the backbone features.
+
+Checks each file (unreadable, empty, wrong extension, animated, tiny, extreme aspect ratio), exact and near
+duplicates (above all across splits: train/validation leakage), class balance, and likely label errors and outliers:
+out-of-fold predictions of a linear head on the cached features (confident-learning style: images whose given label
+gets a low probability while another class is predicted with a class's typical confidence) and images far from the
+centre of their own class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_dataset, read_file
+
+TINY_SIDE = 32
+EXTREME_ASPECT = 4.0
+NEAR_DUPLICATE_COSINE = 0.97
+MIN_IMAGES_PER_CLASS = 10
+FOLDS = 5
+_FORMAT_EXTENSIONS = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "GIF": {".gif"}, "BMP": {".bmp"},
+                      "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"}, "MPO": {".jpg", ".jpeg"}}
+SEVERITY = {"unreadable": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, "outlier": 2, "duplicate": 1,
+            "near_duplicate": 1, "tiny": 1, "wrong_extension": 1, "animated": 1, "extreme_aspect": 1,
+            "few_images": 2, "imbalance": 1}
+
+
+@dataclass
+class Finding:
+    kind: str
+    path: str
+    detail: str
+    score: float = 0.0
+    other: str | None = None
+
+
+@dataclass
+class DoctorReport:
+    data: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    findings: list[Finding] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def totals(self) -> dict[str, int]:
+        return dict(Counter(f.kind for f in self.findings))
+
+    def summary(self) -> str:
+        """One paragraph of counts, worst first."""
+        totals = self.totals()
+        images = sum(sum(c.values()) for c in self.counts.values())
+        if not totals:
+            return f"doctor: {images} images in {len(self.classes)} classes, no problems found."
+        parts = [f"{n} {kind.replace('_', ' ')}" for kind, n in
+                 sorted(totals.items(), key=lambda item: (-SEVERITY.get(item[0], 0), item[0]))]
+        return f"doctor: {images} images in {len(self.classes)} classes; found " + ", ".join(parts) + "."
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "classes": self.classes, "counts": self.counts, "totals": self.totals(),
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
+    name = str(path)
+    if not data:
+        return [Finding("unreadable", name, "empty file", 1.0)]
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format, frames, (width, height) = image.format, getattr(image, "n_frames", 1), image.size
+    except Exception:  # noqa: BLE001 - decode_image below says precisely why
+        image_format, frames, width, height = None, 1, 0, 0
+    try:
+        decode_image(data, max_pixels)
+    except ImageDecodeError as err:
+        return [Finding("unreadable", name, str(err), 1.0)]
+    found = []
+    suffix = path.suffix.lower()
+    if image_format in _FORMAT_EXTENSIONS and suffix not in _FORMAT_EXTENSIONS[image_format]:
+        found.append(Finding("wrong_extension", name, f"{image_format} data in a {suffix or 'no-extension'} file"))
+    if frames > 1:
+        found.append(Finding("animated", name, f"{frames} frames; only the first is used", float(frames)))
+    if min(width, height) < TINY_SIDE:
+        found.append(Finding("tiny", name, f"{width}x{height} pixels", float(TINY_SIDE - min(width, height))))
+    aspect = max(width, height) / max(1, min(width, height))
+    if aspect > EXTREME_ASPECT:
+        found.append(Finding("extreme_aspect", name, f"{width}x{height} (aspect {aspect:.1f}); a centre crop "
+                                                     "loses most of it", aspect))
+    return found
+
+
+def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Out-of-fold class probabilities from a logistic-regression head (each image predicted by a head that never
+    saw it)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    probabilities = np.zeros((len(targets), num_classes))
+    folds = min(FOLDS, int(np.bincount(targets, minlength=num_classes)[np.bincount(targets) > 0].min()))
+    if folds < 2:
+        return probabilities
+    for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, targets):
+        head = LogisticRegression(max_iter=2000).fit(features[train], targets[train])
+        probabilities[np.ix_(held_out, head.classes_)] = head.predict_proba(features[held_out])
+    return probabilities
+
+
+def _label_findings(paths: list[str], features: np.ndarray, targets: np.ndarray, classes: list[str],
+                    seed: int) -> list[Finding]:
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    found = []
+    probabilities = _oof_probabilities(unit, targets, len(classes), seed)
+    if probabilities.any():
+        given = probabilities[np.arange(len(targets)), targets]
+        # Confident learning's per-class threshold: the mean probability a class gets on images labelled with it.
+        thresholds = np.array([probabilities[targets == c, c].mean() if (targets == c).any() else 1.0
+                               for c in range(len(classes))])
+        predicted = probabilities.argmax(1)
+        for i in np.flatnonzero((predicted != targets) & (probabilities[np.arange(len(targets)), predicted] >=
+                                                          thresholds[predicted])):
+            found.append(Finding("label_error", paths[i], f"labelled {classes[targets[i]]} ({given[i]:.2f}), looks "
+                                 f"like {classes[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})",
+                                 float(1 - given[i])))
+    centres = np.stack([unit[targets == c].mean(0) if (targets == c).any() else np.zeros(unit.shape[1])
+                        for c in range(len(classes))])
+    centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+    similarity = (unit * centres[targets]).sum(1)
+    for c in range(len(classes)):
+        members = np.flatnonzero(targets == c)
+        if len(members) < 5:
+            continue
+        typical, spread = np.median(similarity[members]), np.median(np.abs(similarity[members] -
+                                                                           np.median(similarity[members])))
+        for i in members[similarity[members] < typical - 6 * max(spread, 1e-3)]:
+            found.append(Finding("outlier", paths[i], f"far from the other {classes[c]} images (similarity "
+                                 f"{similarity[i]:.2f}, typical {typical:.2f})", float(typical - similarity[i])))
+    return found
+
+
+def _near_duplicates(paths: list[str], splits: list[str], features: np.ndarray, exact: set[frozenset],
+                     threshold: float) -> list[Finding]:
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    found = []
+    for start in range(0, len(unit), 1024):
+        block = unit[start:start + 1024] @ unit.T
+        for row, column in zip(*np.nonzero(block >= threshold)):
+            i = start + row
+            if column <= i or frozenset((paths[i], paths[column])) in exact:
+                continue
+            leak = splits[i] != splits[column]
+            found.append(Finding("leak_near" if leak else "near_duplicate", paths[i],
+                                 f"looks like {paths[column]} (cosine {block[row, column]:.3f})"
+                                 + (f"; {splits[i]} vs {splits[column]}" if leak else ""),
+                                 float(block[row, column]), paths[column]))
+    return found
+
+
+def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path | None = None,
+             val_percent: float = 10.0, test_percent: float = 10.0, backbone: str = "efficientnet_lite0",
+             near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE, cache_dir: str | Path | None = None,
+             seed: int = 0, progress: bool | None = None, **engine_options) -> DoctorReport:
+    """Every problem found in DATA, each kind ranked worst first."""
+    from transferkit.backbone import open_backbone
+    from transferkit.features import Extractor, extract_features, open_cache
+
+    dataset = load_dataset(data, val, test, val_percent, test_percent)
+    report = DoctorReport(str(data), dataset.classes, dataset.counts())
+    report.findings += [Finding("unreadable", s.path, s.reason, 1.0) for s in dataset.skipped]
+    samples = [(name, sample) for name in dataset.splits for sample in dataset.splits[name]]
+    by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, sample in samples:
+        try:
+            content = read_file(sample.path)
+        except ImageDecodeError as err:
+            report.findings.append(Finding("unreadable", str(sample.path), str(err), 1.0))
+            continue
+        report.findings += _file_findings(sample.path, content, DEFAULT_MAX_IMAGE_PIXELS)
+        by_digest[hashlib.sha256(content).hexdigest()].append((str(sample.path), split))
+    exact = set()
+    for copies in (c for c in by_digest.values() if len(c) > 1):
+        first, first_split = copies[0]
+        for path, split in copies[1:]:
+            exact.add(frozenset((first, path)))
+            leak = split != first_split
+            report.findings.append(Finding("leak_exact" if leak else "duplicate", path, f"same bytes as {first}"
+                                           + (f"; {split} vs {first_split}" if leak else ""), 1.0, first))
+    totals = Counter(sample.label for _, sample in samples)
+    for name in dataset.classes:
+        if totals[name] < MIN_IMAGES_PER_CLASS:
+            report.findings.append(Finding("few_images", name, f"{totals[name]} images; fewer than "
+                                           f"{MIN_IMAGES_PER_CLASS} cannot be split and learned reliably",
+                                           float(MIN_IMAGES_PER_CLASS - totals[name])))
+    if totals and max(totals.values()) > 3 * max(1, min(totals.values())):
+        largest, smallest = max(totals, key=totals.get), min(totals, key=totals.get)
+        ratio = totals[largest] / max(1, totals[smallest])
+        report.findings.append(Finding("imbalance", smallest, f"{largest} has {totals[largest]} images, {smallest} "
+                                       f"{totals[smallest]} (ratio {ratio:.1f}); consider --balance sampler", ratio))
+
+    cache = open_cache(cache_dir, True)
+    try:
+        feature_set = extract_features(Extractor(open_backbone(backbone), **engine_options),
+                                       [s.path for _, s in samples], cache, progress=progress)
+    finally:
+        if cache is not None:
+            cache.close()
+    kept = feature_set.kept
+    paths = [str(samples[i][1].path) for i in kept]
+    splits = [samples[i][0] for i in kept]
+    targets = np.array([dataset.classes.index(samples[i][1].label) for i in kept], dtype=np.int64)
+    report.findings += _near_duplicates(paths, splits, feature_set.features, exact, near_duplicate_cosine)
+    if len(set(targets.tolist())) > 1:
+        report.findings += _label_findings(paths, feature_set.features, targets, dataset.classes, seed)
+    report.findings.sort(key=lambda f: (-SEVERITY.get(f.kind, 0), f.kind, -f.score, f.path))
+    return report
+
+
+TITLES = {"unreadable": "Unreadable files", "leak_exact": "Exact duplicates across splits (leakage)",
+          "leak_near": "Near duplicates across splits (leakage)", "label_error": "Likely label errors",
+          "outlier": "Outliers: far from their class", "few_images": "Classes with too few images",
+          "imbalance": "Class imbalance", "duplicate": "Exact duplicates", "near_duplicate": "Near duplicates",
+          "tiny": "Tiny images", "wrong_extension": "Wrong extensions", "animated": "Animated or multi-frame",
+          "extreme_aspect": "Extreme aspect ratios"}
+
+
+def _thumbnail(path: str, side: int = 96) -> str | None:
+    import base64
+
+    try:
+        image = decode_image(read_file(Path(path)), DEFAULT_MAX_IMAGE_PIXELS, (2 * side, 2 * side))
+    except ImageDecodeError:
+        return None
+    image.thumbnail((2 * side, 2 * side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_html(report: DoctorReport, path: str | Path, limit: int = 50) -> Path:
+    """The findings as one self-contained page, with thumbnails of the images involved."""
+    import jinja2
+
+    from transferkit.runs import write_atomically
+
+    groups = defaultdict(list)
+    for finding in report.findings:
+        groups[finding.kind].append(finding)
+    shown = [f for findings in groups.values() for f in findings[:limit]]
+    thumbnails = {p: _thumbnail(p) for p in {f.path for f in shown} | {f.other for f in shown if f.other}
+                  if Path(p).is_file()}
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("transferkit", "templates"),
+                                     autoescape=jinja2.select_autoescape(["html"]))
+    page = environment.get_template("doctor.html").render(report=report, groups=list(groups.items()),
+                                                          titles=TITLES, thumbnails=thumbnails, limit=limit)
+    path = Path(path)
+    write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return path
