@@ -54,7 +54,7 @@ def test_doctor_finds_each_planted_problem(messy, tmp_path):
     assert "train/stripes/mislabelled.jpg" in by_kind.get("label_error", []) + by_kind.get("outlier", [])
     ranked = [f.kind for f in report.findings]
     assert ranked.index("leak_exact") < ranked.index("tiny")  # worst kinds first
-    assert report.summary().startswith("doctor: ") and "leak exact" in report.summary()
+    assert report.summary().startswith("doctor: ") and "1 exact duplicates across splits" in report.summary()
 
 
 def test_doctor_command_writes_json_and_html(messy, tmp_path):
@@ -74,3 +74,15 @@ def test_doctor_flags_the_placeholder_in_hymenoptera(hymenoptera, tmp_path):
     flagged = [f.path for f in report.findings]
     assert str(hymenoptera / "train" / "ants" / "imageNotFound.gif") in flagged
     assert report.of_kind("outlier")[0].path.endswith("imageNotFound.gif")  # the most striking outlier
+
+
+def test_train_prints_the_doctor_summary_first(messy, tmp_path):
+    command = [sys.executable, "-m", "transferkit", "train", str(messy), "--image-size", "96", "--no-report",
+               "--cache-dir", str(tmp_path / "cache")]
+    checked = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    summary = next(line for line in checked.stderr.splitlines() if line.startswith("doctor: "))
+    assert "2 unreadable files" in summary and "1 exact duplicates across splits" in summary
+    assert checked.stderr.index("doctor: ") < checked.stderr.index("skipped")  # before training's own report
+    quiet = subprocess.run([*command, "--out", str(tmp_path / "b"), "--no-doctor"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "doctor: " not in quiet.stderr

@@ -183,6 +183,7 @@ def train(
     compile_model: bool = typer.Option(False, "--compile", help="Image modes: torch.compile the network (pays off "
                                                                 "on GPUs; on a CPU compiling takes minutes)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (report.html in the run)."),
+    no_doctor: bool = typer.Option(False, "--no-doctor", help="Skip the data check printed before training."),
     nproc: int = typer.Option(1, min=1, help="Processes on this machine: launches torchrun --nproc_per_node N "
                                              "(--batch-size is per process)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
@@ -236,7 +237,7 @@ def train(
                   f"Plot: [bold]{plot}[/]")
         return
     result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
-                       report=not no_report, **options)
+                       report=not no_report, doctor=not no_doctor, **options)
     if distributed.current().is_main:
         _print_train_result(result, as_json)
 

@@ -122,8 +122,10 @@ def _list_class_folders(root: Path) -> _Listing:
 
 
 def _detect_quote_char(text: str) -> str:
-    single = len(re.findall(r"(?:^|,)\s*'", text, re.M))
-    double = len(re.findall(r'(?:^|,)\s*"', text, re.M))
+    """' when the CSV quotes whole fields with it ('a, b.jpg',cat), else the standard ". A field that merely
+    starts with an apostrophe ('t Hooft) is not quoting."""
+    single = len(re.findall(r"(?:^|,)[ \t]*'[^'\n]*'[ \t]*(?=,|$)", text, re.M))
+    double = len(re.findall(r'(?:^|,)[ \t]*"[^"\n]*"[ \t]*(?=,|$)', text, re.M))
     return "'" if single > double else '"'
 
 

@@ -31,6 +31,13 @@ SEVERITY = {"unreadable": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, 
             "near_duplicate": 1, "tiny": 1, "wrong_extension": 1, "animated": 1, "extreme_aspect": 1,
             "few_images": 2, "imbalance": 1}
 
+PHRASES = {"unreadable": "unreadable files", "leak_exact": "exact duplicates across splits",
+           "leak_near": "near duplicates across splits", "label_error": "likely label errors", "outlier": "outliers",
+           "duplicate": "exact duplicates", "near_duplicate": "near duplicates", "tiny": "tiny images",
+           "wrong_extension": "wrong extensions", "animated": "animated images",
+           "extreme_aspect": "extreme aspect ratios", "few_images": "classes with too few images",
+           "imbalance": "class imbalance"}
+
 
 @dataclass
 class Finding:
@@ -47,6 +54,7 @@ class DoctorReport:
     classes: list[str]
     counts: dict[str, dict[str, int]]
     findings: list[Finding] = field(default_factory=list)
+    features_computed: int = 0
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
@@ -60,7 +68,7 @@ class DoctorReport:
         images = sum(sum(c.values()) for c in self.counts.values())
         if not totals:
             return f"doctor: {images} images in {len(self.classes)} classes, no problems found."
-        parts = [f"{n} {kind.replace('_', ' ')}" for kind, n in
+        parts = [f"{n} {PHRASES.get(kind, kind)}" for kind, n in
                  sorted(totals.items(), key=lambda item: (-SEVERITY.get(item[0], 0), item[0]))]
         return f"doctor: {images} images in {len(self.classes)} classes; found " + ", ".join(parts) + "."
 
@@ -78,8 +86,8 @@ def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
             image_format, frames, (width, height) = image.format, getattr(image, "n_frames", 1), image.size
     except Exception:  # noqa: BLE001 - decode_image below says precisely why
         image_format, frames, width, height = None, 1, 0, 0
-    try:
-        decode_image(data, max_pixels)
+    try:  # a JPEG decoded at 1/8 scale is still read to its end, so truncation shows, at a fraction of the cost
+        decode_image(data, max_pixels, (2 * TINY_SIDE, 2 * TINY_SIDE))
     except ImageDecodeError as err:
         return [Finding("unreadable", name, str(err), 1.0)]
     found = []
@@ -98,18 +106,35 @@ def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
 
 
 def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """Out-of-fold class probabilities from a logistic-regression head (each image predicted by a head that never
-    saw it)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
+    """Out-of-fold class probabilities of a multinomial logistic regression (L2, fitted with L-BFGS): each image is
+    predicted by a model that never saw it. Plain torch, so a warm `train` does not pay sklearn's import."""
+    import torch
 
     probabilities = np.zeros((len(targets), num_classes))
-    folds = min(FOLDS, int(np.bincount(targets, minlength=num_classes)[np.bincount(targets) > 0].min()))
+    per_class = np.bincount(targets, minlength=num_classes)
+    folds = min(FOLDS, int(per_class[per_class > 0].min()))
     if folds < 2:
         return probabilities
-    for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, targets):
-        head = LogisticRegression(max_iter=2000).fit(features[train], targets[train])
-        probabilities[np.ix_(held_out, head.classes_)] = head.predict_proba(features[held_out])
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(targets), dtype=np.int64)
+    for c in range(num_classes):  # stratified: each class spread evenly over the folds
+        members = rng.permutation(np.flatnonzero(targets == c))
+        fold_of[members] = np.arange(len(members)) % folds
+    x, y = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(targets)
+    for fold in range(folds):
+        train, held_out = torch.as_tensor(fold_of != fold), torch.as_tensor(fold_of == fold)
+        model = torch.nn.Linear(x.shape[1], num_classes)
+        optimizer = torch.optim.LBFGS(model.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.cross_entropy(model(x[train]), y[train]) + 1e-3 * model.weight.square().sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        with torch.no_grad():
+            probabilities[held_out.numpy()] = torch.softmax(model(x[held_out]), dim=1).numpy()
     return probabilities
 
 
@@ -165,9 +190,12 @@ def _near_duplicates(paths: list[str], splits: list[str], features: np.ndarray, 
 
 def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path | None = None,
              val_percent: float = 10.0, test_percent: float = 10.0, backbone: str = "efficientnet_lite0",
+             weights: str | None = None, image_size: int | None = None,
              near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE, cache_dir: str | Path | None = None,
-             seed: int = 0, progress: bool | None = None, **engine_options) -> DoctorReport:
-    """Every problem found in DATA, each kind ranked worst first."""
+             use_features: bool = True, seed: int = 0, progress: bool | None = None,
+             **engine_options) -> DoctorReport:
+    """Every problem found in DATA, each kind ranked worst first. `use_features=False` keeps to the checks that
+    need no backbone (files, exact duplicates, class counts)."""
     from transferkit.backbone import open_backbone
     from transferkit.features import Extractor, extract_features, open_cache
 
@@ -204,13 +232,17 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
         report.findings.append(Finding("imbalance", smallest, f"{largest} has {totals[largest]} images, {smallest} "
                                        f"{totals[smallest]} (ratio {ratio:.1f}); consider --balance sampler", ratio))
 
+    if not use_features:
+        report.findings.sort(key=lambda f: (-SEVERITY.get(f.kind, 0), f.kind, -f.score, f.path))
+        return report
     cache = open_cache(cache_dir, True)
     try:
-        feature_set = extract_features(Extractor(open_backbone(backbone), **engine_options),
+        feature_set = extract_features(Extractor(open_backbone(backbone, weights, image_size), **engine_options),
                                        [s.path for _, s in samples], cache, progress=progress)
     finally:
         if cache is not None:
             cache.close()
+    report.features_computed = feature_set.computed
     kept = feature_set.kept
     paths = [str(samples[i][1].path) for i in kept]
     splits = [samples[i][0] for i in kept]

@@ -383,16 +383,18 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
           out: str | Path | None = None, overwrite: bool = False, groups: str | Path | dict | None = None,
           config: TrainConfig | None = None, progress: bool | None = None, report: bool = True,
-          **options) -> TrainResult:
-    """Train a classifier on DATA and write a run folder (with report.html unless `report=False`). Options are
-    `TrainConfig` fields, e.g. ``head="mlp"``, ``mode="finetune"``.
+          doctor: bool = True, **options) -> TrainResult:
+    """Train a classifier on DATA and write a run folder (with report.html unless `report=False`); first log the
+    doctor's one-paragraph count of data problems (unless `doctor=False`). Options are `TrainConfig` fields, e.g.
+    ``head="mlp"``, ``mode="finetune"``.
 
     Example: ``transferkit.train("photos/", epochs=50).val_accuracy``.
     """
     config = replace(config or TrainConfig(), **options).resolved()
     arguments = {"data": str(data), "val": str(val) if val else None, "test": str(test) if test else None,
                  "groups": str(groups) if isinstance(groups, (str, Path)) else groups, "config": asdict(config)}
-    return _train(arguments, config, Path(out) if out else default_run_dir(), overwrite, progress, None, report)
+    return _train(arguments, config, Path(out) if out else default_run_dir(), overwrite, progress, None, report,
+                  doctor)
 
 
 def resume(run: str | Path, *, progress: bool | None = None, report: bool = True) -> TrainResult:
@@ -410,7 +412,7 @@ def resume(run: str | Path, *, progress: bool | None = None, report: bool = True
 
 
 def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool, progress: bool | None,
-           checkpoint: dict | None, report: bool) -> TrainResult:
+           checkpoint: dict | None, report: bool, doctor: bool = True) -> TrainResult:
     started = time.perf_counter()
     ranks = distributed.setup(config.device)
     if ranks.distributed and not config.use_cache:
@@ -425,6 +427,9 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
         backbone.train_size = config.train_size
+    checked = 0
+    if doctor and checkpoint is None and ranks.is_main:
+        checked = _doctor_summary(arguments, config, ranks.distributed, progress)
     run_folder = StagedRun(run_dir, overwrite, resume=checkpoint is not None) if ranks.is_main else ScratchRun()
     with run_folder as staged:
         if checkpoint is None:
@@ -465,9 +470,31 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
         staged.write_text(PREDICTIONS_FILE, predictions_csv(predictions, prepared.classes))
         staged.write_text("skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in prepared.skipped))
     return TrainResult(run_dir, prepared.classes, metrics, outcome.history, outcome.best_epoch,
-                       prepared.sizes, prepared.skipped, prepared.features_computed, prepared.features_from_cache,
+                       prepared.sizes, prepared.skipped, prepared.features_computed + checked,
+                       max(0, prepared.features_from_cache - checked),
                        time.perf_counter() - started,
                        _write_report(run_dir, group_map) if report and ranks.is_main else None)
+
+
+def _doctor_summary(arguments: dict, config: TrainConfig, distributed_run: bool, progress: bool | None) -> int:
+    """`transferkit doctor`'s one-paragraph count of problems; returns how many features it computed. The feature
+    checks run where training extracts the same features anyway (probe, finetune; one process): on a first run
+    they compute them for training, later they cost a cache read."""
+    from transferkit.doctor import diagnose
+
+    use_features = config.mode in ("probe", "finetune") and config.use_cache and not distributed_run
+    engine = {"device": config.device, "engine": config.engine,
+              "precision": config.precision if config.mode == "probe" else "auto"}
+    try:
+        report = diagnose(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
+                          config.test_percent, config.backbone, config.weights, config.image_size,
+                          cache_dir=config.cache_dir, use_features=use_features, seed=config.seed,
+                          progress=progress, **engine)
+    except Exception as err:  # noqa: BLE001 - the check advises; a failure in it must not stop training
+        log.warning("the data check failed (%s: %s); training goes on", type(err).__name__, err)
+        return 0
+    log.info("%s%s", report.summary(), f" Details: transferkit doctor {arguments['data']}" if report.findings else "")
+    return report.features_computed
 
 
 def _write_report(run_dir: Path, group_map: dict | None) -> Path | None:
