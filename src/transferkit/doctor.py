@@ -123,7 +123,9 @@ def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: i
     x, y = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(targets)
     for fold in range(folds):
         train, held_out = torch.as_tensor(fold_of != fold), torch.as_tensor(fold_of == fold)
-        model = torch.nn.Linear(x.shape[1], num_classes)
+        with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state left alone
+            torch.manual_seed(seed + fold)
+            model = torch.nn.Linear(x.shape[1], num_classes)
         optimizer = torch.optim.LBFGS(model.parameters(), max_iter=100, line_search_fn="strong_wolfe")
 
         def loss():
