@@ -98,6 +98,11 @@ class Backbone:
         return f"Backbone({self.name!r}, weights_id={self.weights_id!r})"
 
 
+def feature_size(model: nn.Module) -> int:
+    """Width of the pooled pre-logits features a new head is trained on."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
 class PixelFeatures(nn.Module):
     """uint8 NHWC pixels -> normalised images -> pooled features: the one graph every engine runs.
 

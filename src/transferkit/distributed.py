@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from transferkit.runs import StagedRun
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -91,7 +93,7 @@ def launch(nproc: int, arguments: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
-class ScratchRun:
+class ScratchRun(StagedRun):
     """What ranks other than 0 write instead of the run folder: a private folder thrown away at the end."""
 
     def __init__(self):
@@ -102,14 +104,3 @@ class ScratchRun:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-
-    def path(self, name: str) -> Path:
-        return self.staging / name
-
-    def write_text(self, name: str, text: str) -> None:
-        self.path(name).write_text(text, encoding="utf-8")
-
-    def write_json(self, name: str, value: object) -> None:
-        import json
-
-        self.path(name).write_text(json.dumps(value, indent=2), encoding="utf-8")

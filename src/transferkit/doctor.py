@@ -279,8 +279,7 @@ def _thumbnail(path: str, side: int = 96) -> str | None:
 
 def write_html(report: DoctorReport, path: str | Path, limit: int = 50) -> Path:
     """The findings as one self-contained page, with thumbnails of the images involved."""
-    import jinja2
-
+    from transferkit.report import render_template
     from transferkit.runs import write_atomically
 
     groups = defaultdict(list)
@@ -289,10 +288,8 @@ def write_html(report: DoctorReport, path: str | Path, limit: int = 50) -> Path:
     shown = [f for findings in groups.values() for f in findings[:limit]]
     thumbnails = {p: _thumbnail(p) for p in {f.path for f in shown} | {f.other for f in shown if f.other}
                   if Path(p).is_file()}
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("transferkit", "templates"),
-                                     autoescape=jinja2.select_autoescape(["html"]))
-    page = environment.get_template("doctor.html").render(report=report, groups=list(groups.items()),
-                                                          titles=TITLES, thumbnails=thumbnails, limit=limit)
+    page = render_template("doctor.html", report=report, groups=list(groups.items()), titles=TITLES,
+                           thumbnails=thumbnails, limit=limit)
     path = Path(path)
     write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return path

@@ -186,8 +186,8 @@ class ExportResult:
 
 def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int) -> tuple[list[str], list[int]]:
     """Up to `count` labelled images of the run: its evaluation predictions (val/test), or its training split."""
-    from transferkit.data import load_dataset
     from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
+    from transferkit.runs import load_run_dataset
 
     if split in ("val", "test"):
         predictions = read_predictions(run / PREDICTIONS_FILE, classes)
@@ -195,10 +195,8 @@ def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count
         if chosen is None:
             return [], []
         return chosen.paths[:count], chosen.targets[:count].tolist()
-    data = config["data"]
     try:
-        samples = load_dataset(data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
-                               data.get("test_percent", 10.0)).splits.get("train", [])
+        samples = load_run_dataset(config).splits.get("train", [])
     except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
         return [], []
     index = {name: i for i, name in enumerate(classes)}
@@ -280,7 +278,7 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     from transferkit import __version__
     from transferkit.classifier import Classifier
     from transferkit.errors import DataError, RunError
-    from transferkit.runs import StagedRun
+    from transferkit.runs import StagedRun, read_metrics
 
     if format not in EXPORT_FORMATS:
         raise DataError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}.")
@@ -334,17 +332,10 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
         staged.write_json("export.json", {
             "format": format, "model": model_file, "inputs": {"pixels": ["batch", *preprocessing.input_size, 3]},
             "outputs": {"probabilities": ["batch", len(classes)]}, "backbone": config["backbone"]["name"],
-            "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in _run_metrics(run).items()},
+            "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in read_metrics(run).items()},
             "parity": parity, "quantization": quantization, "transferkit_version": __version__,
             "torch": torch.__version__})
     return ExportResult(out, format, model_file, parity, quantization)
-
-
-def _run_metrics(run: Path) -> dict:
-    try:
-        return json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: Path, int8: Path) -> dict:

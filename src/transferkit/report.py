@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_dataset, read_file
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_dataset, make_preparer
 from transferkit.errors import DataError, RunError, TransferkitError
 from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, evaluate, group_accuracy, read_groups,
                                   read_predictions)
-from transferkit.runs import read_run_config, write_atomically
+from transferkit.runs import load_run_dataset, read_metrics, read_run_config, write_atomically
 
 log = logging.getLogger("transferkit")
 
@@ -58,7 +57,7 @@ def _read_skipped(run: Path) -> list[tuple[str, str]]:
 
 def _run_evaluation(run: Path, classes: list[str], groups: dict | None) -> _Evaluation:
     """The run's own test split (validation when it has none), as `train` measured it."""
-    all_metrics = json.loads((run / "metrics.json").read_text())
+    all_metrics = read_metrics(run)
     split = next((name for name in ("test", "val") if name in all_metrics), None)
     predictions = read_predictions(run / PREDICTIONS_FILE, classes).get(split)
     metrics = all_metrics.get(split)
@@ -67,13 +66,10 @@ def _run_evaluation(run: Path, classes: list[str], groups: dict | None) -> _Eval
     return _Evaluation(split, metrics, predictions, _read_skipped(run))
 
 
-def _view(path: str, preprocessing, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def _view(path: str, preprocessing) -> np.ndarray:
     """The image as the classifier sees it at evaluation (resize + centre crop); grey when it cannot be read."""
-    try:
-        side = 2 * max(preprocessing.input_size)
-        return preprocessing.pixels(decode_image(read_file(Path(path)), max_pixels, (side, side)))
-    except ImageDecodeError:
-        return np.full((*preprocessing.input_size, 3), 128, dtype=np.uint8)
+    pixels = make_preparer(preprocessing)(path).pixels
+    return pixels if pixels is not None else np.full((*preprocessing.input_size, 3), 128, dtype=np.uint8)
 
 
 def _training_samples(config: dict, source: str | Path, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
@@ -83,10 +79,7 @@ def _training_samples(config: dict, source: str | Path, count: int, seed: int) -
     from transferkit.backbone import Preprocessing
     from transferkit.finetune import AugmentedImages
 
-    data = config.get("data", {})
-    dataset = load_dataset(source, data.get("val"), data.get("test"), data.get("val_percent", 10.0),
-                           data.get("test_percent", 10.0))
-    samples = dataset.splits.get("train", [])
+    samples = load_run_dataset(config, source).splits.get("train", [])
     chosen = np.random.default_rng(seed).permutation(len(samples))[:count]
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     options = config.get("train", {})
@@ -225,7 +218,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
     else:
         notes.append("The run has no validation or test split to measure; pass --data with labelled images.")
 
-    page = _render(run=run, config=config, classes=classes, split=chosen.split, metrics=metrics,
+    page = render_template("report.html", run=run, config=config, classes=classes, split=chosen.split, metrics=metrics,
                    finetune_start=plots.fine_tuning_start(history),
                    figures=pictures.figures, top_losses=top_losses, notes=notes, counts=counts,
                    skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped),
@@ -255,11 +248,12 @@ def _human_size(size: int | None) -> str:
     return f"{size / 1e3:,.1f} kB" if size < 1e6 else f"{size / 1e6:,.1f} MB"
 
 
-def _render(**values) -> str:
+def render_template(name: str, **values) -> str:
+    """One of the package's HTML templates (templates/NAME), autoescaped, with the number filters."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("transferkit", "templates"),
                                      autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
     environment.filters["size"] = _human_size
     environment.filters["thousands"] = lambda n: f"{n:,}"
-    return environment.get_template("report.html").render(**values)
+    return environment.get_template(name).render(**values)

@@ -157,3 +157,20 @@ def read_run_config(run: str | Path) -> dict:
     if config.get("format", 0) > RUN_FORMAT:
         raise RunError(f"{run} was written by a newer transferkit (run format {config['format']}); upgrade it.")
     return config
+
+
+def read_metrics(run: str | Path) -> dict:
+    """A run's metrics.json by split ({} when it has none)."""
+    try:
+        return json.loads((Path(run) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_run_dataset(config: dict, source: str | Path | None = None):
+    """The dataset a run was trained on (or `source`, split the same way), from its config."""
+    from transferkit.data import load_dataset
+
+    data = config["data"]
+    return load_dataset(source or data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
+                        data.get("test_percent", 10.0))

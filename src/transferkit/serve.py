@@ -10,7 +10,6 @@ waiting requests at once, waiting at most `max_wait_ms` for more to arrive.
 import asyncio
 import html
 import importlib.util
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -56,10 +55,10 @@ def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
         return ServedModel(path.name, exported.classes, exported.preprocessing, exported.probabilities,
                            exported.describe())
     from transferkit.classifier import Classifier
+    from transferkit.runs import read_metrics
 
     classifier = Classifier.load(path)
-    metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_metrics(path)
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return classifier.probabilities_from_features(classifier.extractor.features(pixels))
@@ -205,8 +204,7 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
 
     def answer(name: str, probabilities: np.ndarray, top_k: int) -> dict:
         prediction = ranked_prediction(name, probabilities, model.classes, min(top_k, len(model.classes)))
-        return {"predictions": [{"rank": rank, "label": label, "id": i, "probability": p}
-                                for rank, label, i, p in prediction.ranked()]}
+        return {"predictions": prediction.to_dict()["predictions"]}
 
     @app.get("/healthz")
     async def healthz() -> dict:

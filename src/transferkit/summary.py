@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, open_backbone
+from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, feature_size, open_backbone
 from transferkit.errors import BackboneError
 
 # Backbones listed besides the embedded ones: small, widely used ImageNet models that suit transfer learning.
@@ -30,11 +30,6 @@ def has_own_weights(module: nn.Module) -> bool:
 def count_layers(model: nn.Module) -> int:
     """Layers with weights (convolutions, norms, linears...), the count Keras' summary calls layers."""
     return sum(1 for module in model.modules() if has_own_weights(module))
-
-
-def feature_size(model: nn.Module) -> int:
-    """Width of the pooled pre-logits features a new head is trained on."""
-    return getattr(model, "head_hidden_size", None) or model.num_features
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from transferkit import __version__, distributed
 from transferkit.augment import check_augment, decode_size
-from transferkit.backbone import DEFAULT_BACKBONE, open_backbone, state_digest
+from transferkit.backbone import DEFAULT_BACKBONE, feature_size, open_backbone, state_digest
 from transferkit.classifier import Classifier
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, Skipped, load_dataset
 from transferkit.distributed import ScratchRun
@@ -327,8 +327,7 @@ def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = backbone.trainable_copy()
-        width = getattr(model, "head_hidden_size", None) or model.num_features
-        spec = HeadSpec(config.head, width, num_classes, config.dropout, config.hidden)
+        spec = HeadSpec(config.head, feature_size(model), num_classes, config.dropout, config.hidden)
         return Network(model, backbone, spec.build()), spec
 
 
