@@ -4,10 +4,13 @@ import importlib.util
 
 __version__ = "0.1.0"
 
-from transferkit.errors import BackboneError, DataError, RunError, TransferkitError  # noqa: E402
+from transferkit.download import download, download_url  # noqa: E402
+from transferkit.errors import (BackboneError, DataError, DownloadError, RunError, StorageError,  # noqa: E402
+                                TransferkitError)
 from transferkit.runtime import ExportedClassifier, Prediction  # noqa: E402
 
-__all__ = ["BackboneError", "DataError", "ExportedClassifier", "Prediction", "RunError", "TransferkitError"]
+__all__ = ["BackboneError", "DataError", "DownloadError", "ExportedClassifier", "Prediction", "RunError",
+           "StorageError", "TransferkitError", "download", "download_url"]
 
 # Without PyTorch (a production install that only runs exported models) the package offers the runtime alone.
 if importlib.util.find_spec("torch") is not None:

@@ -27,7 +27,7 @@ DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU if there is one), cp
 
 
 # What a runtime-only install (transferkit --no-deps + onnxruntime, Pillow, numpy) leaves out.
-_FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "jinja2"}
+_FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "jinja2", "tqdm"}
 
 
 def _friendly_errors(command: Callable) -> Callable:
@@ -35,12 +35,18 @@ def _friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def run(*args, **kwargs):
-        from transferkit.errors import TransferkitError
+        from transferkit.errors import TransferkitError, storage_problem
 
         try:
             return command(*args, **kwargs)
         except TransferkitError as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except OSError as error:
+            problem = storage_problem(error)
+            if problem is None:
+                raise
+            err.print(f"[bold red]error:[/] {problem}; then run the command again.", highlight=False)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as error:
             if error.name not in _FULL_INSTALL_MODULES:
@@ -69,6 +75,8 @@ def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormat("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # warnings are for the user here: one line each ("warning: ..."), without the source line that raised them
+    warnings.showwarning = lambda message, *_: logging.getLogger("transferkit").warning("%s", message)
     # transferkit checks image sizes itself and reports oversized images as skipped files.
     from PIL import Image
 
@@ -514,6 +522,37 @@ def doctor(
 
 @app.command()
 @_friendly_errors
+def download(
+    name: Optional[str] = typer.Argument(None, help="A dataset from --list (hymenoptera, flowers, pets, dogs, "
+                                                    "food-101); with --url, the folder to unpack into."),
+    to: Path = typer.Option(Path("data"), help="Folder that gets one subfolder per dataset."),
+    url: Optional[str] = typer.Option(None, help="Any zip or tar archive instead of a named dataset."),
+    sha256: Optional[str] = typer.Option(None, help="With --url: the archive's SHA-256, checked before unpacking."),
+    force: bool = typer.Option(False, help="Download again and replace the dataset folder."),
+    keep_archives: bool = typer.Option(False, help="Keep the archives in TO/.downloads after unpacking."),
+    list_datasets: bool = typer.Option(False, "--list", help="List the named datasets."),
+) -> None:
+    """Fetch and unpack a classic transfer-learning set (or any --url archive) in a layout train reads: checked
+    against its size and SHA-256, resumed when interrupted, archive paths that lead out refused."""
+    from transferkit.download import DATASETS, download as download_dataset, download_url
+    from transferkit.errors import DownloadError
+
+    if list_datasets:
+        table = Table("name", "what", "source", title="transferkit download NAME", title_justify="left")
+        for spec in DATASETS.values():
+            table.add_row(spec.name, spec.description, "\n".join(remote.url for remote in spec.files))
+        out.print(table)
+        return
+    if name is None and url is None:
+        raise DownloadError("give a dataset NAME (see `transferkit download --list`) or --url.")
+    options = dict(to=to, force=force, keep_archives=keep_archives)
+    result = download_url(url, sha256=sha256, name=name, **options) if url else download_dataset(name, **options)
+    state = "downloaded to" if result.fetched else "already in"
+    out.print(f"{result.name}: {state} {result.folder}. Train with:\n  transferkit train {result.data}")
+
+
+@app.command()
+@_friendly_errors
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/<timestamp>]."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where the demo images and features are kept."),
@@ -526,7 +565,7 @@ def demo(
     _setup_logging()
     result = run_demo(out_dir, cache_dir)
     _print_train_result(result, as_json=False)
-    data = Path(json.loads((result.run_dir / "config.json").read_text())["data"]["source"])
+    data = Path(json.loads((result.run_dir / "config.json").read_text(encoding="utf-8"))["data"]["source"])
     samples = load_dataset(data).splits["test"][:5]
     table = Table("image", "true label", "predicted", "probability", title="a few test predictions")
     for sample, p in zip(samples, Classifier.load(result.run_dir).predict([s.path for s in samples], top_k=1)):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -32,6 +34,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 # retrain.py's constant: the hash split stays compatible with TensorFlow's retrain.py.
 _MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
+log = logging.getLogger(__name__)
 _HEADER_WORDS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "label",
                  "class", "category", "target", "y", "split"}
 
@@ -98,24 +101,63 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in {"Thumbs.db", "desktop.ini", "__MACOSX"}
 
 
+def _walk_files(top: Path, listed: dict[tuple[int, int], Path] | None = None) -> tuple[list[Path], list[Skipped]]:
+    """Every non-hidden file under `top`, in os.walk order, and the folders that could not be listed.
+
+    Symbolic links to folders are followed (like torchvision's ImageFolder), but each real folder is listed once
+    (`listed`: the folders already listed, by device and inode): a link back to a parent folder cannot loop, and a
+    second link to one folder does not list it twice.
+    """
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+    listed = {} if listed is None else listed
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        try:
+            status = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as err:
+            skipped.append(Skipped(str(folder), f"folder cannot be listed: {err.strerror or err}"))
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in listed:
+            skipped.append(Skipped(str(folder), f"symbolic link to {listed[identity]}, which is already listed "
+                                                "(a link loop or a second link to one folder); not followed"))
+            continue
+        listed[identity] = folder
+        entries = [entry for entry in entries if not _is_hidden(entry.name)]
+        files += [folder / entry.name for entry in entries if not _is_folder(entry)]
+        pending += reversed([folder / entry.name for entry in entries if _is_folder(entry)])
+    return files, skipped
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _list_class_folders(root: Path) -> _Listing:
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     empty: list[str] = []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    status = root.stat()
+    listed = {(status.st_dev, status.st_ino): root}
     for class_dir in class_dirs:
+        files, unlisted = _walk_files(class_dir, listed)
+        skipped += unlisted
+        if unlisted and unlisted[0].path == str(class_dir):
+            continue  # the class folder is a link to a folder already listed: reported, not a class
         found = 0
-        for folder, subdirs, files in os.walk(class_dir):
-            subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
-            for name in sorted(files):
-                if _is_hidden(name):
-                    continue
-                path = Path(folder) / name
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    samples.append(Sample(path, class_dir.name))
-                    found += 1
-                else:
-                    skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
+        for path in files:
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append(Sample(path, class_dir.name))
+                found += 1
+            else:
+                skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
         if found == 0:
             empty.append(class_dir.name)
     return _Listing(samples, skipped, empty)
@@ -267,18 +309,23 @@ def load_dataset(
 
 
 def list_images(sources: list[str | Path]) -> list[Path]:
-    """Image files named by paths: files as given, folders searched recursively, CSVs read (first column)."""
+    """Image files named by paths: files as given, folders searched recursively, CSVs read (first column).
+    Folders and CSV rows that cannot be used are logged as warnings."""
     paths: list[Path] = []
+    skipped: list[Skipped] = []
     for source in map(Path, sources):
         if source.is_dir():
-            for folder, subdirs, files in os.walk(source):
-                subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
-                paths += [Path(folder) / f for f in sorted(files)
-                          if not _is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            files, unlisted = _walk_files(source)
+            paths += [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped += unlisted
         elif source.suffix.lower() == ".csv" and source.is_file():
-            paths += [s.path for s in _read_csv(source).samples]
+            listing = _read_csv(source)
+            paths += [s.path for s in listing.samples]
+            skipped += listing.skipped
         else:
             paths.append(source)
+    for item in skipped:
+        log.warning("skipped %s: %s", item.path, item.reason)
     return paths
 
 
@@ -439,12 +486,16 @@ def read_file(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError as err:
+        if Path(path).is_symlink():
+            raise ImageDecodeError(f"broken symbolic link (to {os.readlink(path)})", "unreadable") from err
         raise ImageDecodeError("file not found", "unreadable") from err
     except PermissionError as err:
         raise ImageDecodeError("permission denied", "unreadable") from err
     except IsADirectoryError as err:
         raise ImageDecodeError("is a folder, not a file", "unreadable") from err
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageDecodeError("symbolic link loop (the link leads back to itself)", "unreadable") from err
         raise ImageDecodeError(f"cannot read file: {err.strerror or err}", "unreadable") from err
 
 

@@ -17,7 +17,7 @@ from transferkit.errors import DataError
 def read_groups(path: str | Path) -> dict[str, list[str]]:
     """A groups file: {"group name": ["class", ...], ...}."""
     try:
-        groups = json.loads(Path(path).read_text())
+        groups = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"cannot read groups file {path}: {err}") from err
     if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
@@ -107,7 +107,7 @@ def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
         return {}
     index = {name: i for i, name in enumerate(classes)}
     columns: dict[str, dict[str, list]] = {}
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             part = columns.setdefault(row["split"], {k: [] for k in ("paths", "targets", "predicted", "confidence",
                                                                       "label_probability")})

@@ -64,7 +64,7 @@ def export_folder(backbone: Backbone, root: Path) -> Path:
 def recorded_failure(backbone: Backbone, root: Path) -> str | None:
     """Why an earlier export of this backbone was rejected, if one was."""
     try:
-        info = json.loads((export_folder(backbone, root) / "export.json").read_text())
+        info = json.loads((export_folder(backbone, root) / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return None if info.get("ok") else info.get("reason", "unknown reason")
@@ -130,7 +130,7 @@ def backbone_onnx(backbone: Backbone, root: Path) -> Path:
         try:
             staging.mkdir(parents=True)
             info = _export_and_check(backbone, staging)
-            (staging / "export.json").write_text(json.dumps(info, indent=2))
+            (staging / "export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
             try:
                 os.rename(staging, folder)
             except OSError:
@@ -140,7 +140,7 @@ def backbone_onnx(backbone: Backbone, root: Path) -> Path:
             raise ExportError(f"cannot write the ONNX export to {root}: {err}") from err
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    info = json.loads(info_path.read_text())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     if not info.get("ok"):
         raise ExportError(f"{backbone.name} cannot run in ONNX Runtime: {info.get('reason')}")
     return folder / "model.onnx"

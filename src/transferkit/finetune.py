@@ -9,13 +9,14 @@ whichever worker processes decoded which images.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from transferkit.train import TrainConfig
 
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
 
 
 class Network(nn.Module):
@@ -164,10 +166,23 @@ def _mix(*numbers: int) -> int:
     return value
 
 
+class Unreadable(NamedTuple):
+    """An image that could be read when the run started and cannot now (deleted, moved, being rewritten)."""
+
+    index: int
+    reason: str
+
+
+class Batch(NamedTuple):
+    pixels: torch.Tensor | None  # None when no image of the batch could be read
+    targets: torch.Tensor | None
+    unreadable: list[Unreadable]
+
+
 class AugmentedImages(Dataset):
     """(epoch, index) -> (uint8 HWC pixels, target), augmented with randomness seeded by (seed, epoch, index).
 
-    An image that has become unreadable since it was checked yields None; `collate` leaves it out.
+    An image that has become unreadable since it was checked yields `Unreadable`; `collate` sets it apart.
     """
 
     def __init__(self, paths: Sequence[Path], targets: np.ndarray, transform: Callable, decode_side: int,
@@ -183,19 +198,21 @@ class AugmentedImages(Dataset):
         epoch, index = key
         try:
             image = decode_image(read_file(self.paths[index]), self.max_pixels, self.draft)
-        except ImageDecodeError:
-            return None
+        except ImageDecodeError as err:
+            return Unreadable(index, str(err))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(self.seed, epoch, index, 2))
             pixels = np.asarray(self.transform(image), dtype=np.uint8)
         return torch.from_numpy(pixels.copy()), int(self.targets[index])
 
 
-def collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-    items = [item for item in items if item is not None]
+def collate(items: list) -> Batch:
+    unreadable = [item for item in items if isinstance(item, Unreadable)]
+    items = [item for item in items if not isinstance(item, Unreadable)]
     if not items:
-        return None
-    return torch.stack([pixels for pixels, _ in items]), torch.tensor([target for _, target in items])
+        return Batch(None, None, unreadable)
+    return Batch(torch.stack([pixels for pixels, _ in items]), torch.tensor([target for _, target in items]),
+                 unreadable)
 
 
 def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, workers: int | None = None,
@@ -251,6 +268,8 @@ def autocast(device: torch.device, precision: str):
 class ImageFitResult:
     history: list[dict]
     best_epoch: int
+    unreadable: dict[int, str] = field(default_factory=dict)
+    """Training images (by index) that could not be read in some epoch, with the reason."""
 
 
 @dataclass
@@ -345,10 +364,10 @@ class _Stage:
                                         options.warmup_epochs, options.lr_steps, options.lr_gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16")
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+    def step(self, batch: Batch) -> tuple[float, int]:
         """One optimiser step on a batch: (mean loss, number right)."""
         net, device, options = self.training.net, self.training.device, self.training.options
-        pixels, targets = (t.to(device, non_blocking=True) for t in batch)
+        pixels, targets = (t.to(device, non_blocking=True) for t in (batch.pixels, batch.targets))
         with autocast(device, self.training.precision):
             logits = self.model(pixels)
         loss = self.criterion(logits.float(), targets)
@@ -391,6 +410,7 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
         best, history, start = resume_state["best"], resume_state["history"], resume_state["epoch"] + 1
         best["score"] = tuple(best["score"])
     has_val = len(val_paths) > 0
+    unreadable: dict[int, str] = {}
     eval_batch = 256 if device.type == "cuda" else 32
     bar = tqdm(total=(options.epochs - start + 1) * stage.steps_per_epoch, unit="batch", file=sys.stderr,
                disable=_quiet(progress), dynamic_ncols=True)
@@ -405,12 +425,17 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
             started, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
             lr_of_last_batch = stage.optimizer.param_groups[0]["lr"]
             for batch in stage.loader:
-                if batch is not None:
+                for index, reason in batch.unreadable:
+                    if index not in unreadable:
+                        log.warning("%s cannot be read any more (%s); training goes on without it",
+                                    train_paths[index], reason)
+                    unreadable[index] = reason
+                if batch.pixels is not None:
                     lr_of_last_batch = stage.optimizer.param_groups[0]["lr"]
                     loss, right = stage.step(batch)
                     stage.scheduler.step()
-                    seen += len(batch[1])
-                    total_loss += loss * len(batch[1])
+                    seen += len(batch.targets)
+                    total_loss += loss * len(batch.targets)
                     correct += right
                 bar.update()
                 bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}",
@@ -446,7 +471,7 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
     if best["model"] is not None:
         net.load_state_dict(best["model"])
     net.eval()
-    return ImageFitResult(history, first_epoch_number + best["epoch"] - 1)
+    return ImageFitResult(history, first_epoch_number + best["epoch"] - 1, unreadable)
 
 
 def lr_range_test_images(training: ImageTraining, paths: Sequence[Path], targets: np.ndarray,
@@ -474,9 +499,9 @@ def _epoch_line(row: dict) -> str:
             f"{row['train_accuracy']:.4f}{val}, {row['images_per_second']} img/s")
 
 
-def batches_forever(loader: DataLoader, sampler: EpochSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches_forever(loader: DataLoader, sampler: EpochSampler) -> Iterator[Batch]:
     epoch = 1
     while True:
         sampler.set_epoch(epoch)
-        yield from (batch for batch in loader if batch is not None)
+        yield from (batch for batch in loader if batch.pixels is not None)
         epoch += 1

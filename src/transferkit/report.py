@@ -44,7 +44,7 @@ def _read_history(run: Path) -> list[dict]:
     path = run / "history.csv"
     if not path.is_file():
         return []
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -52,7 +52,7 @@ def _read_skipped(run: Path) -> list[tuple[str, str]]:
     path = run / "skipped.txt"
     if not path.is_file():
         return []
-    return [tuple(line.split("\t", 1)) for line in path.read_text().splitlines() if "\t" in line]
+    return [tuple(line.split("\t", 1)) for line in path.read_text(encoding="utf-8").splitlines() if "\t" in line]
 
 
 def _run_evaluation(run: Path, classes: list[str], groups: dict | None) -> _Evaluation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from transferkit.errors import RunError, TransferkitError
+from transferkit.errors import RunError, StorageError, TransferkitError, storage_problem
 
 try:
     import fcntl
@@ -46,12 +47,17 @@ def write_atomically(path: Path, write) -> None:
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err  # the file the user asked for, not our temporary
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
-    write_atomically(folder / CHECKPOINT, lambda temporary: torch.save(state, temporary))
+    # Serialised in memory first: torch.save's own file writer turns a full disk into an opaque RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(folder / CHECKPOINT, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(folder: Path) -> dict | None:
@@ -117,17 +123,25 @@ class StagedRun:
     def write_text(self, name: str, text: str) -> None:
         self.path(name).write_text(text, encoding="utf-8")
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.path(name).write_bytes(data)
+
     def write_json(self, name: str, value: object) -> None:
         self.write_text(name, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             # an interrupted run keeps its checkpoint for `resume`; a fresh one stopped by a user error does not
-            resumable = (self.staging / CHECKPOINT).exists() and (self.resume or not issubclass(exc_type,
-                                                                                                  TransferkitError))
+            problem = storage_problem(exc)
+            resumable = (self.staging / CHECKPOINT).exists() and (
+                self.resume or problem is not None or not issubclass(exc_type, TransferkitError))
             if not resumable:
                 shutil.rmtree(self.staging, ignore_errors=True)
             self._release()
+            if problem is not None:
+                then = (f"continue the run with `transferkit train --resume {self.out}` (it keeps its finished "
+                        "epochs)" if resumable else "run again")
+                raise StorageError(f"the run stopped: {problem}; then {then}.") from exc
             return
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
         (self.staging / ".lock").unlink(missing_ok=True)
@@ -153,7 +167,7 @@ def read_run_config(run: str | Path) -> dict:
     missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
     if missing:
         raise RunError(f"{run} is not a complete transferkit run (missing {', '.join(missing)}).")
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     if config.get("format", 0) > RUN_FORMAT:
         raise RunError(f"{run} was written by a newer transferkit (run format {config['format']}); upgrade it.")
     return config
@@ -162,7 +176,7 @@ def read_run_config(run: str | Path) -> dict:
 def read_metrics(run: str | Path) -> dict:
     """A run's metrics.json by split ({} when it has none)."""
     try:
-        return json.loads((Path(run) / "metrics.json").read_text())
+        return json.loads((Path(run) / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 

@@ -109,12 +109,13 @@ class ExportedClassifier:
             raise RunError(f"{folder} is not a transferkit export (missing {', '.join(missing)}); make one with "
                            f"`transferkit export RUN --format onnx`.")
         self.folder = folder
-        self.manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        self.manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
         if self.manifest.get("format") != "onnx":
             raise RunError(f"{folder} holds a {self.manifest.get('format')} export; the light runtime runs ONNX "
                            f"exports (`transferkit export RUN --format onnx`).")
         self.classes = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
-        self.preprocessing = Preprocessing.from_dict(json.loads((folder / "preprocessing.json").read_text()))
+        self.preprocessing = Preprocessing.from_dict(
+            json.loads((folder / "preprocessing.json").read_text(encoding="utf-8")))
         self.model_path = folder / (model_file or self.manifest["model"])
         self.session = onnx_session(str(self.model_path), threads=threads)
         self.input_name = self.session.get_inputs()[0].name

@@ -140,14 +140,14 @@ def _frozen_backbone(classifier, size: int) -> ModelSummary:
     key = hashlib.sha256(f"{backbone.architecture}|{backbone.weights_id}|{size}".encode()).hexdigest()[:24]
     path = default_cache_dir() / "summaries" / f"{key}.json"
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
         return ModelSummary(**{**values, "rows": [LayerRow(**row) for row in values["rows"]]})
     except (OSError, ValueError, TypeError, KeyError):
         pass
     summary = summarize_model(backbone.name, backbone.trainable_copy().requires_grad_(False), (size, size))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(asdict(summary))))
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(asdict(summary)), encoding="utf-8"))
     except OSError:
         pass  # an unwritable cache only costs the next report the same work again
     return summary

@@ -357,6 +357,9 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                      save_checkpoint=(lambda state: save_checkpoint(staged.staging, {**checkpoint, "stage": state}))
                      if distributed.current().is_main else None,
                      tensorboard=tensorboard, progress=progress)
+    train_paths = prepared.paths["train"]
+    prepared.skipped += [Skipped(train_paths[i], f"became unreadable during training: {reason}")
+                         for i, reason in sorted(fit.unreadable.items())]
     probabilities = {}
     for name in ("val", "test"):
         paths, targets = prepared.split(name)
@@ -366,6 +369,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
             if len(kept) != len(paths):
                 log.warning("%d %s images became unreadable during training; they are left out of the metrics",
                             len(paths) - len(kept), name)
+                lost = sorted(set(range(len(paths))) - set(kept.tolist()))
+                prepared.skipped += [Skipped(str(paths[i]), "became unreadable during training") for i in lost]
                 prepared.paths[name] = [str(paths[i]) for i in kept]
                 prepared.targets[name] = targets[kept].tolist()
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in net.head.state_dict().items()}
@@ -427,10 +432,10 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     if config.train_size:
         backbone.train_size = config.train_size
     checked = 0
-    if doctor and checkpoint is None and ranks.is_main:
-        checked = _doctor_summary(arguments, config, ranks.distributed, progress)
     run_folder = StagedRun(run_dir, overwrite, resume=checkpoint is not None) if ranks.is_main else ScratchRun()
-    with run_folder as staged:
+    with run_folder as staged:  # opened first: an unwritable --out fails before any work
+        if doctor and checkpoint is None and ranks.is_main:
+            checked = _doctor_summary(arguments, config, ranks.distributed, progress)
         if checkpoint is None:
             checkpoint = {"arguments": arguments}
             save_checkpoint(staged.staging, checkpoint)
@@ -460,8 +465,8 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
                      "images": prepared.sizes, "class_counts": prepared.class_counts},
         }
-        safetensors.torch.save_file(outcome.tensors, str(staged.path("model.safetensors")),
-                                    metadata={"format": "transferkit"})
+        staged.write_bytes("model.safetensors", safetensors.torch.save(outcome.tensors,
+                                                                       metadata={"format": "transferkit"}))
         staged.write_json("config.json", run_config)
         staged.write_text("labels.txt", "\n".join(prepared.classes) + "\n")
         staged.write_text("history.csv", _history_csv(outcome.history))
@@ -542,5 +547,6 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError(f"cannot create {folder}: {err.strerror or err}; choose a writable --out.") from err
-    write_atomically(folder / "lr_find.csv", lambda temporary: temporary.write_text(_history_csv(finding.to_rows())))
+    write_atomically(folder / "lr_find.csv",
+                     lambda temporary: temporary.write_text(_history_csv(finding.to_rows()), encoding="utf-8"))
     return finding, plot_lr_finding(finding, folder / "lr_find.png")
