@@ -139,8 +139,8 @@ class StagedRun:
                 shutil.rmtree(self.staging, ignore_errors=True)
             self._release()
             if problem is not None:
-                then = (f"continue the run with `transferkit train --resume {self.out}` (it keeps its finished "
-                        "epochs)" if resumable else "run again")
+                then = (f"continue the run with `transferkit train --resume {self.out}` (the work done so far is "
+                        "kept)" if resumable else "run again")
                 raise StorageError(f"the run stopped: {problem}; then {then}.") from exc
             return
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
