@@ -57,6 +57,25 @@ def test_doctor_finds_each_planted_problem(messy, tmp_path):
     assert report.summary().startswith("doctor: ") and "1 exact duplicates across splits" in report.summary()
 
 
+def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path, monkeypatch):
+    import transferkit.doctor
+
+    reads = []
+    real_read_file = transferkit.doctor.read_file
+    monkeypatch.setattr(transferkit.doctor, "read_file", lambda path: reads.append(path) or real_read_file(path))
+    first = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
+    files = len(reads)
+    second = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
+    assert files == 3 * 14 + 3 * 5 + 9 and len(reads) == files  # nothing read again
+    assert second.findings == first.findings
+
+    banner = messy / "train" / "squares" / "banner.png"
+    banner.write_bytes(banner.read_bytes()[:100])
+    third = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
+    assert reads[files:] == [banner]
+    assert str(banner) in [f.path for f in third.of_kind("unreadable")]
+
+
 def test_doctor_command_writes_json_and_html(messy, tmp_path):
     page = tmp_path / "doctor.html"
     done = subprocess.run([sys.executable, "-m", "transferkit", "doctor", str(messy), "--json", "--report",

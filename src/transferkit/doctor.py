@@ -9,8 +9,9 @@ centre of their own class.
 
 from __future__ import annotations
 
-import hashlib
 import io
+import os
+import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_dataset, read_file
+from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
+                             load_dataset, read_file)
 
 TINY_SIDE = 32
 EXTREME_ASPECT = 4.0
@@ -77,10 +79,20 @@ class DoctorReport:
                 "findings": [asdict(f) for f in self.findings]}
 
 
-def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
-    name = str(path)
+@dataclass(frozen=True)
+class ImageFacts:
+    """What decoding a file's content tells the checks; cached by content digest, so unchanged files are not read."""
+
+    format: str | None = None
+    frames: int = 1
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def _image_facts(data: bytes, max_pixels: int) -> ImageFacts:
     if not data:
-        return [Finding("unreadable", name, "empty file", 1.0)]
+        return ImageFacts(error="empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image_format, frames, (width, height) = image.format, getattr(image, "n_frames", 1), image.size
@@ -89,13 +101,20 @@ def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
     try:  # a JPEG decoded at 1/8 scale is still read to its end, so truncation shows, at a fraction of the cost
         decode_image(data, max_pixels, (2 * TINY_SIDE, 2 * TINY_SIDE))
     except ImageDecodeError as err:
-        return [Finding("unreadable", name, str(err), 1.0)]
+        return ImageFacts(image_format, frames, width, height, str(err))
+    return ImageFacts(image_format, frames, width, height)
+
+
+def _file_findings(path: Path, facts: ImageFacts) -> list[Finding]:
+    name = str(path)
+    if facts.error is not None:
+        return [Finding("unreadable", name, facts.error, 1.0)]
     found = []
-    suffix = path.suffix.lower()
-    if image_format in _FORMAT_EXTENSIONS and suffix not in _FORMAT_EXTENSIONS[image_format]:
-        found.append(Finding("wrong_extension", name, f"{image_format} data in a {suffix or 'no-extension'} file"))
-    if frames > 1:
-        found.append(Finding("animated", name, f"{frames} frames; only the first is used", float(frames)))
+    suffix, width, height = path.suffix.lower(), facts.width, facts.height
+    if facts.format in _FORMAT_EXTENSIONS and suffix not in _FORMAT_EXTENSIONS[facts.format]:
+        found.append(Finding("wrong_extension", name, f"{facts.format} data in a {suffix or 'no-extension'} file"))
+    if facts.frames > 1:
+        found.append(Finding("animated", name, f"{facts.frames} frames; only the first is used", float(facts.frames)))
     if min(width, height) < TINY_SIDE:
         found.append(Finding("tiny", name, f"{width}x{height} pixels", float(TINY_SIDE - min(width, height))))
     aspect = max(width, height) / max(1, min(width, height))
@@ -103,6 +122,44 @@ def _file_findings(path: Path, data: bytes, max_pixels: int) -> list[Finding]:
         found.append(Finding("extreme_aspect", name, f"{width}x{height} (aspect {aspect:.1f}); a centre crop "
                                                      "loses most of it", aspect))
     return found
+
+
+def _check_files(paths: list[Path], cache) -> list[tuple[str | None, ImageFacts]]:
+    """(content digest, facts) per path; a file that cannot be read gets no digest. Files the cache has seen
+    unchanged (same size, mtime and inode) are not read again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = cache.known_digests(paths) if cache is not None else {}
+    stored = cache.image_facts(known.values()) if cache is not None else {}
+    learnt: dict[str, dict] = {}
+    seen: list[tuple[Path, tuple[int, int, int], str]] = []
+
+    def check(i: int) -> tuple[str | None, ImageFacts]:
+        if known.get(i) in stored:
+            return known[i], ImageFacts(**stored[known[i]])
+        try:
+            status = os.stat(paths[i])  # before reading: a file changed meanwhile is read again next time
+        except OSError:
+            status = None
+        try:
+            data = read_file(paths[i])
+        except ImageDecodeError as err:
+            return None, ImageFacts(error=str(err))
+        digest, facts = content_digest(data), _image_facts(data, DEFAULT_MAX_IMAGE_PIXELS)
+        learnt[digest] = asdict(facts)
+        if status is not None:
+            seen.append((paths[i], (status.st_size, status.st_mtime_ns, status.st_ino), digest))
+        return digest, facts
+
+    with ThreadPoolExecutor(default_workers()) as pool:
+        results = list(pool.map(check, range(len(paths))))
+    if cache is not None and learnt:
+        try:
+            cache.remember(seen)
+            cache.remember_image_facts(learnt)
+        except (OSError, sqlite3.Error):
+            pass  # the checks are done; only the next run's shortcut is lost
+    return results
 
 
 def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
@@ -194,7 +251,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
              val_percent: float = 10.0, test_percent: float = 10.0, backbone: str = "efficientnet_lite0",
              weights: str | None = None, image_size: int | None = None,
              near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE, cache_dir: str | Path | None = None,
-             use_features: bool = True, seed: int = 0, progress: bool | None = None,
+             use_cache: bool = True, use_features: bool = True, seed: int = 0, progress: bool | None = None,
              **engine_options) -> DoctorReport:
     """Every problem found in DATA, each kind ranked worst first. `use_features=False` keeps to the checks that
     need no backbone (files, exact duplicates, class counts)."""
@@ -205,15 +262,20 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     report = DoctorReport(str(data), dataset.classes, dataset.counts())
     report.findings += [Finding("unreadable", s.path, s.reason, 1.0) for s in dataset.skipped]
     samples = [(name, sample) for name in dataset.splits for sample in dataset.splits[name]]
-    by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for split, sample in samples:
-        try:
-            content = read_file(sample.path)
-        except ImageDecodeError as err:
-            report.findings.append(Finding("unreadable", str(sample.path), str(err), 1.0))
-            continue
-        report.findings += _file_findings(sample.path, content, DEFAULT_MAX_IMAGE_PIXELS)
-        by_digest[hashlib.sha256(content).hexdigest()].append((str(sample.path), split))
+    cache = open_cache(cache_dir, use_cache)
+    try:
+        checked = _check_files([sample.path for _, sample in samples], cache)
+        by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for (split, sample), (digest, facts) in zip(samples, checked):
+            report.findings += _file_findings(sample.path, facts)
+            if digest is not None:
+                by_digest[digest].append((str(sample.path), split))
+        if use_features:
+            extractor = Extractor(open_backbone(backbone, weights, image_size), **engine_options)
+            feature_set = extract_features(extractor, [s.path for _, s in samples], cache, progress=progress)
+    finally:
+        if cache is not None:
+            cache.close()
     exact = set()
     for copies in (c for c in by_digest.values() if len(c) > 1):
         first, first_split = copies[0]
@@ -237,13 +299,6 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     if not use_features:
         report.findings.sort(key=lambda f: (-SEVERITY.get(f.kind, 0), f.kind, -f.score, f.path))
         return report
-    cache = open_cache(cache_dir, True)
-    try:
-        feature_set = extract_features(Extractor(open_backbone(backbone, weights, image_size), **engine_options),
-                                       [s.path for _, s in samples], cache, progress=progress)
-    finally:
-        if cache is not None:
-            cache.close()
     report.features_computed = feature_set.computed
     kept = feature_set.kept
     paths = [str(samples[i][1].path) for i in kept]

@@ -196,6 +196,7 @@ class FeatureCache:
                     CREATE TABLE IF NOT EXISTS spaces (space TEXT PRIMARY KEY, dim INTEGER, key TEXT);
                     CREATE TABLE IF NOT EXISTS features (space TEXT, digest TEXT, shard TEXT, row INTEGER,
                                                          PRIMARY KEY (space, digest));
+                    CREATE TABLE IF NOT EXISTS image_facts (digest TEXT PRIMARY KEY, facts TEXT);
                 """)
                 return
             except sqlite3.OperationalError as err:
@@ -243,6 +244,15 @@ class FeatureCache:
         """Record (path, (size, mtime_ns, inode), digest) so unchanged files are not read again."""
         self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
                     [(str(Path(path).absolute()), *stat, digest) for path, stat, digest in files])
+
+    def image_facts(self, digests: Iterable[str]) -> dict[str, dict]:
+        """What `transferkit doctor` learnt from decoding these contents before (format, size, frames, error)."""
+        rows = self._select("SELECT digest, facts FROM image_facts WHERE digest IN ({marks})", sorted(set(digests)))
+        return {digest: json.loads(facts) for digest, facts in rows}
+
+    def remember_image_facts(self, facts: dict[str, dict]) -> None:
+        self._write("INSERT OR REPLACE INTO image_facts VALUES (?, ?)",
+                    [(digest, json.dumps(value)) for digest, value in facts.items()])
 
     def _write(self, sql: str, records: list[tuple]) -> None:
         if not records:

@@ -492,7 +492,8 @@ def _doctor_summary(arguments: dict, config: TrainConfig, distributed_run: bool,
     try:
         report = diagnose(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
                           config.test_percent, config.backbone, config.weights, config.image_size,
-                          cache_dir=config.cache_dir, use_features=use_features, seed=config.seed,
+                          cache_dir=config.cache_dir, use_cache=config.use_cache, use_features=use_features,
+                          seed=config.seed,
                           progress=progress, **engine)
     except Exception as err:  # noqa: BLE001 - the check advises; a failure in it must not stop training
         log.warning("the data check failed (%s: %s); training goes on", type(err).__name__, err)
