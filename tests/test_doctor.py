@@ -61,8 +61,8 @@ def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path
     import transferkit.doctor
 
     reads = []
-    real_read_file = transferkit.doctor.read_file
-    monkeypatch.setattr(transferkit.doctor, "read_file", lambda path: reads.append(path) or real_read_file(path))
+    real_read = transferkit.doctor.read_file_and_stat
+    monkeypatch.setattr(transferkit.doctor, "read_file_and_stat", lambda path: reads.append(path) or real_read(path))
     first = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
     files = len(reads)
     second = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)

@@ -499,6 +499,17 @@ def read_file(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read file: {err.strerror or err}", "unreadable") from err
 
 
+def read_file_and_stat(path: Path) -> tuple[bytes, tuple[int, int, int] | None]:
+    """File bytes (or ImageDecodeError) and the file's (size, mtime_ns, inode) taken before reading, for a cache
+    keyed by file stat: a file that changes while it is read is then read again next time."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        status = None  # read_file says why
+    data = read_file(path)
+    return data, (status.st_size, status.st_mtime_ns, status.st_ino) if status else None
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -537,13 +548,9 @@ def make_preparer(preprocessing: Preprocessing,
         try:
             if isinstance(item, Image.Image):
                 return Prepared(preprocessing.pixels(item.convert("RGB")), None)
-            try:
-                st = os.stat(item)
-            except OSError:
-                st = None  # read_file says why
-            data = read_file(Path(item))
+            data, file_stat = read_file_and_stat(Path(item))
             return Prepared(preprocessing.pixels(decode_image(data, max_pixels, draft)), content_digest(data), None,
-                            (st.st_size, st.st_mtime_ns, st.st_ino) if st else None)
+                            file_stat)
         except ImageDecodeError as err:
             return Prepared(None, None, str(err))
 

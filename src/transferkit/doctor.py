@@ -10,7 +10,6 @@ centre of their own class.
 from __future__ import annotations
 
 import io
-import os
 import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
-                             load_dataset, read_file)
+                             load_dataset, read_file, read_file_and_stat)
 
 TINY_SIDE = 32
 EXTREME_ASPECT = 4.0
@@ -138,17 +137,13 @@ def _check_files(paths: list[Path], cache) -> list[tuple[str | None, ImageFacts]
         if known.get(i) in stored:
             return known[i], ImageFacts(**stored[known[i]])
         try:
-            status = os.stat(paths[i])  # before reading: a file changed meanwhile is read again next time
-        except OSError:
-            status = None
-        try:
-            data = read_file(paths[i])
+            data, file_stat = read_file_and_stat(paths[i])
         except ImageDecodeError as err:
             return None, ImageFacts(error=str(err))
         digest, facts = content_digest(data), _image_facts(data, DEFAULT_MAX_IMAGE_PIXELS)
         learnt[digest] = asdict(facts)
-        if status is not None:
-            seen.append((paths[i], (status.st_size, status.st_mtime_ns, status.st_ino), digest))
+        if file_stat is not None:
+            seen.append((paths[i], file_stat, digest))
         return digest, facts
 
     with ThreadPoolExecutor(default_workers()) as pool:
