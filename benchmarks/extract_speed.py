@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from transferkit.backbone import open_backbone
-from transferkit.export import cosine_rows
+from transferkit.onnx_engine import cosine_rows
 from transferkit.data import default_workers, iter_prepared, make_preparer
 from transferkit.features import Extractor, FeatureCache, cpu_has_fast_bf16, extract_features
 from transferkit.head import FitOptions, HeadSpec, fit_head

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from conftest import draw_sample, make_image_folder
-from transferkit import export
+from transferkit import onnx_engine
 from transferkit import features as features_module
 from transferkit.backbone import Preprocessing, open_backbone
 from transferkit.errors import BackboneError
-from transferkit.export import cosine_rows
+from transferkit.onnx_engine import cosine_rows
 from transferkit.data import make_preparer
 from transferkit.features import Extractor, FeatureCache, extract_features
 
@@ -82,8 +82,8 @@ def test_every_engine_agrees_with_the_fp32_reference(backbone, image_folder):
 
 def test_auto_engine_exports_once_and_reuses_the_export(backbone, tmp_path, monkeypatch):
     calls = []
-    real_export = export.export_pixel_model
-    monkeypatch.setattr(export, "export_pixel_model", lambda *a: calls.append(1) or real_export(*a))
+    real_export = onnx_engine.export_pixel_model
+    monkeypatch.setattr(onnx_engine, "export_pixel_model", lambda *a: calls.append(1) or real_export(*a))
     pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
     first = Extractor(backbone, "cpu", export_dir=tmp_path)
     assert (first.engine, first.precision) == ("onnxruntime", "fp32")
@@ -91,14 +91,14 @@ def test_auto_engine_exports_once_and_reuses_the_export(backbone, tmp_path, monk
     np.testing.assert_allclose(Extractor(backbone, "cpu", export_dir=tmp_path).features(pixels), features,
                                rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
-    assert json.loads(next(tmp_path.glob("*/export.json")).read_text())["cosine"] >= export.MIN_EXPORT_COSINE
+    assert json.loads(next(tmp_path.glob("*/export.json")).read_text())["cosine"] >= onnx_engine.MIN_EXPORT_COSINE
 
 
 def test_a_failed_export_falls_back_to_torch_and_is_remembered(backbone, tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("unsupported operator\nlong trace")
 
-    monkeypatch.setattr(export, "export_pixel_model", broken)
+    monkeypatch.setattr(onnx_engine, "export_pixel_model", broken)
     pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
     extractor = Extractor(backbone, "cpu", export_dir=tmp_path)
     with pytest.warns(UserWarning, match="unsupported operator; using the torch engine"):

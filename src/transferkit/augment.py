@@ -1,11 +1,18 @@
-"""Training-time augmentation presets, built from torchvision transforms v2 (PIL image in, PIL image out)."""
+"""Training-time augmentation: the presets (torchvision transforms v2, PIL image in, PIL image out) and the
+augmented views of a data set, seeded by (seed, epoch, image) so that any process draws the same crop."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from transferkit.backbone import Preprocessing
+from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
 
 AUGMENTS = ("none", "light", "vgg", "strong")
@@ -51,3 +58,45 @@ def train_transform(name: str, size: int, preprocessing: Preprocessing) -> Calla
 def decode_size(name: str, size: int) -> int:
     """The smallest side a JPEG may be draft-decoded to for the preset, so crops are never upsampled much."""
     return math.ceil(512 * size / 224) if name == "vgg" else 2 * size
+
+
+def mix_seed(*numbers: int) -> int:
+    """One seed from several numbers (seed, epoch, image, purpose): every random choice is a function of them."""
+    value = 0
+    for number in numbers:
+        value = (value * 1_000_003 + number) % (2**63 - 1)
+    return value
+
+
+class Unreadable(NamedTuple):
+    """An image that could be read when the run started and cannot now (deleted, moved, being rewritten)."""
+
+    index: int
+    reason: str
+
+
+class AugmentedImages(Dataset):
+    """(epoch, index) -> (uint8 HWC pixels, target), augmented with randomness seeded by (seed, epoch, index).
+
+    An image that has become unreadable since it was checked yields `Unreadable`; `collate` sets it apart.
+    """
+
+    def __init__(self, paths: Sequence[Path], targets: np.ndarray, transform: Callable, decode_side: int,
+                 max_pixels: int, seed: int):
+        self.paths, self.targets = list(paths), np.asarray(targets)
+        self.transform, self.draft = transform, (decode_side, decode_side)
+        self.max_pixels, self.seed = max_pixels, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        try:
+            image = decode_image(read_file(self.paths[index]), self.max_pixels, self.draft)
+        except ImageDecodeError as err:
+            return Unreadable(index, str(err))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, index, 2))
+            pixels = np.asarray(self.transform(image), dtype=np.uint8)
+        return torch.from_numpy(pixels.copy()), int(self.targets[index])

@@ -123,6 +123,10 @@ def _print_train_result(result, as_json: bool) -> None:
             m = result.metrics[split]
             out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} ({m['n']} images)")
     out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to [bold]{result.run_dir}[/]")
+    if result.choice:
+        out.print(f"auto: {result.choice}", highlight=False)
+    if result.advice:
+        out.print(f"Tip: {result.advice}", highlight=False)
     if result.report:
         out.print(f"Report: [bold]{result.report}[/]")
 
@@ -138,8 +142,12 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run (or an interrupted one)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run that was writing this folder, "
                                                      "with its own options."),
-    mode: str = typer.Option("probe", help="probe (head on cached features), head (head on augmented images), "
-                                           "finetune (probe, then unfreeze the top of the backbone) or scratch."),
+    mode: Optional[str] = typer.Option(None, help="probe (head on cached features), head (head on augmented "
+                                                  "images), finetune (probe, then unfreeze the top of the backbone), "
+                                                  "scratch, or auto (probe, then fine-tuning fitted to the time) "
+                                                  "[default: auto with --time-limit, else probe]."),
+    time_limit: Optional[str] = typer.Option(None, help="The whole run's time, e.g. 90s, 20m, 1h30m or seconds: "
+                                                        "the best model it buys (--mode auto)."),
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0/1/2 (embedded), timm name, hf-hub:ID."),
     weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution [default: the backbone's test resolution]."),
@@ -222,7 +230,7 @@ def train(
         unfreeze = f"from:{unfreeze_from}"
     options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
-                   backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_epochs=head_epochs, epochs=epochs,
+                   time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
                    momentum=momentum, nesterov=nesterov, schedule=schedule, lr_steps=_epoch_list(lr_steps),

@@ -329,7 +329,7 @@ def _thumbnail(path: str, side: int = 96) -> str | None:
 
 def write_html(report: DoctorReport, path: str | Path, limit: int = 50) -> Path:
     """The findings as one self-contained page, with thumbnails of the images involved."""
-    from transferkit.report import render_template
+    from transferkit.pages import render_template
     from transferkit.runs import write_atomically
 
     groups = defaultdict(list)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import sys
 import time
 import uuid
 import warnings
@@ -24,14 +23,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, JPEG_DRAFT_MARGIN, Skipped, default_workers,
                               iter_prepared, make_preparer)
 from transferkit.errors import BackboneError
-from transferkit.export import (ExportError, backbone_onnx, onnx_session, onnxruntime_installed, onnxruntime_provider,
-                               recorded_failure)
+from transferkit.onnx_engine import (ExportError, backbone_onnx, onnx_session, onnxruntime_installed,
+                                     onnxruntime_provider, recorded_failure)
+from transferkit.progress import progress_bar
 
 CACHE_FORMAT = 2
 _SQL_CHUNK = 500
@@ -362,8 +361,7 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
     skipped: list[Skipped] = []
     computed = 0
     writer = cache.writer(space, extractor.cache_key) if cache is not None else None
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=(not todo) if progress is None else not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(len(todo), desc, "img", progress, quiet_when_empty=True)
     try:
         prepare = make_preparer(extractor.backbone.preprocessing, max_pixels) if todo else None
         for batch in iter_prepared([paths[i] for i in todo], prepare, batch_size, workers):

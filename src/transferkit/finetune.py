@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Sampler
 
-from transferkit.augment import train_transform
+from transferkit.augment import AugmentedImages, Unreadable, mix_seed, train_transform
+from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.backbone import Backbone, PixelFeatures
 from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
@@ -33,9 +33,10 @@ from transferkit.data import default_workers, iter_prepared, make_preparer
 from transferkit.distributed import Ranks
 from transferkit.features import cpu_has_fast_bf16
 from transferkit.optim import make_optimizer, make_scheduler
+from transferkit.progress import progress_bar
 
 if TYPE_CHECKING:
-    from transferkit.train import TrainConfig
+    from transferkit.config import TrainConfig
 
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class EpochSampler(Sampler):
         return self.size // self.ranks.world_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
         if self.weights is None:
             order = torch.randperm(self.size, generator=generator)
         else:
@@ -159,51 +160,10 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, int(i)) for i in order[self.ranks.rank::self.ranks.world_size][:len(self)]])
 
 
-def _mix(*numbers: int) -> int:
-    value = 0
-    for number in numbers:
-        value = (value * 1_000_003 + number) % (2**63 - 1)
-    return value
-
-
-class Unreadable(NamedTuple):
-    """An image that could be read when the run started and cannot now (deleted, moved, being rewritten)."""
-
-    index: int
-    reason: str
-
-
 class Batch(NamedTuple):
     pixels: torch.Tensor | None  # None when no image of the batch could be read
     targets: torch.Tensor | None
     unreadable: list[Unreadable]
-
-
-class AugmentedImages(Dataset):
-    """(epoch, index) -> (uint8 HWC pixels, target), augmented with randomness seeded by (seed, epoch, index).
-
-    An image that has become unreadable since it was checked yields `Unreadable`; `collate` sets it apart.
-    """
-
-    def __init__(self, paths: Sequence[Path], targets: np.ndarray, transform: Callable, decode_side: int,
-                 max_pixels: int, seed: int):
-        self.paths, self.targets = list(paths), np.asarray(targets)
-        self.transform, self.draft = transform, (decode_side, decode_side)
-        self.max_pixels, self.seed = max_pixels, seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        try:
-            image = decode_image(read_file(self.paths[index]), self.max_pixels, self.draft)
-        except ImageDecodeError as err:
-            return Unreadable(index, str(err))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, epoch, index, 2))
-            pixels = np.asarray(self.transform(image), dtype=np.uint8)
-        return torch.from_numpy(pixels.copy()), int(self.targets[index])
 
 
 def collate(items: list) -> Batch:
@@ -227,9 +187,13 @@ def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, worke
         except ImageDecodeError as err:
             return str(err)
 
+    bar = progress_bar(len(paths), "Checking images", "img", progress)
+    errors = []
     with ThreadPoolExecutor(workers or default_workers()) as pool:
-        errors = list(tqdm(pool.map(check, paths), total=len(paths), desc="Checking images", unit="img",
-                           file=sys.stderr, disable=_quiet(progress), dynamic_ncols=True))
+        for error in pool.map(check, paths):
+            errors.append(error)
+            bar.update()
+    bar.close()
     kept = np.array([i for i, error in enumerate(errors) if error is None], dtype=np.int64)
     return kept, [(i, error) for i, error in enumerate(errors) if error is not None]
 
@@ -299,6 +263,45 @@ def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone
     for p in params:
         p.requires_grad_(True)
     return [head, {"params": params, "lr": lr * backbone_lr_mult}]
+
+
+def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_size: int, eval_size: int,
+                  device: torch.device, precision: str, batch_size: int = 32) -> tuple[float, float]:
+    """Images per second of a training step (forward, backward through what trains, optimiser) at `train_size` and
+    of evaluation at `eval_size`, on random pixels, after a warm-up step: the network's own limit, on which a plan
+    for a time limit is built. Runs on a copy; `net` is left as it was."""
+    trial = copy.deepcopy(net).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for group in parameter_groups(trial, mode, unfreeze, 0.0, 0.0)
+                                 for p in group["params"]], lr=0.0)
+    pixels = torch.randint(0, 256, (batch_size, train_size, train_size, 3), dtype=torch.uint8, device=device)
+    targets = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def train_step() -> None:
+        with autocast(device, precision):
+            loss = nn.functional.cross_entropy(trial(pixels).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def eval_step() -> None:
+        with torch.inference_mode(), autocast(device, precision):
+            trial(eval_pixels)
+
+    def seconds(step: Callable[[], None]) -> float:
+        step()  # the first call pays for kernel selection and allocation
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    set_train_mode(trial, mode, train_bn)
+    train_rate = batch_size / seconds(train_step)
+    trial.eval()
+    eval_pixels = torch.randint(0, 256, (batch_size, eval_size, eval_size, 3), dtype=torch.uint8, device=device)
+    return train_rate, batch_size / seconds(eval_step)
 
 
 def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], device: torch.device, precision: str,
@@ -395,10 +398,13 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                val_paths: Sequence[Path], val_targets: np.ndarray, *, first_epoch_number: int = 1,
                history: list[dict] | None = None, resume_state: dict | None = None,
                save_checkpoint: Callable[[dict], None] | None = None, tensorboard=None,
-               progress: bool | None = None) -> ImageFitResult:
+               progress: bool | None = None, clock: Clock | None = None,
+               reserve_seconds: float = 0.0) -> ImageFitResult:
     """Train `training.net` for `options.epochs` epochs; checkpoint after each one; early-stop on the monitor and
     keep the best epoch's weights. `first_epoch_number` numbers this stage's epochs after an earlier stage's, so
-    the history is one table.
+    the history is one table. With a `clock` that has a limit, no epoch starts that would end less than
+    `reserve_seconds` before it (judged by the last epoch's length): a safety net under a plan whose schedule was
+    fitted to the time.
     """
     net, options, device, precision = training.net, training.options, training.device, training.precision
     stage = _Stage(training, train_paths, train_targets, options.schedule)
@@ -412,15 +418,20 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
     has_val = len(val_paths) > 0
     unreadable: dict[int, str] = {}
     eval_batch = 256 if device.type == "cuda" else 32
-    bar = tqdm(total=(options.epochs - start + 1) * stage.steps_per_epoch, unit="batch", file=sys.stderr,
-               disable=_quiet(progress), dynamic_ncols=True)
+    bar = progress_bar((options.epochs - start + 1) * stage.steps_per_epoch, training.mode, "batch", progress)
+    last_epoch_seconds = 0.0
     try:
         for epoch in range(start, options.epochs + 1):
             if has_val and epoch - 1 - best["epoch"] >= options.patience:
                 break
+            if clock is not None and last_epoch_seconds and clock.left() - reserve_seconds < last_epoch_seconds:
+                log.warning("stopping after epoch %d of %d: another epoch (%s) would end after the time limit",
+                            epoch - 1, options.epochs, format_duration(last_epoch_seconds))
+                break
+            epoch_started = time.perf_counter()
             bar.set_description(f"{training.mode} epoch {epoch}/{options.epochs}")
             stage.sampler.set_epoch(epoch)
-            torch.manual_seed(_mix(options.seed, epoch, 3))  # dropout masks
+            torch.manual_seed(mix_seed(options.seed, epoch, 3))  # dropout masks
             set_train_mode(net, training.mode, options.train_bn)
             started, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
             lr_of_last_batch = stage.optimizer.param_groups[0]["lr"]
@@ -462,10 +473,12 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                     if isinstance(value, (int, float)) and key != "epoch":
                         tensorboard.add_scalar(key, value, row["epoch"])
                 tensorboard.flush()
-            if not _quiet(progress):
-                bar.write(_epoch_line(row), file=sys.stderr)
             if save_checkpoint is not None:
                 save_checkpoint({**stage.state_dict(), "epoch": epoch, "best": best, "history": history})
+            last_epoch_seconds = time.perf_counter() - epoch_started
+            if progress is not False:
+                left = (options.epochs - epoch) * last_epoch_seconds
+                bar.write(_epoch_line(row, epoch, options.epochs, left), file=sys.stderr)
     finally:
         bar.close()
     if best["model"] is not None:
@@ -492,11 +505,12 @@ def lr_range_test_images(training: ImageTraining, paths: Sequence[Path], targets
     return lr_range_test(step, progress=not _quiet(progress))
 
 
-def _epoch_line(row: dict) -> str:
+def _epoch_line(row: dict, epoch: int, epochs: int, seconds_left: float) -> str:
     val = (f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
            if "val_loss" in row else "")
-    return (f"epoch {row['epoch']} ({row['stage']}): train loss {row['train_loss']:.4f}, accuracy "
-            f"{row['train_accuracy']:.4f}{val}, {row['images_per_second']} img/s")
+    left = f"; ~{format_duration(seconds_left)} left (until {finish_time(seconds_left)})" if seconds_left else ""
+    return (f"{row['stage']} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, accuracy "
+            f"{row['train_accuracy']:.4f}{val}, {row['images_per_second']} img/s{left}")
 
 
 def batches_forever(loader: DataLoader, sampler: EpochSampler) -> Iterator[Batch]:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from transferkit import distributed
 from transferkit.errors import DataError
+from transferkit.progress import progress_bar
 from transferkit.optim import LRFinding, check_choices, lr_range_test, make_optimizer, make_scheduler
 
 HEAD_KINDS = ("linear", "mlp")
@@ -118,9 +117,8 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                                    options.warmup_epochs, options.lr_steps, options.lr_gamma)
         best = ((math.inf,), 0, copy.deepcopy(head.state_dict()))
         generator = torch.Generator().manual_seed(options.seed)
-        epochs = tqdm(range(1, options.epochs + 1), desc="Training head", unit="epoch", file=sys.stderr,
-                      disable=progress is False or (progress is None and not sys.stderr.isatty()), dynamic_ncols=True)
-        for epoch in epochs:
+        bar = progress_bar(options.epochs, "Training head", "epoch", progress)
+        for epoch in range(1, options.epochs + 1):
             head.train()
             total_loss, correct, seen = 0.0, 0, 0
             order = (torch.randperm(len(x), generator=generator) if sample_weights is None else
@@ -151,9 +149,11 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                 if score < best[0]:
                     best = (score, epoch, copy.deepcopy(head.state_dict()))
             history.append(row)
-            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
+            bar.update()
             if has_val and epoch - best[1] >= options.patience:
                 break
+        bar.close()
     if has_val:
         head.load_state_dict(best[2])
     head.eval()

@@ -20,14 +20,14 @@ def _check_optimizer(name: str) -> None:
         raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}.")
 
 
-def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs: int) -> None:
+def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs: int | None) -> None:
     """One-line errors for option values a user can get wrong, before any work starts."""
     _check_optimizer(optimizer)
     if schedule not in SCHEDULES:
         raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}.")
     steps = list(lr_steps)
-    if schedule == "step" and (not steps or steps != sorted(steps) or steps[0] < 1 or steps[-1] > epochs):
-        raise DataError(f"--lr-steps must be increasing epochs between 1 and {epochs} (e.g. 6,9) with "
+    if schedule == "step" and (not steps or steps != sorted(steps) or steps[0] < 1 or (epochs is not None and steps[-1] > epochs)):
+        raise DataError(f"--lr-steps must be increasing epochs between 1 and {epochs or 'the last'} (e.g. 6,9) with "
                         f"--schedule step, not {','.join(map(str, steps)) or 'nothing'}.")
 
 

@@ -14,6 +14,7 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_dataset, make_prepar
 from transferkit.errors import DataError, RunError, TransferkitError
 from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, evaluate, group_accuracy, read_groups,
                                   read_predictions)
+from transferkit.pages import render_template
 from transferkit.runs import load_run_dataset, read_metrics, read_run_config, write_atomically
 
 log = logging.getLogger("transferkit")
@@ -75,9 +76,8 @@ def _view(path: str, preprocessing) -> np.ndarray:
 def _training_samples(config: dict, source: str | Path, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
     """`count` training images as the model saw them in its first epoch: augmented for the image modes, the
     evaluation crop for a probe."""
-    from transferkit.augment import decode_size, train_transform
+    from transferkit.augment import AugmentedImages, Unreadable, decode_size, train_transform
     from transferkit.backbone import Preprocessing
-    from transferkit.finetune import AugmentedImages
 
     samples = load_run_dataset(config, source).splits.get("train", [])
     chosen = np.random.default_rng(seed).permutation(len(samples))[:count]
@@ -94,7 +94,7 @@ def _training_samples(config: dict, source: str | Path, count: int, seed: int) -
     pixels, titles = [], []
     for i in chosen:
         item = images[(1, int(i))]
-        if item is not None:
+        if not isinstance(item, Unreadable):
             pixels.append(item[0].numpy())
             titles.append(samples[i].label)
     return pixels, titles
@@ -240,20 +240,3 @@ def _model_summary(run: Path, config: dict, assets: Path) -> dict:
     summary["run_bytes"] = _directory_bytes(run, assets)
     summary["backbone_weights_bytes"] = _backbone_weights_bytes(config)
     return summary
-
-
-def _human_size(size: int | None) -> str:
-    if size is None:
-        return "–"
-    return f"{size / 1e3:,.1f} kB" if size < 1e6 else f"{size / 1e6:,.1f} MB"
-
-
-def render_template(name: str, **values) -> str:
-    """One of the package's HTML templates (templates/NAME), autoescaped, with the number filters."""
-    import jinja2
-
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("transferkit", "templates"),
-                                     autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
-    environment.filters["size"] = _human_size
-    environment.filters["thousands"] = lambda n: f"{n:,}"
-    return environment.get_template(name).render(**values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -14,89 +14,29 @@ import safetensors.torch
 import torch
 
 from transferkit import __version__, distributed
-from transferkit.augment import check_augment, decode_size
-from transferkit.backbone import DEFAULT_BACKBONE, feature_size, open_backbone, state_digest
+from transferkit.augment import decode_size
+from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
+                              MIN_EPOCHS, SPEED_MARGIN, TOP_BLOCKS, FinetunePlan, epoch_seconds, final_seconds,
+                              native_size, plan_finetune, probe_size_for, rates_for)
+from transferkit.backbone import feature_size, open_backbone, state_digest
+from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.classifier import Classifier
-from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, Skipped, load_dataset
+from transferkit.config import TrainConfig
+from transferkit.data import Skipped, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
 from transferkit.evaluate import PREDICTIONS_FILE, Predictions, classification_metrics, predictions_csv, read_groups
 from transferkit.features import Extractor, extract_features, open_cache, resolve_device
-from transferkit.finetune import (ImageTraining, Network, check_images, evaluate_images, fit_images,
-                                  lr_range_test_images, resolve_train_precision, trainable_names)
-from transferkit.head import HEAD_KINDS, FitOptions, HeadSpec, fit_head, lr_range_test_features
+from transferkit.finetune import (ImageTraining, Network, backbone_blocks, check_images, evaluate_images, fit_images,
+                                  lr_range_test_images, measure_speed, resolve_train_precision, trainable_names)
+from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
 from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, default_run_dir, load_checkpoint, save_checkpoint,
                               staging_dir, write_atomically)
 
 log = logging.getLogger("transferkit")
-
-
-MODES = ("probe", "head", "finetune", "scratch")
-# Per-mode defaults for the options left at None. Probe epochs are cheap and early stopping ends them; the image
-# modes follow fastai's fit_one_cycle. Fine-tuning starts from a trained head, so it runs 10x lower (the backbone
-# 100x lower, at the default --backbone-lr-mult): on hymenoptera 1e-3 fell from 0.974 to 0.934 validation accuracy
-# within 10 epochs, 1e-4 stayed at 0.961-0.974.
-MODE_DEFAULTS = {"probe": {"epochs": 100, "schedule": "constant", "lr": 1e-3},
-                 "head": {"epochs": 15, "schedule": "onecycle", "lr": 1e-3},
-                 "finetune": {"epochs": 10, "schedule": "onecycle", "lr": 1e-4},
-                 "scratch": {"epochs": 30, "schedule": "onecycle", "lr": 1e-3}}
-
-
-@dataclass(frozen=True)
-class TrainConfig(FitOptions):
-    """Every option of a training run (the head's fit options included); CLI flags map one to one onto fields.
-
-    mode: probe (head on cached features), head (head on augmented images, frozen backbone), finetune (probe, then
-    the unfrozen top of the backbone with the head on augmented images) or scratch (random weights).
-    """
-
-    mode: str = "probe"
-    epochs: int | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    image_size: int | None = None
-    train_size: int | None = None
-    head: str = "linear"
-    dropout: float = 0.2
-    hidden: int = 512
-    augment: str = "light"
-    unfreeze: str = "all"
-    backbone_lr_mult: float = 0.1
-    train_bn: bool = False
-    head_epochs: int = 100
-    val_percent: float = 10.0
-    test_percent: float = 10.0
-    cache_dir: str | None = None
-    use_cache: bool = True
-    extract_batch_size: int | None = None
-    engine: str = "auto"
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    tensorboard: bool = False
-    compile: bool = False
-
-    def resolved(self) -> TrainConfig:
-        """The mode's defaults filled in, `balance=True` read as "weights", and every value checked."""
-        if self.mode not in MODES:
-            raise DataError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
-        defaults = {k: v for k, v in MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
-        balance = {True: "weights", False: "none"}.get(self.balance, self.balance)
-        config = replace(self, **defaults, balance=balance, lr_steps=tuple(self.lr_steps))
-        config.check()
-        if config.head not in HEAD_KINDS:
-            raise DataError(f"head must be one of {', '.join(HEAD_KINDS)}, not {config.head!r}.")
-        check_augment(config.augment)
-        if not (config.unfreeze == "all" or config.unfreeze.startswith(("top-blocks:", "from:"))):
-            raise DataError(f"--unfreeze must be all, top-blocks:N or from:LAYER, not {config.unfreeze!r}.")
-        if config.backbone_lr_mult < 0:
-            raise DataError(f"--backbone-lr-mult must be 0 or more, not {config.backbone_lr_mult}.")
-        return config
+NO_LIMIT = 1e9  # seconds: what planning for "as long as it takes" is given
 
 
 @dataclass
@@ -112,6 +52,10 @@ class TrainResult:
     features_from_cache: int = 0
     seconds: float = 0.0
     report: Path | None = None
+    advice: str | None = None
+    """A one-line suggestion for a better model (e.g. the fine-tuning command when the probe leaves room)."""
+    choice: str | None = None
+    """--mode auto: which model the run kept and why."""
 
     @property
     def val_accuracy(self) -> float | None:
@@ -127,7 +71,8 @@ class TrainResult:
                 "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
                 "best_epoch": self.best_epoch, "epochs_run": len(self.history), "skipped": len(self.skipped),
                 "features_computed": self.features_computed, "features_from_cache": self.features_from_cache,
-                "seconds": round(self.seconds, 2), "report": str(self.report) if self.report else None}
+                "seconds": round(self.seconds, 2), "report": str(self.report) if self.report else None,
+                "choice": self.choice, "advice": self.advice}
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -283,15 +228,19 @@ class _Outcome:
     tensors: dict[str, torch.Tensor]
     spec: HeadSpec
     backbone_config: dict
+    preprocessing: dict
     engine: dict
+    mode: str = "probe"
+    choice: str | None = None
+    advice: str | None = None
 
 
-def _run_probe(dataset, backbone, config: TrainConfig, progress, tensorboard) -> _Outcome:
+def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard) -> _Outcome:
     extractor = Extractor(backbone, config.device, config.precision, config.engine)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
-    fit = _fit_probe(prepared, features, spec, config, progress)
+    fit = _fit_probe(prepared, features, spec, options, progress)
     for row in fit.history:
         row["stage"] = "probe"
         if tensorboard is not None:
@@ -303,7 +252,7 @@ def _run_probe(dataset, backbone, config: TrainConfig, progress, tensorboard) ->
                      if name in features}
     tensors = {f"head.{k}": v.contiguous() for k, v in fit.head.state_dict().items()}
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone.to_config(),
-                    extractor.describe())
+                    backbone.preprocessing.to_dict(), extractor.describe())
 
 
 def _prepare_images(dataset, backbone, config: TrainConfig, progress) -> tuple[Prepared, dict | None]:
@@ -332,7 +281,7 @@ def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, 
 
 
 def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun,
-                checkpoint: dict) -> _Outcome:
+                checkpoint: dict, clock: Clock, reserve_seconds: float = 0.0) -> _Outcome:
     device = resolve_device(config.device)
     precision = resolve_train_precision(config.precision, device)
     if config.compile and device.type == "cpu" and precision == "bf16":
@@ -347,16 +296,17 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     else:
         prepared, first_stage = _prepare_images(dataset, backbone, config, progress)
         checkpoint = {**checkpoint, "prepared": prepared.to_state(), "first_stage": first_stage}
-        save_checkpoint(staged.staging, checkpoint)
+        _save(staged, checkpoint, clock)
     if first_stage:
         net.head.load_state_dict(first_stage["head"])
     earlier = first_stage["history"] if first_stage else []
     training = ImageTraining(net, config.mode, config, backbone, device, precision)
     fit = fit_images(training, *prepared.split("train"), *prepared.split("val"), first_epoch_number=len(earlier) + 1,
                      history=earlier, resume_state=checkpoint.get("stage"),
-                     save_checkpoint=(lambda state: save_checkpoint(staged.staging, {**checkpoint, "stage": state}))
+                     save_checkpoint=(lambda state: _save(staged, {**checkpoint, "stage": state}, clock))
                      if distributed.current().is_main else None,
-                     tensorboard=tensorboard, progress=progress)
+                     tensorboard=tensorboard, progress=progress, clock=clock if clock.limit else None,
+                     reserve_seconds=reserve_seconds)
     train_paths = prepared.paths["train"]
     prepared.skipped += [Skipped(train_paths[i], f"became unreadable during training: {reason}")
                          for i, reason in sorted(fit.unreadable.items())]
@@ -381,7 +331,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
         backbone_config.update(stored_in_run=True, started_from=backbone.weights_id,
                                weights_id=f"{config.mode}:{state_digest(backbone_state)}")
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
-                    {"engine": "torch", "precision": precision, "device": str(device)})
+                    backbone.preprocessing.to_dict(), {"engine": "torch", "precision": precision, "device": str(device)},
+                    mode=config.mode)
 
 
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
@@ -415,9 +366,119 @@ def resume(run: str | Path, *, progress: bool | None = None, report: bool = True
     return _train(arguments, config, run, False, progress, checkpoint, report)
 
 
+def _save(staged: StagedRun, checkpoint: dict, clock: Clock) -> None:
+    """The checkpoint, with the seconds the run has spent so far: a resumed run goes on within what is left."""
+    save_checkpoint(staged.staging, {**checkpoint, "elapsed": clock.elapsed()})
+
+
+def _val_accuracy(outcome: _Outcome) -> float | None:
+    _, targets = outcome.prepared.split("val")
+    probabilities = outcome.probabilities.get("val")
+    if probabilities is None or not len(targets):
+        return None
+    return float((probabilities.argmax(1) == targets).mean())
+
+
+def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_val: float):
+    """`plan(seconds_left)`: the fine-tuning plan for this data and machine (auto.plan_finetune with the speed
+    measured here), or (None, why)."""
+    device = resolve_device(config.device)
+    precision = resolve_train_precision(config.precision, device)
+    net, _ = _network(backbone, config, len(prepared.classes))
+    train_bn = rates_for(probe_val)[2]
+    sizes = prepared.sizes
+    native = native_size([Path(p) for p in prepared.paths["train"]])
+    top_blocks = min(TOP_BLOCKS, len(backbone_blocks(net.backbone)) - 1)
+
+    def measure(unfreeze: str, train_size: int, eval_size: int) -> tuple[float, float]:
+        return measure_speed(net, "finetune", unfreeze, train_bn, train_size, eval_size, device, precision,
+                             config.batch_size)
+
+    def plan(seconds_left: float):
+        return plan_finetune(seconds_left, sizes["train"], sizes.get("val", 0),
+                             sizes.get("val", 0) + sizes.get("test", 0), native, backbone.train_size, probe_val,
+                             measure, config.train_size, config.image_size, config.lr, top_blocks)
+
+    return plan
+
+
+def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun, checkpoint: dict,
+              clock: Clock) -> _Outcome:
+    """The probe on cached features; then, if the time left buys fine-tuning and the probe leaves room, fine-tuning
+    fitted to that time; the better of the two on validation is kept."""
+    log.info("auto: the probe on cached features first, then fine-tuning if it pays, within %s (until %s)",
+             format_duration(clock.left()), finish_time(clock.left()))
+    probe = _run_probe(dataset, backbone, config, _probe_options(config), progress, tensorboard)
+    probe_val = _val_accuracy(probe)
+    if probe_val is None:
+        probe.choice = ("kept the probe: auto chooses between the probe and fine-tuning on validation images, and "
+                        "there are none (give --val or a --val-percent above 0)")
+        log.warning("%s", probe.choice)
+        return probe
+    log.info("probe: validation accuracy %.3f after %s", probe_val, format_duration(clock.elapsed()))
+    if "auto_plan" in checkpoint:
+        plan = FinetunePlan(**checkpoint["auto_plan"]) if checkpoint["auto_plan"] else None
+        why = "(as planned before the run was interrupted)"
+    elif clock.left() <= 0:
+        plan, why = None, (f"the time limit ({format_duration(clock.limit)}) is shorter than extracting the features "
+                           f"and fitting the probe once ({format_duration(clock.elapsed())}); a second run reads the "
+                           f"features from the cache")
+    elif probe_val >= FINETUNE_BELOW:
+        plan, why = None, (f"its validation accuracy {probe_val:.3f} leaves little room: on data this close to "
+                           f"ImageNet, fine-tuning measured no better than the probe")
+    else:
+        plan, why = _finetune_planner(backbone, config, probe.prepared, probe_val)(clock.left())
+        first_stage = {"history": probe.history,
+                       "head": {k.removeprefix("head."): v for k, v in probe.tensors.items()}}
+        checkpoint.update(auto_plan=plan.to_dict() if plan else None, prepared=probe.prepared.to_state(),
+                          first_stage=first_stage)
+        _save(staged, checkpoint, clock)
+    if plan is None:
+        probe.choice = f"kept the probe: {why}"
+        (log.warning if clock.left() <= 0 else log.info)("%s", probe.choice)
+        return probe
+    log.info("plan: %s", plan.describe())
+    finetune_backbone = open_backbone(config.backbone, config.weights, plan.eval_size)
+    finetune_backbone.train_size = plan.train_size
+    finetune_config = replace(config, mode="finetune", epochs=plan.epochs, lr=plan.lr, unfreeze=plan.unfreeze,
+                              backbone_lr_mult=plan.backbone_lr_mult, train_bn=plan.train_bn,
+                              train_size=plan.train_size, image_size=plan.eval_size)
+    eval_images = sum(len(probe.prepared.paths.get(name, [])) for name in ("val", "test"))
+    finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tensorboard, staged, checkpoint,
+                            clock, final_seconds(eval_images, plan.eval_images_per_second))
+    finetuned_val = _val_accuracy(finetuned)
+    if finetuned_val is not None and finetuned_val > probe_val:
+        finetuned.choice = (f"kept the fine-tuned model: validation accuracy {finetuned_val:.3f} against the "
+                            f"probe's {probe_val:.3f}")
+        log.info("%s", finetuned.choice)
+        return finetuned
+    probe.choice = (f"kept the probe: validation accuracy {probe_val:.3f} against fine-tuning's "
+                    f"{finetuned_val or 0:.3f} (ties go to the probe, which is cheaper to run)")
+    log.info("%s", probe.choice)
+    probe.history = finetuned.history
+    return probe
+
+
+def _finetune_advice(arguments: dict, config: TrainConfig, backbone, probe: _Outcome, clock: Clock) -> str | None:
+    """For a probe whose validation accuracy leaves room: the `--time-limit` command that would fine-tune, and the
+    time it would take on this machine for `MIN_EPOCHS` x 2 epochs."""
+    probe_val = _val_accuracy(probe)
+    if probe_val is None or probe_val >= HARD_BELOW or distributed.current().distributed:
+        return None
+    plan, _ = _finetune_planner(backbone, config, probe.prepared, probe_val)(NO_LIMIT)
+    per_epoch = epoch_seconds(probe.prepared.sizes["train"], probe.prepared.sizes.get("val", 0),
+                              plan.images_per_second / SPEED_MARGIN, plan.eval_images_per_second)
+    eval_images = sum(probe.prepared.sizes.get(name, 0) for name in ("val", "test"))
+    seconds = clock.elapsed() + 2 * MIN_EPOCHS * per_epoch + final_seconds(eval_images, plan.eval_images_per_second)
+    minutes = math.ceil(seconds / 60)
+    return (f"fine-tuning would likely pay here (the probe's validation accuracy is {probe_val:.3f}): "
+            f"transferkit train {arguments['data']} --time-limit {minutes}m (~{2 * MIN_EPOCHS} epochs at "
+            f"{plan.train_size} px on this machine)")
+
+
 def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool, progress: bool | None,
            checkpoint: dict | None, report: bool, doctor: bool = True) -> TrainResult:
-    started = time.perf_counter()
+    clock = Clock(config.time_limit, spent_before=(checkpoint or {}).get("elapsed", 0.0))
     ranks = distributed.setup(config.device)
     if ranks.distributed and not config.use_cache:
         raise DataError("under torchrun the ranks share features through the cache; drop --no-cache.")
@@ -431,23 +492,38 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
         backbone.train_size = config.train_size
+    if config.mode == "auto" and config.image_size is None:
+        probe_size = probe_size_for(native_size([s.path for s in dataset.splits["train"]]), backbone.train_size)
+        if probe_size:
+            log.info("auto: the images are smaller than %s's %d px: the probe's features at %d px, not %d",
+                     backbone.name, backbone.train_size, probe_size, backbone.preprocessing.input_size[0])
+            backbone = open_backbone(config.backbone, config.weights, probe_size)
+    if config.mode == "auto" and clock.limit is None:
+        clock.limit = DEFAULT_BUDGET_SECONDS + DEFAULT_BUDGET_PER_IMAGE * len(dataset.splits["train"])
+        log.info("--mode auto without --time-limit: a budget of %s for %d training images (%g s + %g s an image); "
+                 "give --time-limit to choose", format_duration(clock.limit), len(dataset.splits["train"]),
+                 DEFAULT_BUDGET_SECONDS, DEFAULT_BUDGET_PER_IMAGE)
     checked = 0
     run_folder = StagedRun(run_dir, overwrite, resume=checkpoint is not None) if ranks.is_main else ScratchRun()
     with run_folder as staged:  # opened first: an unwritable --out fails before any work
         if doctor and checkpoint is None and ranks.is_main:
-            checked = _doctor_summary(arguments, config, ranks.distributed, progress)
+            checked = _doctor_summary(arguments, config, backbone.preprocessing.input_size[0], ranks.distributed,
+                                      progress)
         if checkpoint is None:
             checkpoint = {"arguments": arguments}
-            save_checkpoint(staged.staging, checkpoint)
+            _save(staged, checkpoint, clock)
         if config.mode != "probe":
             log.info("writing %s; if this run is interrupted, continue it with: transferkit train --resume %s",
                      run_dir, run_dir)
         tensorboard = _tensorboard(staged.staging, config.tensorboard)
         try:
             if config.mode == "probe":
-                outcome = _run_probe(dataset, backbone, config, progress, tensorboard)
+                outcome = _run_probe(dataset, backbone, config, config, progress, tensorboard)
+                outcome.advice = _finetune_advice(arguments, config, backbone, outcome, clock)
+            elif config.mode == "auto":
+                outcome = _run_auto(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock)
             else:
-                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint)
+                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
@@ -457,8 +533,8 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
             log.warning("skipped %d of %d files that could not be used (listed in %s)", len(prepared.skipped),
                         sum(prepared.sizes.values()) + len(prepared.skipped), run_dir / "skipped.txt")
         run_config = {
-            "format": RUN_FORMAT, "transferkit_version": __version__, "mode": config.mode,
-            "backbone": outcome.backbone_config, "preprocessing": backbone.preprocessing.to_dict(),
+            "format": RUN_FORMAT, "transferkit_version": __version__, "mode": outcome.mode,
+            "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
@@ -476,22 +552,23 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     return TrainResult(run_dir, prepared.classes, metrics, outcome.history, outcome.best_epoch,
                        prepared.sizes, prepared.skipped, prepared.features_computed + checked,
                        max(0, prepared.features_from_cache - checked),
-                       time.perf_counter() - started,
-                       _write_report(run_dir, group_map) if report and ranks.is_main else None)
+                       clock.elapsed(), _write_report(run_dir, group_map) if report and ranks.is_main else None,
+                       outcome.advice, outcome.choice)
 
 
-def _doctor_summary(arguments: dict, config: TrainConfig, distributed_run: bool, progress: bool | None) -> int:
+def _doctor_summary(arguments: dict, config: TrainConfig, image_size: int, distributed_run: bool,
+                    progress: bool | None) -> int:
     """`transferkit doctor`'s one-paragraph count of problems; returns how many features it computed. The feature
     checks run where training extracts the same features anyway (probe, finetune; one process): on a first run
     they compute them for training, later they cost a cache read."""
     from transferkit.doctor import diagnose
 
-    use_features = config.mode in ("probe", "finetune") and config.use_cache and not distributed_run
+    use_features = config.mode in ("probe", "auto", "finetune") and config.use_cache and not distributed_run
     engine = {"device": config.device, "engine": config.engine,
-              "precision": config.precision if config.mode == "probe" else "auto"}
+              "precision": config.precision if config.mode in ("probe", "auto") else "auto"}
     try:
         report = diagnose(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
-                          config.test_percent, config.backbone, config.weights, config.image_size,
+                          config.test_percent, config.backbone, config.weights, image_size,
                           cache_dir=config.cache_dir, use_cache=config.use_cache, use_features=use_features,
                           seed=config.seed,
                           progress=progress, **engine)
@@ -522,6 +599,8 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
     config = replace(config or TrainConfig(), **options).resolved()
     if distributed.launched_by_torchrun():
         raise DataError("--lr-find runs in one process; run it without torchrun or --nproc.")
+    if config.mode == "auto":
+        raise DataError("--mode auto picks its learning rates itself; use --lr-find with --mode probe or finetune.")
     dataset = load_dataset(data, val, test, config.val_percent, config.test_percent)
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
