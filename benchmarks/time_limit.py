@@ -16,7 +16,6 @@ Usage: python benchmarks/time_limit.py [--skip-flowers] [--skip-hymenoptera] [--
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -52,18 +51,13 @@ def cli_train(data: Path, out: Path, cache: Path, home: Path, *extra: str) -> tu
 def time_limited(name: str, data: Path, limit: str, tmp: Path, home: Path) -> None:
     probe_s, probe, _ = cli_train(data, tmp / f"{name}-probe", tmp / f"{name}-cache-probe", home, "--no-report")
     wall, auto, log = cli_train(data, tmp / f"{name}-auto", tmp / f"{name}-cache-auto", home, "--time-limit", limit)
-    plan = next((line for line in log.splitlines() if line.startswith("plan:")), "plan: none")
+    story = [line for line in log.splitlines() if line.startswith(("auto:", "probe:", "plan:", "finetune epoch"))]
     print(f"\n{name}, --time-limit {limit} ({parse_duration(limit):.0f} s), cold feature cache:")
     print(f"  probe alone:  val {probe['val_accuracy']:.4f}, test {_fmt(probe['test_accuracy'])}, {probe_s:.0f} s")
     print(f"  auto:         val {auto['val_accuracy']:.4f}, test {_fmt(auto['test_accuracy'])}, wall {wall:.0f} s "
           f"({wall / parse_duration(limit):.3f} of the limit)")
-    print(f"  {plan}")
-    print(f"  auto: {auto['choice']}")
-    history = list(csv.DictReader((Path(auto["run_dir"]) / "history.csv").open(encoding="utf-8")))
-    for row in history:
-        if row["stage"] == "finetune":
-            print(f"    epoch {row['epoch']}: val {float(row['val_accuracy']):.4f}, {row['images_per_second']} img/s, "
-                  f"{float(row['seconds']):.0f} s")
+    print(f"  kept: {auto['choice']}")
+    print("  the run's log:", *story, sep="\n    ")
 
 
 def _fmt(value) -> str:

@@ -109,6 +109,7 @@ def test_plan_fits_the_epochs_to_the_time_and_steps_down_when_short():
     assert (user.train_size, user.eval_size, user.lr) == (160, 192, 3e-4)  # the user's choices are kept
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_path, cache_dir):
     """A probe stopped after one epoch is poor; fine-tuning in the time left beats it and is kept."""
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
@@ -126,10 +127,11 @@ def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_pat
     assert [p.label for p in predictions].count("circles") >= 4
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_probe_when_fine_tuning_is_worse(split_folder, tmp_path, cache_dir):
     """Fine-tuning at an absurd learning rate wrecks the network; the probe it started from is kept."""
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
-                               time_limit="60s", head_epochs=3, lr=5.0, patience=2, **FAST)
+                               time_limit="60s", head_epochs=1, lr=5.0, patience=2, **FAST)
     config = json.loads((result.run_dir / "config.json").read_text())
     history = _history(result.run_dir)
     probe_val = float([row for row in history if row["stage"] == "probe"][-1]["val_accuracy"])
@@ -168,6 +170,7 @@ def test_a_limit_shorter_than_extraction_warns_and_keeps_the_probe(image_folder,
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mode"] == "probe"
 
 
+@pytest.mark.slow
 def test_auto_run_killed_mid_way_resumes_within_the_time_left(split_folder, tmp_path, cache_dir):
     args = [str(split_folder), "--time-limit", "90s", "--head-epochs", "1", "--image-size", "96", "--workers", "2",
             "--batch-size", "12", "--cache-dir", str(cache_dir), "--no-report"]
@@ -218,8 +221,8 @@ def test_logs_get_plain_lines_per_epoch_not_progress_bars(split_folder, tmp_path
 
 
 def test_probe_says_when_fine_tuning_would_pay(split_folder, tmp_path, cache_dir):
-    result = subprocess.run(_cli(str(split_folder), "--epochs", "1", "--image-size", "96", "--cache-dir",
-                                 str(cache_dir), "--out", str(tmp_path / "run"), "--no-report"),
+    result = subprocess.run(_cli(str(split_folder), "--epochs", "1", "--lr", "1e-6", "--image-size", "96",
+                                 "--cache-dir", str(cache_dir), "--out", str(tmp_path / "run"), "--no-report"),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     tips = [line for line in result.stdout.splitlines() if line.startswith("Tip: fine-tuning would likely pay")]
@@ -227,3 +230,13 @@ def test_probe_says_when_fine_tuning_would_pay(split_folder, tmp_path, cache_dir
     good = subprocess.run(_cli(str(split_folder), "--image-size", "96", "--cache-dir", str(cache_dir), "--out",
                                str(tmp_path / "good"), "--no-report"), capture_output=True, text=True)
     assert "Tip:" not in good.stdout
+
+
+@pytest.mark.slow
+def test_auto_on_imagenet_like_photos_is_never_worse_than_the_probe(hymenoptera, tmp_path, cache_dir):
+    probe = transferkit.train(hymenoptera, out=tmp_path / "probe", cache_dir=str(cache_dir), progress=False,
+                              report=False)
+    auto = transferkit.train(hymenoptera, out=tmp_path / "auto", cache_dir=str(cache_dir), progress=False,
+                             report=False, time_limit="2m")
+    assert auto.val_accuracy >= probe.val_accuracy >= 0.95
+    assert auto.seconds <= 120

@@ -230,7 +230,8 @@ def train(
         unfreeze = f"from:{unfreeze_from}"
     options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
-                   time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_epochs=head_epochs, epochs=epochs,
+                   time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
+                   head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
                    momentum=momentum, nesterov=nesterov, schedule=schedule, lr_steps=_epoch_list(lr_steps),

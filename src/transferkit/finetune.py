@@ -268,7 +268,7 @@ def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone
 def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_size: int, eval_size: int,
                   device: torch.device, precision: str, batch_size: int = 32) -> tuple[float, float]:
     """Images per second of a training step (forward, backward through what trains, optimiser) at `train_size` and
-    of evaluation at `eval_size`, on random pixels, after a warm-up step: the network's own limit, on which a plan
+    of evaluation at `eval_size`, on random pixels, once warm: the network's own limit, on which a plan
     for a time limit is built. Runs on a copy; `net` is left as it was."""
     trial = copy.deepcopy(net).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for group in parameter_groups(trial, mode, unfreeze, 0.0, 0.0)
@@ -287,15 +287,19 @@ def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_
         with torch.inference_mode(), autocast(device, precision):
             trial(eval_pixels)
 
-    def seconds(step: Callable[[], None]) -> float:
-        step()  # the first call pays for kernel selection and allocation
+    def seconds(step: Callable[[], None], warm_up: int = 2, timed: int = 3) -> float:
+        """Seconds per step once warm: the first calls pay for kernel selection and allocation (one warm-up step
+        and one timed step read 30% slow here)."""
+        for _ in range(warm_up):
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        step()
+        for _ in range(timed):
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - started
+        return (time.perf_counter() - started) / timed
 
     set_train_mode(trial, mode, train_bn)
     train_rate = batch_size / seconds(train_step)

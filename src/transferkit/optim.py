@@ -26,7 +26,8 @@ def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs
     if schedule not in SCHEDULES:
         raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}.")
     steps = list(lr_steps)
-    if schedule == "step" and (not steps or steps != sorted(steps) or steps[0] < 1 or (epochs is not None and steps[-1] > epochs)):
+    beyond_the_end = epochs is not None and bool(steps) and steps[-1] > epochs
+    if schedule == "step" and (not steps or steps != sorted(steps) or steps[0] < 1 or beyond_the_end):
         raise DataError(f"--lr-steps must be increasing epochs between 1 and {epochs or 'the last'} (e.g. 6,9) with "
                         f"--schedule step, not {','.join(map(str, steps)) or 'nothing'}.")
 

@@ -331,8 +331,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
         backbone_config.update(stored_in_run=True, started_from=backbone.weights_id,
                                weights_id=f"{config.mode}:{state_digest(backbone_state)}")
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
-                    backbone.preprocessing.to_dict(), {"engine": "torch", "precision": precision, "device": str(device)},
-                    mode=config.mode)
+                    backbone.preprocessing.to_dict(),
+                    {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode)
 
 
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
@@ -482,6 +482,9 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     ranks = distributed.setup(config.device)
     if ranks.distributed and not config.use_cache:
         raise DataError("under torchrun the ranks share features through the cache; drop --no-cache.")
+    if ranks.distributed and config.mode == "auto":
+        raise DataError("--mode auto / --time-limit plans training from one process's measured speed; under torchrun "
+                        "give --mode finetune with --epochs (run --time-limit once without torchrun to see its plan).")
     if not ranks.is_main:  # rank 0 speaks for the job
         progress = False
         log.setLevel(logging.ERROR)
