@@ -199,7 +199,7 @@ def test_auto_run_killed_mid_way_resumes_within_the_time_left(split_folder, tmp_
     summary = json.loads(resumed.stdout)
     # the resumed session used the time that was left, not a new 90 s
     assert time.perf_counter() - started <= 90 - spent + 15
-    assert summary["seconds"] <= 90 * 1.05
+    assert spent < summary["seconds"] <= 90 * 1.05  # the run's clock counts the killed session too
     epochs = [int(row["epoch"]) for row in _history(killed) if row["stage"] == "finetune"]
     assert epochs == list(range(epochs[0], epochs[0] + len(epochs))) and len(epochs) > state["stage"]["epoch"]
     assert summary["choice"].startswith("kept")
