@@ -30,12 +30,12 @@ class LogLines:
         self.n, self.postfix = 0, ""
         self.started = self.last = time.perf_counter()
 
-    def _line(self) -> str:
+    def _line(self, finished: bool = False) -> str:
         seconds = time.perf_counter() - self.started
         rate = self.n / seconds if seconds > 0 else 0.0
         done = f"{self.n}/{self.total}" if self.total else str(self.n)
         eta = (f", ~{format_duration((self.total - self.n) / rate)} left"
-               if self.total and rate > 0 and self.n < self.total else "")
+               if self.total and rate > 0 and self.n < self.total and not finished else "")
         postfix = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {done} {self.unit} in {format_duration(seconds)} ({rate:.1f} {self.unit}/s{eta}{postfix})"
 
@@ -57,7 +57,7 @@ class LogLines:
 
     def close(self) -> None:
         if self.n:
-            log.info("%s", self._line())
+            log.info("%s", self._line(finished=True))
 
 
 def progress_bar(total: int | None, desc: str, unit: str, progress: bool | None, quiet_when_empty: bool = False):
