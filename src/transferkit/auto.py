@@ -18,7 +18,7 @@ The rules, and what they rest on (measured on the 2-core CPUs this project is bu
 - Data far from ImageNet (probe validation accuracy under `HARD_BELOW`) trains the whole network at lr 1e-3, the
   backbone at 0.3x (flowers100 at 128 px, epoch 4 of 5: 0.806 validation accuracy, against 0.774 for the backbone
   at 1x with BatchNorm statistics updating at 96 px); closer data keep the gentle defaults (1e-4, the backbone x0.1),
-  which protect features that already fit. BatchNorm statistics stay frozen in both.
+  which protect features that already fit. BatchNorm statistics stay frozen in both (unless --train-bn).
 - Epochs: as many as fit in the time left after the final evaluation and the report, at the measured speed with a
   safety margin, at most `MAX_EPOCHS`; the one-cycle schedule is fitted to exactly those epochs. With fewer than
   `MIN_EPOCHS` for the whole network, a smaller resolution, then only the top blocks, are tried; with fewer than 1,
@@ -62,7 +62,6 @@ class FinetunePlan:
     epochs: int
     lr: float
     backbone_lr_mult: float
-    train_bn: bool
     images_per_second: float
     eval_images_per_second: float
     seconds: float
@@ -122,11 +121,9 @@ def final_seconds(eval_images: int, eval_rate: float) -> float:
     return eval_images / (eval_rate * SPEED_MARGIN) + REPORT_SECONDS + STARTUP_SECONDS
 
 
-def rates_for(probe_val_accuracy: float) -> tuple[float, float, bool]:
-    """(lr, backbone_lr_mult, train_bn) for data the probe fits this well."""
-    if probe_val_accuracy < HARD_BELOW:
-        return 1e-3, 0.3, False
-    return 1e-4, 0.1, False
+def rates_for(probe_val_accuracy: float) -> tuple[float, float]:
+    """(lr, backbone_lr_mult) for data the probe fits this well."""
+    return (1e-3, 0.3) if probe_val_accuracy < HARD_BELOW else (1e-4, 0.1)
 
 
 def plan_finetune(seconds_left: float, train_images: int, val_images: int, eval_images: int, native: int,
@@ -138,9 +135,9 @@ def plan_finetune(seconds_left: float, train_images: int, val_images: int, eval_
     `measure(unfreeze, train_size, eval_size)` returns the network's (training, evaluation) images per second.
     `train_size`, `eval_size` and `lr`, when given, are the user's and are kept.
     """
-    rate_lr, backbone_lr_mult, train_bn = rates_for(probe_val_accuracy)
+    rate_lr, backbone_lr_mult = rates_for(probe_val_accuracy)
     size = train_size or train_size_for(native, backbone_train_size)
-    sizes = [size] if train_size else [size] + [s for s in (size - 32, size - 64) if s >= MIN_TRAIN_SIZE][:1]
+    sizes = [size] if train_size or size - 32 < MIN_TRAIN_SIZE else [size, size - 32]
     candidates = [("all", s) for s in sizes] + [(f"top-blocks:{top_blocks}", size)]
     best = None
     for unfreeze, candidate_size in candidates:
@@ -149,7 +146,7 @@ def plan_finetune(seconds_left: float, train_images: int, val_images: int, eval_
         per_epoch = epoch_seconds(train_images, val_images, train_rate, eval_rate)
         epochs = min(MAX_EPOCHS, math.floor((seconds_left - final_seconds(eval_images, eval_rate)) / per_epoch))
         plan = FinetunePlan(candidate_size, evaluated_at, unfreeze, epochs, lr or rate_lr, backbone_lr_mult,
-                            train_bn, train_rate * SPEED_MARGIN, eval_rate, epochs * per_epoch)
+                            train_rate * SPEED_MARGIN, eval_rate, epochs * per_epoch)
         if epochs >= MIN_EPOCHS:
             return plan, ""
         if best is None or plan.epochs > best.epochs:

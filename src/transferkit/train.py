@@ -17,7 +17,7 @@ from transferkit import __version__, distributed
 from transferkit.augment import decode_size
 from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
                               MIN_EPOCHS, SPEED_MARGIN, TOP_BLOCKS, FinetunePlan, epoch_seconds, final_seconds,
-                              native_size, plan_finetune, probe_size_for, rates_for)
+                              native_size, plan_finetune, probe_size_for)
 from transferkit.backbone import feature_size, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.classifier import Classifier
@@ -385,13 +385,12 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
     device = resolve_device(config.device)
     precision = resolve_train_precision(config.precision, device)
     net, _ = _network(backbone, config, len(prepared.classes))
-    train_bn = rates_for(probe_val)[2]
     sizes = prepared.sizes
     native = native_size([Path(p) for p in prepared.paths["train"]])
     top_blocks = min(TOP_BLOCKS, len(backbone_blocks(net.backbone)) - 1)
 
     def measure(unfreeze: str, train_size: int, eval_size: int) -> tuple[float, float]:
-        return measure_speed(net, "finetune", unfreeze, train_bn, train_size, eval_size, device, precision,
+        return measure_speed(net, "finetune", unfreeze, config.train_bn, train_size, eval_size, device, precision,
                              config.batch_size)
 
     def plan(seconds_left: float):
@@ -441,8 +440,8 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
     finetune_backbone = open_backbone(config.backbone, config.weights, plan.eval_size)
     finetune_backbone.train_size = plan.train_size
     finetune_config = replace(config, mode="finetune", epochs=plan.epochs, lr=plan.lr, unfreeze=plan.unfreeze,
-                              backbone_lr_mult=plan.backbone_lr_mult, train_bn=plan.train_bn,
-                              train_size=plan.train_size, image_size=plan.eval_size)
+                              backbone_lr_mult=plan.backbone_lr_mult, train_size=plan.train_size,
+                              image_size=plan.eval_size)
     eval_images = sum(len(probe.prepared.paths.get(name, [])) for name in ("val", "test"))
     finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tensorboard, staged, checkpoint,
                             clock, final_seconds(eval_images, plan.eval_images_per_second))
