@@ -16,8 +16,8 @@ import torch
 from transferkit import __version__, distributed
 from transferkit.augment import decode_size
 from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
-                              MIN_EPOCHS, SPEED_MARGIN, TOP_BLOCKS, FinetunePlan, epoch_seconds, final_seconds,
-                              native_size, plan_finetune, probe_size_for)
+                              MIN_EPOCHS, TOP_BLOCKS, FinetunePlan, final_seconds, native_size, plan_finetune,
+                              probe_size_for)
 from transferkit.backbone import feature_size, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.classifier import Classifier
@@ -465,8 +465,7 @@ def _finetune_advice(arguments: dict, config: TrainConfig, backbone, probe: _Out
     if probe_val is None or probe_val >= HARD_BELOW or distributed.current().distributed:
         return None
     plan, _ = _finetune_planner(backbone, config, probe.prepared, probe_val)(NO_LIMIT)
-    per_epoch = epoch_seconds(probe.prepared.sizes["train"], probe.prepared.sizes.get("val", 0),
-                              plan.images_per_second / SPEED_MARGIN, plan.eval_images_per_second)
+    per_epoch = plan.seconds / plan.epochs  # the plan's own epoch length, not derived again from its speeds
     eval_images = sum(probe.prepared.sizes.get(name, 0) for name in ("val", "test"))
     seconds = clock.elapsed() + 2 * MIN_EPOCHS * per_epoch + final_seconds(eval_images, plan.eval_images_per_second)
     minutes = math.ceil(seconds / 60)
