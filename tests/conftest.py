@@ -7,11 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image, ImageDraw
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CHROMIUM = Path("/usr/bin/chromium")
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+
+# Property tests draw the same examples on every run, so a failure in CI reproduces anywhere; HYPOTHESIS_PROFILE=explore
+# draws fresh examples (and more of them) when hunting for new failures.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # Each class is a shape in a colour on a noisy background: easy for ImageNet features, made of real pixels.
 CLASS_STYLES = {"circles": ("ellipse", (220, 40, 40)), "squares": ("rectangle", (40, 60, 220)),
@@ -74,7 +81,11 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def hymenoptera() -> Path:
+    """The real photos in ../shared. CI sets TRANSFERKIT_REQUIRE_SHARED, so there a missing folder fails the test
+    instead of skipping it."""
     if not HYMENOPTERA.is_dir():
+        if os.environ.get("TRANSFERKIT_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{HYMENOPTERA} is missing: CI needs ../shared beside the repository")
         pytest.skip(f"real-data test: {HYMENOPTERA} is absent (it ships beside the repository in CI)")
     return HYMENOPTERA
 

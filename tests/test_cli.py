@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
+from transferkit.features import resolve_device
 
 runner = CliRunner()
 
@@ -42,7 +43,9 @@ def test_predict_table_json_csv_and_unreadable_input(trained, split_folder, tmp_
     as_csv = runner.invoke(app, ["predict", str(run), str(split_folder / "val"), "--format", "csv", "--top-k", "1"])
     records = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert len(records) == 15 and sum(r["label"] == r["input"].split("/")[-2] for r in records) >= 14
-    table = runner.invoke(app, ["predict", str(run), str(image)])
+    neutral = tmp_path / "photo.jpg"  # the label must come from the model, not from the file's path
+    neutral.write_bytes(image.read_bytes())
+    table = runner.invoke(app, ["predict", str(run), str(neutral)])
     assert table.exit_code == 0 and "stripes" in table.stdout
     only_bad = runner.invoke(app, ["predict", str(run), str(broken)])
     assert only_bad.exit_code == 1
@@ -62,22 +65,42 @@ def test_evaluate_json(trained, split_folder, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "/no/such/folder"], "does not exist"),
-    (["evaluate", "/no/such/run", "."], "is not a run folder"),
     (["train", ".", "--backbone", "nonexistent_net_xyz"], "unknown backbone"),
+    (["train", ".", "--time-limit", "soon"], "--time-limit"),
+    (["train", ".", "--mode", "warp"], "mode must be one of"),
+    (["evaluate", "/no/such/run", "."], "is not a run folder"),
+    (["predict", "/no/such/run", "a/x.png"], "is not a run folder"),
+    (["export", "/no/such/run"], "is not a run folder"),
+    (["report", "/no/such/run"], "is not a run folder"),
+    (["summary", "not_a_model_name"], "not_a_model_name"),
+    (["doctor", "/no/such/folder"], "does not exist"),
+    (["download", "no-such-set"], "no-such-set"),
 ])
-def test_user_errors_are_one_line(args, message, tmp_path, monkeypatch):
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (16, 16), "white").save(tmp_path / name / "x.png")
     result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert message in result.stderr
+
+
+def test_command_log_lines_reach_stderr(trained, split_folder, tmp_path):
+    """What a command logs (here: a warning about unreadable inputs) is on its stderr, even where the root logger
+    already has handlers (pytest's, a notebook's) and logging.basicConfig would do nothing."""
+    run, _ = trained
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("no pixels here")
+    image = next((split_folder / "val" / "circles").glob("*.jpg"))
+    result = runner.invoke(app, ["predict", str(run), str(image), str(broken)])
+    assert result.exit_code == 0 and "warning: 1 of 2 inputs could not be read" in result.stderr
 
 
 def test_engines_from_the_command_line(trained, split_folder, cache_dir):
     run, summary = trained
-    assert json.loads((run / "config.json").read_text())["extractor"]["device"] == "cpu"
+    assert json.loads((run / "config.json").read_text())["extractor"]["device"] == resolve_device("auto").type
     torch_run = runner.invoke(app, ["evaluate", str(run), str(split_folder), "--json", "--engine", "torch",
                                     "--no-cache"])
     assert torch_run.exit_code == 0, torch_run.output

@@ -179,12 +179,12 @@ def test_resume_after_kill_9_continues_exactly(split_folder, tmp_path, cache_dir
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         state = load_checkpoint(staging_dir(killed)) if (staging_dir(killed) / CHECKPOINT).exists() else None
-        if state and state.get("stage", {}).get("epoch") == 2:
+        if state and state.get("stage", {}).get("epoch", 0) >= 2:
             break
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not killed.exists() and load_checkpoint(staging_dir(killed))["stage"]["epoch"] == 2
+    assert not killed.exists() and load_checkpoint(staging_dir(killed))["stage"]["epoch"] in (2, 3)
 
     again = subprocess.run(_train_command(*args, "--out", str(killed)), capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -220,7 +220,10 @@ def test_lr_find_plots_and_suggests(split_folder, tmp_path, cache_dir):
     finding, plot = transferkit.find_lr(split_folder, out=tmp_path / "lr", cache_dir=str(cache_dir), progress=False,
                                         image_size=96)
     assert 1e-6 < finding.suggestion < 1.0 and len(finding.lrs) >= 20
-    assert finding.lrs == sorted(finding.lrs)
+    # the suggestion is on the falling part of the curve: below the lowest loss's rate, with the loss already lower
+    lowest = int(np.argmin(finding.losses))
+    at = finding.lrs.index(finding.suggestion)
+    assert at < lowest and finding.losses[at] < finding.losses[len(finding.lrs) // 10]
     assert Image.open(plot).size[0] > 300
     assert len((tmp_path / "lr" / "lr_find.csv").read_text().splitlines()) == len(finding.lrs) + 1
 

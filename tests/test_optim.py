@@ -58,6 +58,7 @@ def shapes(tmp_path_factory):
     {"optimizer": "adamw", "monitor": "val_accuracy", "epochs": 15},
 ])
 def test_every_optimizer_and_schedule_learns_the_shapes(shapes, options):
+    options = dict(options)  # the parametrize dict is shared between runs of this test
     result = transferkit.train(shapes / "data", out=shapes / "runs" / str(sorted(options.items())), progress=False,
                                cache_dir=str(shapes / "cache"), epochs=options.pop("epochs", 30), **options)
     assert result.val_accuracy >= 0.9

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
-import time
+import threading
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,8 +48,7 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(trained):
     run, folder = trained
     assert {p.name for p in folder.iterdir()} == {"model.onnx", "labels.txt", "preprocessing.json", "export.json"}
     manifest = json.loads((folder / "export.json").read_text())
-    assert manifest["parity"]["top1_agreement"] == 1.0
-    assert manifest["parity"]["max_abs_probability_difference"] <= 1e-4
+    assert manifest["parity"]["images"] == len(_images(run))  # checked on the run's own images, not synthetic ones
     assert manifest["inputs"]["pixels"] == ["batch", 96, 96, 3]
     preprocessing = json.loads((folder / "preprocessing.json").read_text())
     assert preprocessing["input_size"] == [96, 96] and preprocessing["mean"] == [0.5, 0.5, 0.5]
@@ -64,23 +64,55 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(trained):
     assert probabilities.shape == (3, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
 
 
-def test_torchscript_and_int8_exports(trained, tmp_path):
-    run, _ = trained
-    scripted = export_run(run, "torchscript", out=tmp_path / "ts")
-    assert scripted.parity["max_abs_probability_difference"] <= 1e-4
-    model = torch.jit.load(str(tmp_path / "ts" / "model.pt"))
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8))
-    assert torch.allclose(model(pixels).sum(1), torch.ones(2), atol=1e-5)
+def _probabilities(predictions) -> np.ndarray:
+    """Each image's probabilities in label order."""
+    return np.array([[dict(zip(p.labels, p.probabilities))[label] for label in sorted(p.labels)]
+                     for p in predictions])
 
+
+def test_torchscript_export_predicts_like_the_run(trained, tmp_path):
+    run, _ = trained
+    export_run(run, "torchscript", out=tmp_path / "ts")
+    model = torch.jit.load(str(tmp_path / "ts" / "model.pt"))
+    classifier = Classifier.load(run, engine="torch")
+    images = _images(run)
+    pixels = torch.from_numpy(np.stack([classifier.backbone.preprocessing.pixels(Image.open(p).convert("RGB"))
+                                        for p in images]))
+    with torch.inference_mode():
+        scripted = model(pixels).numpy()
+    reference = _probabilities(classifier.predict(images, top_k=3))
+    assert np.abs(scripted - reference).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def held_out(trained) -> list[Path]:
+    """60 more images of the run's classes, none of them seen in training."""
+    run, _ = trained
+    return sorted(make_image_folder(run.parent / "held-out", per_class=20, seed=9).rglob("*.jpg"))
+
+
+def test_int8_export_keeps_the_accuracy(trained, held_out, tmp_path):
+    run, folder = trained
     quantized = export_run(run, quantize="int8", out=tmp_path / "int8")
     q = quantized.quantization
     assert quantized.model == "model.int8.onnx" and (tmp_path / "int8" / "model.int8.onnx").is_file()
     assert q["size_ratio"] < 0.5 and q["validation_images"] == 12 and q["calibration_images"] > 0
-    assert q["accuracy_change"] == pytest.approx(q["accuracy_int8"] - q["accuracy_fp32"])
     answers = ExportedClassifier(tmp_path / "int8").predict(_images(run), top_k=1)
-    accuracy = np.mean([a.label == Path(a.source).parent.name for a in answers])
-    assert accuracy == pytest.approx(q["accuracy_int8"])
+    assert np.mean([a.label == Path(a.source).parent.name for a in answers]) == pytest.approx(q["accuracy_int8"])
 
+    # on images the run never saw: int8 gives the fp32 answers, to within one image in 60 and a few percent
+    int8 = ExportedClassifier(tmp_path / "int8").predict(held_out, top_k=3)
+    fp32 = ExportedClassifier(folder).predict(held_out, top_k=3)
+    truth = [p.parent.name for p in held_out]
+    accuracy = {name: np.mean([a.label == t for a, t in zip(answers, truth)]) for name, answers in
+                (("int8", int8), ("fp32", fp32))}
+    assert accuracy["int8"] >= accuracy["fp32"] - 1 / 60, accuracy
+    assert np.mean([a.label == b.label for a, b in zip(int8, fp32)]) >= 59 / 60
+    assert np.abs(_probabilities(int8) - _probabilities(fp32)).mean() <= 0.02
+
+
+def test_export_refuses_bad_options(trained, tmp_path):
+    run, _ = trained
     with pytest.raises(DataError, match="needs --format onnx"):
         export_run(run, "torchscript", quantize="int8", out=tmp_path / "bad")
     done = subprocess.run([sys.executable, "-m", "transferkit", "export", str(run), "--format", "tflite"],
@@ -88,35 +120,39 @@ def test_torchscript_and_int8_exports(trained, tmp_path):
     assert done.returncode == 2 and "onnx, torchscript" in done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
+    """`transferkit serve ... --port 0`: the server takes a free port and prints its address, read here."""
+    process = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        found = re.search(r"at (http://127\.0\.0\.1:\d+) \(the page\)", line)
+        if found:
+            return process, found.group(1)
+    process.kill()
+    pytest.fail(f"the server did not start: {''.join(lines)[-2000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(trained):
     _, folder = trained
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", str(folder), "--port", str(port),
-                                "--max-bytes", "300000", "--max-wait-ms", "30"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not start: {process.stderr.read()[-2000:]}")
+    process, url = _start_server([sys.executable, "-m", "transferkit", "serve", str(folder), "--max-bytes",
+                                  "300000"])
+    assert httpx.get(f"{url}/healthz").status_code == 200
     yield url
     process.terminate()
     process.wait(timeout=20)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status reports it.
     assert "Finished server process" in process.stderr.read()
+
+
+def test_a_busy_port_is_one_line_and_exit_2(server, trained):
+    port = server.rsplit(":", 1)[1]
+    done = subprocess.run([sys.executable, "-m", "transferkit", "serve", str(trained[1]), "--port", port],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -168,7 +204,7 @@ def test_server_endpoints_and_bad_input(server, trained):
     assert httpx.post(f"{server}/v1/predict", files=files).status_code == 200
 
 
-def test_concurrent_requests_are_micro_batched(server, trained):
+def test_concurrent_requests_are_all_answered(server, trained):
     run, _ = trained
     images = [p.read_bytes() for p in _images(run)]
     before = httpx.get(f"{server}/v1/model").json()["served"]
@@ -179,8 +215,39 @@ def test_concurrent_requests_are_micro_batched(server, trained):
                                                       timeout=60).status_code, range(24)))
     assert statuses == [200] * 24
     after = httpx.get(f"{server}/v1/model").json()["served"]
-    assert after["images"] - before["images"] == 24
-    assert after["model_calls"] - before["model_calls"] < 24  # several requests shared a model call
+    assert after["images"] - before["images"] == 24 and after["model_calls"] - before["model_calls"] <= 24
+
+
+def test_requests_waiting_together_share_one_model_call():
+    """While the model is busy, the requests that arrive wait; the next model call takes them all (up to
+    max_batch), whatever the timing. The model here holds its first call until every request is queued."""
+    from transferkit.serve import MicroBatcher
+
+    release, calls = threading.Event(), []
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        calls.append(len(pixels))
+        release.wait(timeout=30)
+        return pixels[:, :2].astype(np.float32)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(model, max_batch=8, max_wait_s=0.0)
+        batcher.start()
+        requests = [asyncio.ensure_future(batcher(np.full((1, 3), 0)))]
+        while not calls:  # the first request is in the model ...
+            await asyncio.sleep(0.01)
+        requests += [asyncio.ensure_future(batcher(np.full((1, 3), i))) for i in range(1, 11)]
+        while batcher.queue.qsize() < 10:  # ... while ten more wait
+            await asyncio.sleep(0.01)
+        release.set()
+        answers = await asyncio.gather(*requests)
+        await batcher.stop()
+        return answers
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a fresh event loop, whatever runs in this thread
+        answers = pool.submit(asyncio.run, scenario()).result(timeout=60)
+    assert calls == [1, 8, 2]  # max_batch caps the second call
+    assert [int(a[0, 0]) for a in answers] == list(range(11))  # each request gets its own rows back
 
 
 def test_page_shows_the_top_label(server, trained, browser):
@@ -243,16 +310,9 @@ def test_exported_model_runs_without_pytorch(trained, tmp_path):
                                  capture_output=True, text=True)
     assert needs_torch.returncode == 2 and "runtime-only install" in needs_torch.stderr
 
-    port = _free_port()
-    server = subprocess.Popen([python, "-m", "transferkit", "serve", str(folder), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, url = _start_server([python, "-m", "transferkit", "serve", str(folder)])
     try:
-        for _ in range(200):
-            try:
-                answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", content=images[0].read_bytes())
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        answer = httpx.post(f"{url}/v1/predict", content=images[0].read_bytes())
         assert answer.status_code == 200
         assert [p["label"] for p in answer.json()["predictions"]][:2] == reference[0].labels
     finally:

@@ -71,10 +71,24 @@ class _LogFormat(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+class _CommandHandler(logging.StreamHandler):
+    """The handler a command adds for transferkit's log lines."""
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """transferkit's log lines (information, warnings) to this command's stderr, one line each.
+
+    A handler on the "transferkit" logger, not logging.basicConfig: that does nothing when the root logger already
+    has handlers (as in a notebook or under pytest), so the lines would vanish. Replaced on each call, so a second
+    command in the same process writes to its own stderr.
+    """
+    logger = logging.getLogger("transferkit")
+    for handler in [h for h in logger.handlers if isinstance(h, _CommandHandler)]:
+        logger.removeHandler(handler)
+    handler = _CommandHandler(sys.stderr)
     handler.setFormatter(_LogFormat("%(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     # warnings are for the user here: one line each ("warning: ..."), without the source line that raised them
     warnings.showwarning = lambda message, *_: logging.getLogger("transferkit").warning("%s", message)
     # transferkit checks image sizes itself and reports oversized images as skipped files.
@@ -409,7 +423,7 @@ def export_command(
 def serve_command(
     model: Path = typer.Argument(..., help="An export folder (served by ONNX Runtime, no PyTorch) or a run folder."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(8000, min=1, max=65535),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port; 0 takes any free one (printed at start)."),
     max_batch: int = typer.Option(16, min=1, help="Micro-batching: most images per model call (1 = off)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Micro-batching: longest wait for more requests."),
     max_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body accepted (413 above)."),

@@ -163,12 +163,23 @@ def _list_class_folders(root: Path) -> _Listing:
     return _Listing(samples, skipped, empty)
 
 
-def _detect_quote_char(text: str) -> str:
-    """' when the CSV quotes whole fields with it ('a, b.jpg',cat), else the standard ". A field that merely
-    starts with an apostrophe ('t Hooft) is not quoting."""
-    single = len(re.findall(r"(?:^|,)[ \t]*'[^'\n]*'[ \t]*(?=,|$)", text, re.M))
-    double = len(re.findall(r'(?:^|,)[ \t]*"[^"\n]*"[ \t]*(?=,|$)', text, re.M))
-    return "'" if single > double else '"'
+def _csv_rows(text: str) -> list[list[str]]:
+    """The CSV's non-blank rows. Fields quoted with ' ('a, b.jpg',cat) are read as quoted only when that makes more
+    rows start with an image path than the standard " reading does: a label written 'b' in a standard CSV stays
+    'b', and a name that merely starts with an apostrophe ('t Hooft.jpg) is not quoting."""
+
+    def read(quotechar: str) -> list[list[str]]:
+        return [row for row in csv.reader(io.StringIO(text), quotechar=quotechar, skipinitialspace=True)
+                if any(cell.strip() for cell in row)]
+
+    def image_paths(rows: list[list[str]]) -> int:
+        return sum(Path(row[0].strip()).suffix.lower() in IMAGE_EXTENSIONS for row in rows)
+
+    standard = read('"')
+    if "'" not in text:
+        return standard
+    single = read("'")
+    return single if image_paths(single) > image_paths(standard) else standard
 
 
 def _looks_like_header(row: list[str], base: Path) -> bool:
@@ -182,8 +193,7 @@ def _read_csv(csv_path: Path) -> _Listing:
     except UnicodeDecodeError as err:
         raise DataError(f"{csv_path} is not a UTF-8 text file ({err.reason}); save the CSV as UTF-8.") from err
     base = csv_path.parent
-    rows = [r for r in csv.reader(io.StringIO(text), quotechar=_detect_quote_char(text), skipinitialspace=True)
-            if any(cell.strip() for cell in r)]
+    rows = _csv_rows(text)
     if rows and len(rows[0]) >= 2 and _looks_like_header(rows[0], base):
         rows = rows[1:]
     samples: list[Sample] = []

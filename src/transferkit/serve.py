@@ -10,6 +10,8 @@ waiting requests at once, waiting at most `max_wait_ms` for more to arrive.
 import asyncio
 import html
 import importlib.util
+import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,6 +25,7 @@ from transferkit.runtime import ExportedClassifier, is_export, ranked_prediction
 
 DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
 PAGE = Path(__file__).with_name("templates") / "serve.html"
+log = logging.getLogger("transferkit")
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,23 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
     return app
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) before the model loads, so a busy port is one clear line; port 0 takes any
+    free port (the one given is printed)."""
+    from transferkit.errors import DataError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise DataError(f"cannot listen on {host}:{port} ({err.strerror}): stop what is using it, or choose another "
+                        "--port (0 takes any free one).") from None
+    sock.listen(128)  # connections wait in the backlog until the server accepts them
+    return sock
+
+
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(),
           log_level: str = "info") -> None:
     """Load RUN or EXPORT and serve it until interrupted (SIGINT/SIGTERM shut down gracefully)."""
@@ -270,6 +290,11 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: S
                         "(or pip install fastapi uvicorn python-multipart).")
     import uvicorn
 
+    sock = _listen(host, port)
     app = create_app(load_model(path, config.threads), config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                timeout_graceful_shutdown=10)
+    bound = sock.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+    log.info("serving %s at %s (the page), %s/docs (the API)", path, url, url)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level, timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=10))
+    server.run(sockets=[sock])
