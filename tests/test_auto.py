@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import transferkit
 from transferkit import DataError
 from transferkit.auto import MIN_EPOCHS, MIN_TRAIN_SIZE, eval_size_for, plan_finetune, probe_size_for, train_size_for
 from transferkit.budget import parse_duration
+from transferkit.cli import app
 from transferkit.runs import CHECKPOINT, load_checkpoint, staging_dir
 
 FAST = dict(image_size=96, workers=2, batch_size=12)
@@ -51,9 +53,8 @@ def test_bad_durations_are_one_line_errors(text):
     (["--time-limit", "1m", "--mode", "finetune"], "--mode auto"),
 ])
 def test_cli_time_limit_errors(image_folder, tmp_path, args, message):
-    result = subprocess.run(_cli(str(image_folder), "--out", str(tmp_path / "run"), *args), capture_output=True,
-                            text=True)
-    assert result.returncode == 2
+    result = CliRunner().invoke(app, ["train", str(image_folder), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
@@ -113,7 +114,7 @@ def test_plan_fits_the_epochs_to_the_time_and_steps_down_when_short():
 def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_path, cache_dir):
     """A probe stopped after one epoch is poor; fine-tuning in the time left beats it and is kept."""
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
-                               time_limit="90s", head_epochs=1, patience=3, **FAST)
+                               time_limit="45s", head_epochs=1, patience=3, **FAST)
     config = json.loads((result.run_dir / "config.json").read_text())
     history = _history(result.run_dir)
     probe_val = float([row for row in history if row["stage"] == "probe"][-1]["val_accuracy"])
@@ -131,7 +132,7 @@ def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_pat
 def test_auto_keeps_the_probe_when_fine_tuning_is_worse(split_folder, tmp_path, cache_dir):
     """Fine-tuning at an absurd learning rate wrecks the network; the probe it started from is kept."""
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
-                               time_limit="60s", head_epochs=1, lr=5.0, patience=2, **FAST)
+                               time_limit="30s", head_epochs=1, lr=5.0, patience=2, **FAST)
     config = json.loads((result.run_dir / "config.json").read_text())
     history = _history(result.run_dir)
     probe_val = float([row for row in history if row["stage"] == "probe"][-1]["val_accuracy"])
@@ -161,6 +162,7 @@ def test_a_short_limit_is_honoured_end_to_end(split_folder, tmp_path, cache_dir)
     assert result.report is not None and result.val_accuracy is not None
 
 
+@pytest.mark.slow
 def test_a_limit_shorter_than_extraction_warns_and_keeps_the_probe(image_folder, tmp_path, cache_dir):
     result = subprocess.run(_cli(str(image_folder), "--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir),
                                  "--time-limit", "1s", "--image-size", "96", "--no-report"),
@@ -206,6 +208,7 @@ def test_auto_run_killed_mid_way_resumes_within_the_time_left(split_folder, tmp_
     assert summary["choice"].startswith("kept")
 
 
+@pytest.mark.slow
 def test_logs_get_plain_lines_per_epoch_not_progress_bars(split_folder, tmp_path, cache_dir):
     log = tmp_path / "train.log"
     with log.open("w") as stderr:
@@ -221,6 +224,7 @@ def test_logs_get_plain_lines_per_epoch_not_progress_bars(split_folder, tmp_path
     assert any(line.startswith("finetune epoch 2/2: train loss") for line in lines), text
 
 
+@pytest.mark.slow
 def test_probe_says_when_fine_tuning_would_pay(split_folder, tmp_path, cache_dir):
     result = subprocess.run(_cli(str(split_folder), "--epochs", "1", "--lr", "1e-6", "--image-size", "96",
                                  "--cache-dir", str(cache_dir), "--out", str(tmp_path / "run"), "--no-report"),

@@ -79,6 +79,7 @@ def test_unknown_backbone_suggests_names():
         open_backbone("efficientnet_lit0")
 
 
+@pytest.mark.slow
 def test_offline_download_fails_with_one_clear_line(tmp_path):
     """With the hub unreachable, a timm name gives a one-line error listing the embedded backbones."""
     image = tmp_path / "x.png"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import transferkit
 from transferkit.backbone import open_backbone
@@ -48,6 +49,7 @@ def test_ranks_share_out_work():
     assert sorted(sum(shards, [])) == items and [len(s) for s in shards] == [4, 3, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(split_folder, tmp_path):
     single = transferkit.train(split_folder, out=tmp_path / "single", cache_dir=str(tmp_path / "cache1"),
                                progress=False, report=False, image_size=96, workers=1, engine="onnxruntime")
@@ -95,6 +97,7 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=100, seed=4)
     cache = tmp_path / "cache"
@@ -119,6 +122,7 @@ def test_killed_two_process_run_resumes(tmp_path):
     assert (run / "model.safetensors").is_file() and summary["val_accuracy"] >= 0.9
 
 
+@pytest.mark.slow
 def test_two_process_fine_tuning(split_folder, tmp_path):
     done = subprocess.run(_two_processes(str(split_folder), "--mode", "finetune", "--epochs", "2", "--batch-size",
                                          "6", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),

@@ -76,6 +76,7 @@ def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path
     assert str(banner) in [f.path for f in third.of_kind("unreadable")]
 
 
+@pytest.mark.slow
 def test_doctor_command_writes_json_and_html(messy, tmp_path):
     page = tmp_path / "doctor.html"
     done = subprocess.run([sys.executable, "-m", "transferkit", "doctor", str(messy), "--json", "--report",
@@ -95,6 +96,7 @@ def test_doctor_flags_the_placeholder_in_hymenoptera(hymenoptera, tmp_path):
     assert report.of_kind("outlier")[0].path.endswith("imageNotFound.gif")  # the most striking outlier
 
 
+@pytest.mark.slow
 def test_train_prints_the_doctor_summary_first(messy, tmp_path):
     command = [sys.executable, "-m", "transferkit", "train", str(messy), "--image-size", "96", "--no-report",
                "--cache-dir", str(tmp_path / "cache")]

@@ -80,6 +80,7 @@ def test_every_engine_agrees_with_the_fp32_reference(backbone, image_folder):
     assert onnx.features(pixels[:1]).shape == (1, backbone.model.num_features)  # any batch size
 
 
+@pytest.mark.slow
 def test_auto_engine_exports_once_and_reuses_the_export(backbone, tmp_path, monkeypatch):
     calls = []
     real_export = onnx_engine.export_pixel_model
@@ -160,7 +161,8 @@ def test_changed_file_is_recomputed_and_new_preprocessing_is_a_new_space(backbon
     changed = extract_features(Extractor(backbone), paths, FeatureCache(cache_dir))
     assert changed.computed == 0  # its new content is already cached under the other file's digest
     np.testing.assert_array_equal(changed.features[0], changed.features[-1])
-    other_size = extract_features(Extractor(open_backbone(image_size=160)), paths[:3], FeatureCache(cache_dir))
+    other_size = extract_features(Extractor(open_backbone(image_size=160), engine="torch"), paths[:3],
+                                  FeatureCache(cache_dir))
     assert other_size.computed == 3
 
 
@@ -205,6 +207,7 @@ def _indexed_rows(cache_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_extraction_loses_at_most_a_batch(tmp_path, cache_dir):
     folder = make_image_folder(tmp_path / "many", per_class=30, seed=5)
     paths = _paths(folder)
@@ -225,6 +228,7 @@ def test_kill_9_mid_extraction_loses_at_most_a_batch(tmp_path, cache_dir):
     assert final.computed == 0
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_a_cache_never_corrupt_it(tmp_path, cache_dir):
     folder = make_image_folder(tmp_path / "shared", per_class=10, seed=7)
     runs = [subprocess.Popen([sys.executable, "-c", _EXTRACT_SCRIPT, str(folder), str(cache_dir)],

@@ -157,10 +157,11 @@ def test_probe_trains_with_the_balancing_sampler(image_folder, tmp_path, cache_d
         _train(image_folder, tmp_path, cache_dir, "x", balance="oversample")
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_training(split_folder, tmp_path, cache_dir):
-    first = _train(split_folder, tmp_path, cache_dir, "a", mode="head", epochs=2, augment="strong")
-    second = _train(split_folder, tmp_path, cache_dir, "b", mode="head", epochs=2, augment="strong")
-    third = _train(split_folder, tmp_path, cache_dir, "c", mode="head", epochs=2, augment="strong", seed=1)
+    first = _train(split_folder, tmp_path, cache_dir, "a", mode="head", epochs=1, augment="strong")
+    second = _train(split_folder, tmp_path, cache_dir, "b", mode="head", epochs=1, augment="strong")
+    third = _train(split_folder, tmp_path, cache_dir, "c", mode="head", epochs=1, augment="strong", seed=1)
     assert _losses(_history(first.run_dir)) == _losses(_history(second.run_dir))
     assert _losses(_history(first.run_dir)) != _losses(_history(third.run_dir))
 
@@ -169,6 +170,7 @@ def _train_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferkit", "train", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_continues_exactly(split_folder, tmp_path, cache_dir):
     """A run killed mid-epoch resumes from its last checkpoint and ends exactly as an uninterrupted run."""
     args = [str(split_folder), "--mode", "finetune", "--epochs", "4", "--image-size", "96", "--workers", "2",

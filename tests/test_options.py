@@ -16,6 +16,7 @@ import torch
 import transferkit
 from conftest import CLASS_STYLES, draw_sample, make_image_folder
 from transferkit.backbone import open_backbone
+from transferkit.config import TrainConfig
 from transferkit.features import Extractor, extract_features
 from transferkit.head import FitOptions, FitResult, HeadSpec, fit_head
 
@@ -230,3 +231,9 @@ def test_train_hands_every_head_option_to_the_head(noise, monkeypatch):
     assert (spec.kind, spec.dropout, spec.hidden) == ("mlp", 0.35, 48)
     assert {name: getattr(options, name) for name in chosen} == chosen
     assert {f.name for f in dataclasses.fields(FitOptions)} == set(chosen)  # a new fit option is added here too
+    # fine-tuning's first stage (a probe) keeps the probe's own rates and schedule, and takes the options that
+    # describe the data and the goal
+    goal = ("batch_size", "weight_decay", "label_smoothing", "patience", "balance", "seed", "monitor")
+    first_stage = train_module._probe_options(TrainConfig(mode="finetune", head_epochs=17,
+                                                          **{k: chosen[k] for k in goal}))
+    assert first_stage.epochs == 17 and {k: getattr(first_stage, k) for k in goal} == {k: chosen[k] for k in goal}

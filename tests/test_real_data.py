@@ -9,22 +9,31 @@ import sys
 import pytest
 
 import transferkit
+from conftest import HYMENOPTERA
 
 pytestmark = pytest.mark.slow
 
 
-def test_hymenoptera_defaults_reach_target_and_reuse_cache(hymenoptera, tmp_path):
-    cache = str(tmp_path / "cache")
-    cold = transferkit.train(hymenoptera, out=tmp_path / "cold", cache_dir=cache, progress=False)
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory):
+    """The defaults on hymenoptera with an empty feature cache, which the tests below then share."""
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"real-data test: {HYMENOPTERA} is absent")
+    root = tmp_path_factory.mktemp("hymenoptera")
+    return transferkit.train(HYMENOPTERA, out=root / "cold", cache_dir=str(root / "cache"), progress=False), root
+
+
+def test_hymenoptera_defaults_reach_target_and_reuse_cache(hymenoptera, cold_run, tmp_path):
+    cold, root = cold_run
     assert cold.images == {"train": 245, "val": 153}  # formica.jpeg and the GIF placeholder are read too
     assert cold.val_accuracy >= 0.95
     assert cold.features_computed == 398
-    warm = transferkit.train(hymenoptera, out=tmp_path / "warm", cache_dir=cache, progress=False)
+    warm = transferkit.train(hymenoptera, out=tmp_path / "warm", cache_dir=str(root / "cache"), progress=False)
     assert warm.features_computed == 0 and warm.val_accuracy == cold.val_accuracy
 
 
-def test_cli_train_and_imagenet_predict_on_real_photos(hymenoptera, tmp_path):
-    env_cache = ["--cache-dir", str(tmp_path / "cache")]
+def test_cli_train_and_imagenet_predict_on_real_photos(hymenoptera, cold_run, tmp_path):
+    env_cache = ["--cache-dir", str(cold_run[1] / "cache")]
     train = subprocess.run([sys.executable, "-m", "transferkit", "train", str(hymenoptera), "--out",
                             str(tmp_path / "run"), "--json", *env_cache], capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr
@@ -43,7 +52,7 @@ def test_demo_runs_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "a few test predictions" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["test"]["accuracy"] >= 0.85 and metrics["test"]["n"] > 100
+    assert metrics["test"]["accuracy"] >= 0.9 and metrics["test"]["n"] > 100
 
 
 def test_hymenoptera_finetune_keeps_the_probe_accuracy_and_loads(hymenoptera, tmp_path):

@@ -155,6 +155,7 @@ def test_confusion_matrix_stays_readable_with_many_classes(tmp_path):
     assert len(pairs) == 15 and pairs == sorted(pairs, key=lambda p: -p["count"])
 
 
+@pytest.mark.slow
 def test_report_with_many_classes(tmp_path, cache_dir):
     rng = np.random.default_rng(3)
     styles = ["ellipse", "rectangle", "stripes"]
@@ -173,6 +174,7 @@ def test_report_with_many_classes(tmp_path, cache_dir):
         assert max(image.size) <= 1600
 
 
+@pytest.mark.slow
 def test_models_table_is_measured_on_the_models():
     rows = list_backbones()
     assert [row.name for row in rows[:3]] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

@@ -148,6 +148,7 @@ def test_files_that_vanish_during_a_run_are_reported_and_the_run_finishes(split_
     assert again.skipped == [] and again.images == {"train": 36, "val": 15}
 
 
+@pytest.mark.slow
 def test_read_only_output_or_cache_folder(split_folder, tmp_path, read_only_folder):
     cache = tmp_path / "cache"
     common = ["--image-size", "96", "--no-doctor", "--no-report", "--engine", "torch"]
@@ -176,6 +177,7 @@ def _limited(limit: int, *args: str) -> subprocess.CompletedProcess:
                 file_size_limit=limit)
 
 
+@pytest.mark.slow
 def test_disk_full_while_caching_features_leaves_a_consistent_cache(split_folder, tmp_path, cache_dir):
     full = _limited(200_000, "train", str(split_folder), "--out", str(tmp_path / "full"), "--cache-dir",
                     str(cache_dir))
@@ -196,6 +198,7 @@ def test_disk_full_while_caching_features_leaves_a_consistent_cache(split_folder
     assert cosine.min() > 0.999
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_stops_cleanly_and_resumes(split_folder, tmp_path, cache_dir):
     run = tmp_path / "run"
     full = _limited(2_000_000, "train", str(split_folder), "--mode", "finetune", "--epochs", "2", "--batch-size",

@@ -29,12 +29,18 @@ from conftest import make_image_folder
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The three shapes in nearly one colour: still told apart every time, but with margins small enough that a
+# quantised model's errors show in its probabilities (a per-tensor int8 model moves them 10x more than ours).
+SUBTLE = {"circles": ("ellipse", (200, 60, 60)), "squares": ("rectangle", (190, 70, 70)),
+          "stripes": ("stripes", (185, 75, 75))}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A probe run on the synthetic shapes, and its ONNX export."""
     root = tmp_path_factory.mktemp("serve")
-    data = make_image_folder(root / "data" / "train", per_class=10, seed=1).parent
-    make_image_folder(data / "val", per_class=4, seed=2)
+    data = make_image_folder(root / "data" / "train", per_class=10, seed=1, classes=SUBTLE).parent
+    make_image_folder(data / "val", per_class=4, seed=2, classes=SUBTLE)
     result = transferkit.train(data, out=root / "run", cache_dir=str(root / "cache"), progress=False,
                                report=False, image_size=96, workers=2)
     return result.run_dir, export_run(result.run_dir).folder
@@ -88,7 +94,7 @@ def test_torchscript_export_predicts_like_the_run(trained, tmp_path):
 def held_out(trained) -> list[Path]:
     """60 more images of the run's classes, none of them seen in training."""
     run, _ = trained
-    return sorted(make_image_folder(run.parent / "held-out", per_class=20, seed=9).rglob("*.jpg"))
+    return sorted(make_image_folder(run.parent / "held-out", per_class=20, seed=9, classes=SUBTLE).rglob("*.jpg"))
 
 
 def test_int8_export_keeps_the_accuracy(trained, held_out, tmp_path):
@@ -100,7 +106,9 @@ def test_int8_export_keeps_the_accuracy(trained, held_out, tmp_path):
     answers = ExportedClassifier(tmp_path / "int8").predict(_images(run), top_k=1)
     assert np.mean([a.label == Path(a.source).parent.name for a in answers]) == pytest.approx(q["accuracy_int8"])
 
-    # on images the run never saw: int8 gives the fp32 answers, to within one image in 60 and a few percent
+    # on images the run never saw: int8 gives the fp32 answers, to within one image in 60, and nearly the same
+    # probabilities (measured: 0.0012 apart on average; calibrated on noise 0.20, per-tensor weights 0.012, which
+    # costs 9 points of accuracy on hymenoptera)
     int8 = ExportedClassifier(tmp_path / "int8").predict(held_out, top_k=3)
     fp32 = ExportedClassifier(folder).predict(held_out, top_k=3)
     truth = [p.parent.name for p in held_out]
@@ -108,7 +116,7 @@ def test_int8_export_keeps_the_accuracy(trained, held_out, tmp_path):
                 (("int8", int8), ("fp32", fp32))}
     assert accuracy["int8"] >= accuracy["fp32"] - 1 / 60, accuracy
     assert np.mean([a.label == b.label for a, b in zip(int8, fp32)]) >= 59 / 60
-    assert np.abs(_probabilities(int8) - _probabilities(fp32)).mean() <= 0.02
+    assert np.abs(_probabilities(int8) - _probabilities(fp32)).mean() <= 0.004
 
 
 def test_export_refuses_bad_options(trained, tmp_path):
