@@ -42,7 +42,7 @@ def _losses(rows: list[dict]) -> list[tuple]:
     return [tuple(str(row.get(k)) for k in LOSS_COLUMNS) for row in rows]
 
 
-@pytest.mark.parametrize("mode", ["head", "finetune", "scratch"])
+@pytest.mark.parametrize("mode", ["head", "finetune", pytest.param("scratch", marks=pytest.mark.slow)])
 def test_image_modes_train_and_load_like_probe_runs(mode, split_folder, tmp_path, cache_dir):
     options = {"head": dict(epochs=6, lr=1e-2), "finetune": dict(epochs=2), "scratch": dict(epochs=3)}[mode]
     result = _train(split_folder, tmp_path, cache_dir, mode=mode, **options)

@@ -83,7 +83,7 @@ def _splits(folder: Path, new_names: set[str], val: float, test: float) -> dict[
     return assignment
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(val=st.floats(1, 40), test=st.floats(1, 40))
 def test_split_percentages_are_respected(val, test):
     counts = Counter(hash_split(f"image_{i:05d}.jpg", val, test) for i in range(20_000))

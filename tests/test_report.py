@@ -192,6 +192,7 @@ def test_models_table_is_measured_on_the_models():
     assert {row["name"] for row in json.loads(done.stdout)} >= {"convnext_tiny"}
 
 
+@pytest.mark.slow
 def test_summary_of_a_backbone_name_needs_no_weights():
     summary = summarize("efficientnet_lite0")
     assert summary.total_parameters == sum(p.numel() for p in open_backbone().model.parameters())

@@ -114,6 +114,7 @@ def test_symlink_loops_are_reported_and_linked_folders_listed_once(tmp_path, cac
     assert sum(result.images.values()) == 8 * 3 + 3
 
 
+@pytest.mark.slow
 def test_files_that_vanish_during_a_run_are_reported_and_the_run_finishes(split_folder, tmp_path, cache_dir,
                                                                            monkeypatch):
     """Probe: a file deleted after listing is skipped. Image training: files deleted after the up-front check are

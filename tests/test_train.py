@@ -15,11 +15,13 @@ from transferkit.evaluate import classification_metrics
 
 
 def _train(data, tmp_path, cache_dir, name="run", **options):
-    return transferkit.train(data, out=tmp_path / name, cache_dir=str(cache_dir), progress=False, **options)
+    """A probe run; without its report.html (2 s of plotting) unless the test looks at it."""
+    return transferkit.train(data, out=tmp_path / name, cache_dir=str(cache_dir), progress=False,
+                             **{"report": False, **options})
 
 
 def test_train_writes_a_complete_run(split_folder, tmp_path, cache_dir):
-    result = _train(split_folder, tmp_path, cache_dir)
+    result = _train(split_folder, tmp_path, cache_dir, report=True)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "history.csv", "labels.txt", "metrics.json",
                                                      "model.safetensors", "predictions.csv", "report.html",

@@ -1,0 +1,125 @@
+"""Does the fast test suite catch the product going wrong? Plant one fault at a time in src/, run
+`pytest -m "not slow" -x`, print which test failed first (or that none did), restore the file.
+
+    python benchmarks/planted_faults.py                  # every fault
+    python benchmarks/planted_faults.py "BGR pixels"     # one
+    python benchmarks/planted_faults.py --time-suites    # also: wall time of the fast suite and of the whole suite
+
+Each fault's hint names the test files run first, so the usual catcher answers in under a minute; a fault nothing
+catches costs a whole fast-suite run and is printed as NOT CAUGHT. The files are restored even when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    file: str
+    correct: str
+    planted: str
+    look_first: tuple[str, ...]
+
+
+FAULTS = [
+    Fault("embedded weights not loaded", "src/transferkit/backbone.py",
+          "missing, unexpected = model.load_state_dict(state, strict=False)", "missing, unexpected = [], []",
+          ("test_golden.py", "test_backbone.py")),
+    Fault("pixels in BGR order", "src/transferkit/data.py",
+          "return np.array(image.resize((width, height), _PIL_RESAMPLING[self.interpolation], box=box))",
+          "return np.array(image.resize((width, height), _PIL_RESAMPLING[self.interpolation], box=box))[..., ::-1]"
+          ".copy()", ("test_golden.py", "test_features.py")),
+    Fault("normalisation with the wrong sign", "src/transferkit/backbone.py",
+          'self.register_buffer("shift", -mean / std, persistent=False)',
+          'self.register_buffer("shift", mean / std, persistent=False)', ("test_golden.py", "test_features.py")),
+    Fault("normalisation with ImageNet's mean/std", "src/transferkit/backbone.py",
+          "mean = torch.tensor(preprocessing.mean).view(1, -1, 1, 1)\n        std = torch.tensor(preprocessing.std)",
+          "mean = torch.tensor((0.485, 0.456, 0.406)).view(1, -1, 1, 1)\n        std = torch.tensor((0.229, 0.224, "
+          "0.225))", ("test_golden.py", "test_features.py")),
+    Fault("best epoch not restored (probe)", "src/transferkit/head.py", "head.load_state_dict(best[2])", "pass",
+          ("test_options.py",)),
+    Fault("best epoch not restored (image training)", "src/transferkit/finetune.py",
+          'net.load_state_dict(best["model"])', "pass", ("test_options.py",)),
+    Fault("early-stopping patience ignored (probe)", "src/transferkit/head.py",
+          "epoch - best[1] >= options.patience", "epoch - best[1] >= 10", ("test_options.py",)),
+    Fault("early-stopping patience ignored (image training)", "src/transferkit/finetune.py",
+          'epoch - 1 - best["epoch"] >= options.patience', 'epoch - 1 - best["epoch"] >= 10', ("test_options.py",)),
+    Fault("--backbone-lr-mult ignored", "src/transferkit/finetune.py",
+          '{"params": params, "lr": lr * backbone_lr_mult}', '{"params": params, "lr": lr * 0.1}',
+          ("test_options.py",)),
+    Fault("balancing sampler ignored (probe)", "src/transferkit/head.py",
+          'sample_weights = weight[y].double() if options.balance == "sampler" else None', "sample_weights = None",
+          ("test_options.py",)),
+    Fault("balancing sampler ignored (image training)", "src/transferkit/finetune.py",
+          'weights.numpy()[targets] if options.balance == "sampler" else None, ranks)', "None, ranks)",
+          ("test_options.py",)),
+    Fault("int8 with per-tensor weights (costs 9 points on hymenoptera)", "src/transferkit/export.py",
+          "per_channel=True,", "per_channel=False,", ("test_serve.py",)),
+    Fault("int8 calibrated on noise", "src/transferkit/export.py", "_quantize_int8(fp32, int8, calibration)",
+          "_quantize_int8(fp32, int8, np.random.default_rng(0).integers(0, 256, calibration.shape, dtype=np.uint8))",
+          ("test_serve.py",)),
+    Fault("the CLI drops --patience", "src/transferkit/cli.py", "label_smoothing=label_smoothing, patience=patience,",
+          "label_smoothing=label_smoothing,", ("test_cli_options.py",)),
+    Fault("fine-tuning's first stage drops the weight decay", "src/transferkit/train.py",
+          "batch_size=config.batch_size, weight_decay=config.weight_decay,", "batch_size=config.batch_size,",
+          ("test_options.py",)),
+    Fault("the CSV reader takes a,'b' as label b", "src/transferkit/data.py",
+          "return single if image_paths(single) > image_paths(standard) else standard",
+          "return single if image_paths(single) >= image_paths(standard) else standard", ("test_properties.py",)),
+]
+
+
+def _pytest(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def check(fault: Fault) -> tuple[str | None, float]:
+    """The first fast test that fails with `fault` planted (None: none did), and the seconds it took."""
+    path = ROOT / fault.file
+    original = path.read_text()
+    if original.count(fault.correct) != 1:
+        raise SystemExit(f"{fault.name}: the code to plant into has changed ({fault.file}); update this script")
+    others = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name not in fault.look_first)
+    started = time.perf_counter()
+    try:
+        path.write_text(original.replace(fault.correct, fault.planted))
+        done = _pytest("-m", "not slow", "-x", *[f"tests/{name}" for name in (*fault.look_first, *others)])
+    finally:
+        path.write_text(original)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
+    return (failed[0] if failed else None), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="faults to plant (default: all)")
+    parser.add_argument("--time-suites", action="store_true", help="also time the fast and the whole suite")
+    args = parser.parse_args()
+    chosen = [f for f in FAULTS if not args.names or f.name in args.names]
+    missed = 0
+    for fault in chosen:
+        caught_by, seconds = check(fault)
+        missed += caught_by is None
+        print(f"{fault.name:<62} {'NOT CAUGHT' if caught_by is None else caught_by}  ({seconds:.0f} s)", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} planted faults caught by the fast suite")
+    if args.time_suites:
+        for label, selection in (("fast suite (-m 'not slow')", ["-m", "not slow"]), ("whole suite", [])):
+            started = time.perf_counter()
+            done = _pytest(*selection)
+            print(f"{label}: {time.perf_counter() - started:.0f} s; {done.stdout.strip().splitlines()[-1]}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
