@@ -73,6 +73,8 @@ FAULTS = [
     Fault("fine-tuning's first stage drops the weight decay", "src/transferkit/train.py",
           "batch_size=config.batch_size, weight_decay=config.weight_decay,", "batch_size=config.batch_size,",
           ("test_options.py",)),
+    Fault("the doctor calls every image it is unsure of a label error", "src/transferkit/doctor.py",
+          "np.flatnonzero((predicted != targets) & (", "np.flatnonzero((given < 0.999) | (", ("test_doctor.py",)),
     Fault("the CSV reader takes a,'b' as label b", "src/transferkit/data.py",
           "return single if image_paths(single) > image_paths(standard) else standard",
           "return single if image_paths(single) >= image_paths(standard) else standard", ("test_properties.py",)),
@@ -97,7 +99,7 @@ def check(fault: Fault) -> tuple[str | None, float]:
         done = _pytest("-m", "not slow", "-x", *[f"tests/{name}" for name in (*fault.look_first, *others)])
     finally:
         path.write_text(original)
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", done.stdout, re.M)
     return (failed[0] if failed else None), time.perf_counter() - started
 
 

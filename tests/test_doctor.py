@@ -57,6 +57,16 @@ def test_doctor_finds_each_planted_problem(messy, tmp_path):
     assert report.summary().startswith("doctor: ") and "1 exact duplicates across splits" in report.summary()
 
 
+def test_a_clean_set_gets_no_label_error_finding(tmp_path):
+    """Precision, not only recall: flagging every image would find the planted ones too."""
+    root = tmp_path / "clean"
+    make_image_folder(root / "train", per_class=14, seed=1)
+    make_image_folder(root / "val", per_class=5, seed=2)
+    report = diagnose(root, cache_dir=tmp_path / "cache", progress=False)
+    assert report.of_kind("label_error") == [] and report.of_kind("unreadable") == []
+    assert report.of_kind("leak_exact") == []
+
+
 def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path, monkeypatch):
     import transferkit.doctor
 
