@@ -127,17 +127,49 @@ def test_image_training_follows_the_schedule(schedule, split_folder, tmp_path, c
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", AUGMENTS)
-def test_augment_presets_give_training_crops(name):
-    preprocessing = open_backbone().preprocessing
-    transform = train_transform(name, 64, preprocessing)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8))
-    outputs = []
-    for seed in (1, 2):
+def _views(name: str, image: Image.Image, count: int = 40) -> list[np.ndarray]:
+    transform = train_transform(name, 64, open_backbone().preprocessing)
+    views = []
+    for seed in range(count):
         torch.manual_seed(seed)
-        outputs.append(np.asarray(transform(image)))
-    assert all(o.shape == (64, 64, 3) and o.dtype == np.uint8 for o in outputs)
-    assert np.array_equal(*outputs) == (name == "none")
+        views.append(np.asarray(transform(image)))
+    assert all(v.shape == (64, 64, 3) and v.dtype == np.uint8 for v in views)
+    return views
+
+
+def _width_share(view: np.ndarray) -> float:
+    """How much of the gradient picture's width a view shows, negative when mirrored (red rises left to right)."""
+    red = view[..., 0].astype(np.float64).mean(0)
+    return (red[-1] - red[0]) / 255 * 64 / 63
+
+
+# preset -> (narrowest, widest share of the 240 x 160 picture's width a view may show), for 64-px views.
+# light: random resized crops of 35-100% of the area at aspect 3/4-4/3; vgg: the short side scaled to 73-146 px
+# (256-512 at 224) and a 64-px crop; none: the evaluation resize (short side 73) and centre crop, never mirrored.
+SHARES = {"none": (0.58, 0.59), "light": (0.40, 0.95), "vgg": (0.28, 0.59)}
+
+
+@pytest.mark.parametrize("name", AUGMENTS)
+def test_augment_presets_crop_flip_and_colour_as_documented(name):
+    y, x = np.mgrid[0:160, 0:240]
+    gradient = Image.fromarray(np.stack([x * 255 // 239, y * 255 // 159, np.full_like(x, 128)], -1).astype(np.uint8))
+    views = _views(name, gradient)
+    if name in SHARES:
+        shares = np.array([_width_share(v) for v in views])
+        narrowest, widest = SHARES[name]
+        assert narrowest - 0.02 <= np.abs(shares).min() and np.abs(shares).max() <= widest + 0.02, shares
+        if name == "none":
+            assert all(np.array_equal(v, views[0]) for v in views) and shares[0] > 0
+        else:
+            assert np.ptp(np.abs(shares)) > 0.1 and 0.25 <= np.mean(shares < 0) <= 0.75, shares  # scales; mirrors
+    # colour: a plain grey picture keeps its colour under crops, flips and rotations (which only add black
+    # corners); the strong preset's colour jitter and RandAugment change it
+    grey = _views(name, Image.new("RGB", (240, 160), (120, 130, 140)), count=12)
+    colours = np.array([np.median(v[v.max(2) > 5], axis=0) for v in grey])
+    if name == "strong":
+        assert colours.std(0).max() > 5, colours
+    else:
+        assert np.abs(colours - (120, 130, 140)).max() <= 1, colours
 
 
 def test_weighted_sampler_balances_classes():

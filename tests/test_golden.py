@@ -70,7 +70,8 @@ def _probe_accuracy(backbone) -> float:
     splits = {}
     for split, (count, seed) in {"train": (60, 0), "val": (60, 1)}.items():
         images, labels = _shape_images(count, seed)
-        splits[split] = extractor.features(np.stack([backbone.preprocessing.pixels(image) for image in images])), np.array(labels)
+        pixels = np.stack([backbone.preprocessing.pixels(image) for image in images])
+        splits[split] = extractor.features(pixels), np.array(labels)
     scaler = StandardScaler().fit(splits["train"][0])
     probe = LogisticRegression(max_iter=2000).fit(scaler.transform(splits["train"][0]), splits["train"][1])
     return probe.score(scaler.transform(splits["val"][0]), splits["val"][1])

@@ -6,6 +6,7 @@ the class prior is all there is to learn on an imbalanced split (balancing has s
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib
 
 import numpy as np
@@ -117,8 +118,8 @@ def test_image_training_draws_balanced_batches_with_the_sampler(noise, monkeypat
 
 
 def _backbone_tensors(run) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("backbone."): v for k, v in safetensors.torch.load_file(str(run / "model.safetensors")).items()
-            if k.startswith("backbone.")}
+    stored = safetensors.torch.load_file(str(run / "model.safetensors"))
+    return {k.removeprefix("backbone."): v for k, v in stored.items() if k.startswith("backbone.")}
 
 
 def test_backbone_lr_mult_zero_leaves_the_backbone_as_pretrained(noise):
@@ -237,3 +238,61 @@ def test_train_hands_every_head_option_to_the_head(noise, monkeypatch):
     first_stage = train_module._probe_options(TrainConfig(mode="finetune", head_epochs=17,
                                                           **{k: chosen[k] for k in goal}))
     assert first_stage.epochs == 17 and {k: getattr(first_stage, k) for k in goal} == {k: chosen[k] for k in goal}
+
+
+def _stage(noise, **options):
+    """An image-training stage (loader, loss, optimiser, schedule) built from a TrainConfig, as `train` builds it."""
+    train_module = importlib.import_module("transferkit.train")
+    paths = sorted((noise / "data" / "train").glob("*/*.jpg"))
+    targets = np.array([p.parent.name == "b" for p in paths], dtype=np.int64)
+    config = TrainConfig(**{"mode": "finetune", "image_size": 64, "train_size": 64, "workers": 0, **options}).resolved()
+    backbone = open_backbone(image_size=64)
+    backbone.train_size = 64
+    net, _ = train_module._network(backbone, config, 2)
+    training = FINETUNE.ImageTraining(net, config.mode, config, backbone, torch.device("cpu"), "fp32")
+    return FINETUNE._Stage(training, paths, targets, config.schedule)
+
+
+def test_image_training_takes_every_option(noise):
+    """Fine-tuning builds its loss, optimiser, schedule and loader from the options the user gave (the same
+    functions the probe uses, whose effects the tests above observe)."""
+    chosen = dict(lr=0.02, epochs=5, batch_size=7, weight_decay=0.003, label_smoothing=0.15, balance="weights",
+                  optimizer="sgd", momentum=0.8, nesterov=True, schedule="step", lr_steps=(2,), lr_gamma=0.3,
+                  backbone_lr_mult=0.5, unfreeze="top-blocks:2", augment="vgg")
+    stage = _stage(noise, **chosen)
+    assert stage.criterion.label_smoothing == 0.15
+    assert stage.criterion.weight.tolist() == pytest.approx([40 / 60, 40 / 20])  # 30 'a', 10 'b'
+    optimizer = stage.optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    head, backbone = optimizer.param_groups
+    assert [head["lr"], backbone["lr"]] == pytest.approx([0.02, 0.01])
+    assert all((g["weight_decay"], g["momentum"], g["nesterov"]) == (0.003, 0.8, True) for g in (head, backbone))
+    trainable = {name for name, p in stage.training.net.backbone.named_parameters() if p.requires_grad}
+    blocks = FINETUNE.backbone_blocks(stage.training.net.backbone)
+    assert trainable == set(FINETUNE.trainable_names(stage.training.net.backbone, "top-blocks:2")) and len(blocks) > 2
+    assert 0 < len(trainable) < len(list(stage.training.net.backbone.parameters()))
+    assert stage.loader.batch_size == 7 and stage.steps_per_epoch == math.ceil(40 / 7)
+    lrs = []
+    for _ in range(4 * stage.steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        stage.scheduler.step()
+    per_epoch = lrs[::stage.steps_per_epoch]
+    assert per_epoch == pytest.approx([0.02, 0.02, 0.006, 0.006])  # x0.3 from epoch 3 (after --lr-steps 2)
+    assert "RandomShortestSize" in repr(stage.loader.dataset.transform)  # the vgg preset
+
+
+def test_image_training_clips_gradients(noise):
+    """One plain SGD step (no momentum, no weight decay) moves the weights by lr x the clipped gradient norm."""
+
+    def moved(**options) -> float:
+        stage = _stage(noise, optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.1, schedule="constant",
+                       augment="none", batch_size=8, **options)
+        net = stage.training.net
+        before = [p.detach().clone() for p in net.parameters()]
+        stage.sampler.set_epoch(1)
+        stage.step(next(iter(stage.loader)))
+        return float(sum((p.detach() - b).norm() ** 2 for p, b in zip(net.parameters(), before)) ** 0.5)
+
+    free, clipped = moved(), moved(grad_clip=1e-4)
+    assert clipped <= 0.1 * 1e-4 * 1.01 < free / 100, (free, clipped)

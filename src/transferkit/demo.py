@@ -31,7 +31,8 @@ def write_digits(root: Path) -> Path:
         folder = staging / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (255 - image * (255 / 16)).round().astype(np.uint8)  # dark ink on white paper
-        Image.fromarray(pixels, mode="L").resize((DIGIT_SIZE,) * 2, Image.Resampling.NEAREST).save(folder / f"digit_{i:04d}.png")
+        digit = Image.fromarray(pixels, mode="L").resize((DIGIT_SIZE,) * 2, Image.Resampling.NEAREST)
+        digit.save(folder / f"digit_{i:04d}.png")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
