@@ -10,10 +10,9 @@ import numpy as np
 from PIL import Image
 
 from transferkit.auto import probe_size_for
-from transferkit.backbone import open_backbone
+from transferkit.backbone import DEFAULT_BACKBONE, EMBEDDED_BACKBONES
 from transferkit.features import default_cache_dir
 from transferkit.train import TrainResult, train
-
 
 DIGIT_SIZE = 32
 
@@ -45,4 +44,4 @@ def run_demo(out: str | Path | None = None, cache_dir: str | Path | None = None,
     better (test accuracy 0.930 in 11 s)."""
     data = write_digits((Path(cache_dir) if cache_dir else default_cache_dir()) / "demo")
     return train(data, out=out, cache_dir=str(cache_dir) if cache_dir else None, progress=progress,
-                 image_size=probe_size_for(DIGIT_SIZE, open_backbone().train_size))
+                 image_size=probe_size_for(DIGIT_SIZE, EMBEDDED_BACKBONES[DEFAULT_BACKBONE].train_size))

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
+from transferkit.errors import DataError
 from transferkit.runtime import ExportedClassifier, is_export, ranked_prediction
 
 DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
@@ -265,8 +266,6 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) before the model loads, so a busy port is one clear line; port 0 takes any
     free port (the one given is printed)."""
-    from transferkit.errors import DataError
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -284,8 +283,6 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: S
     """Load RUN or EXPORT and serve it until interrupted (SIGINT/SIGTERM shut down gracefully)."""
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
     if missing:
-        from transferkit.errors import DataError
-
         raise DataError("serving needs fastapi, uvicorn and python-multipart: pip install 'transferkit[serve]' "
                         "(or pip install fastapi uvicorn python-multipart).")
     import uvicorn
