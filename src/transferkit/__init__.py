@@ -20,11 +20,12 @@ if importlib.util.find_spec("torch") is not None:
     from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
     from transferkit.export import export_run  # noqa: E402
     from transferkit.report import report  # noqa: E402
+    from transferkit.runs import RunSummary, list_runs  # noqa: E402
     from transferkit.summary import ModelSummary, list_backbones, summarize  # noqa: E402
     from transferkit.train import TrainConfig, TrainResult, find_lr, resume, train  # noqa: E402
 
     __all__ += [
         "EMBEDDED_BACKBONES", "Backbone", "Classifier", "Dataset", "EvaluationReport", "ModelSummary", "TrainConfig",
         "TrainResult", "evaluate", "export_run", "find_lr", "list_backbones", "load_dataset", "open_backbone",
-        "predict_imagenet", "report", "resume", "summarize", "train",
+        "predict_imagenet", "report", "resume", "summarize", "train", "RunSummary", "list_runs",
     ]

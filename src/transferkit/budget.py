@@ -21,11 +21,13 @@ def parse_duration(value: str | float | int | None) -> float | None:
         text = str(value).strip().lower().replace(" ", "")
         match = _DURATION.match(text)
         if not text or match is None or not any(match.groupdict().values()):
-            raise DataError(f"--time-limit takes a duration such as 90s, 20m, 1h30m or plain seconds, not {value!r}.")
+            raise DataError(f"time_limit (--time-limit) takes a duration such as 90s, 20m, 1h30m or plain seconds, "
+                            f"not {value!r}.")
         parts = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}
         seconds = parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
     if not seconds > 0 or seconds == float("inf"):
-        raise DataError(f"--time-limit must be a positive duration (e.g. 90s, 20m, 1h30m), not {value!r}.")
+        raise DataError(f"time_limit (--time-limit) must be a positive duration (e.g. 90s, 20m, 1h30m), "
+                        f"not {value!r}.")
     return seconds
 
 

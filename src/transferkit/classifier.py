@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import safetensors.torch
 import torch
-from PIL import Image
 from torch import nn
 
 from transferkit.backbone import DEFAULT_BACKBONE, Backbone, Preprocessing, backbone_from_state, open_backbone
@@ -16,38 +16,76 @@ from transferkit.data import Skipped
 from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.head import HeadSpec
-from transferkit.runs import read_run_config
-from transferkit.runtime import ImageInput, Prediction, top_k_predictions
+from transferkit.runs import damaged_file, read_metrics, read_run_config
+from transferkit.runtime import ImageInput, Prediction, image_inputs, top_k_predictions
+
+SHOWN_CLASSES = 8
+"""How many class names a repr lists before "..."."""
+
+
+def class_names(classes: Sequence[str]) -> str:
+    """`3 classes: ants, bees, wasps`, the first `SHOWN_CLASSES` of many followed by "..."."""
+    more = ", ..." if len(classes) > SHOWN_CLASSES else ""
+    return f"{len(classes)} class{'' if len(classes) == 1 else 'es'}: {', '.join(classes[:SHOWN_CLASSES])}{more}"
+
+
+def accuracies(metrics: dict) -> str:
+    """`val accuracy 0.933 (15 images), test accuracy 0.900 (10 images)` from a run's metrics by split."""
+    return ", ".join(f"{split} accuracy {metrics[split]['accuracy']:.3f} ({metrics[split]['n']} images)"
+                     for split in ("val", "test") if split in metrics) or "no validation or test accuracy"
+
 
 class Classifier:
     """Backbone + trained head. `Classifier.load(run).predict(paths_or_images)` is the whole inference API."""
 
     def __init__(self, backbone: Backbone | Extractor, head: nn.Module, classes: list[str],
-                 config: dict | None = None, **engine_options):
-        """`backbone` is a Backbone (run with `Extractor(backbone, **engine_options)`) or a ready Extractor."""
+                 config: dict | None = None, metrics: dict | None = None, **engine_options):
+        """`backbone` is a Backbone (run with `Extractor(backbone, **engine_options)`) or a ready Extractor;
+        `metrics` are the run's (metrics.json), shown by the repr."""
         self.extractor = backbone if isinstance(backbone, Extractor) else Extractor(backbone, **engine_options)
         self.backbone = self.extractor.backbone
         self.head = head.eval()
         self.classes = list(classes)
         self.config = config or {}
+        self.metrics = metrics or {}
+
+    def __repr__(self) -> str:
+        return (f"Classifier(backbone={self.backbone.name!r}, mode={self.config.get('mode', '?')!r}, "
+                f"{class_names(self.classes)}; {accuracies(self.metrics)})")
+
+    def _repr_html_(self) -> str:
+        """The same facts as a table, for notebooks."""
+        rows = {"backbone": self.backbone.name, "mode": self.config.get("mode", "?"),
+                "classes": class_names(self.classes), "accuracy": accuracies(self.metrics)}
+        cells = "".join(f"<tr><th style='text-align:left'>{name}</th><td style='text-align:left'>{html.escape(value)}"
+                        f"</td></tr>" for name, value in rows.items())
+        return f"<table><caption>transferkit Classifier</caption>{cells}</table>"
 
     @classmethod
     def load(cls, run: str | Path, **engine_options) -> Classifier:
         """Options are `Extractor`'s: device, precision, engine, export_dir."""
+        run = Path(run)
         config = read_run_config(run)
         spec = config["backbone"]
-        state = safetensors.torch.load_file(str(Path(run) / "model.safetensors"))
+        try:
+            preprocessing = Preprocessing.from_dict(config["preprocessing"])
+            head = HeadSpec(**config["head"]).build()
+        except (TypeError, ValueError) as err:
+            raise damaged_file(run / "config.json", err) from None
+        state = safetensors.torch.load_file(str(run / "model.safetensors"))
         if spec.get("stored_in_run"):
             backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            backbone = backbone_from_state(spec, Preprocessing.from_dict(config["preprocessing"]), backbone_state)
+            backbone = backbone_from_state(spec, preprocessing, backbone_state)
         else:
-            backbone = open_backbone(spec["name"], spec.get("weights"), config["preprocessing"]["input_size"][0])
+            backbone = open_backbone(spec["name"], spec.get("weights"), preprocessing.input_size[0])
             if backbone.weights_id != spec["weights_id"]:
                 raise RunError(f"the backbone weights of {run} changed since training ({spec['weights_id']} then, "
                                f"{backbone.weights_id} now); retrain, or restore the original weights file.")
-        head = HeadSpec(**config["head"]).build()
-        head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
-        return cls(backbone, head, config["labels"], config, **engine_options)
+        try:
+            head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+        except RuntimeError as err:
+            raise damaged_file(run / "model.safetensors", err) from None
+        return cls(backbone, head, config["labels"], config, read_metrics(run), **engine_options)
 
     def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -67,13 +105,10 @@ class Classifier:
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
                 workers: int | None = None) -> list[Prediction]:
-        if isinstance(inputs, (str, Path, Image.Image)):
-            inputs = [inputs]
-
         def to_probabilities(pixels: np.ndarray) -> np.ndarray:
             return self.probabilities_from_features(self.extractor.features(pixels))
 
-        return top_k_predictions(self.backbone.preprocessing, list(inputs), to_probabilities, self.classes,
+        return top_k_predictions(self.backbone.preprocessing, image_inputs(inputs), to_probabilities, self.classes,
                                  min(top_k, len(self.classes)), batch_size, workers)
 
 
@@ -93,5 +128,5 @@ def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKB
     def to_probabilities(pixels: np.ndarray) -> np.ndarray:
         return torch.softmax(torch.from_numpy(extractor.logits(pixels)), dim=1).numpy()
 
-    return top_k_predictions(extractor.backbone.preprocessing, list(inputs), to_probabilities, names, top_k,
+    return top_k_predictions(extractor.backbone.preprocessing, image_inputs(inputs), to_probabilities, names, top_k,
                              batch_size)

@@ -7,23 +7,92 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from click.core import ParameterSource
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Labelled photos -> pretrained backbone -> cached features -> trained head -> classifier.")
+
+class _Commands(TyperGroup):
+    """transferkit's commands: usage errors (an unknown option, a missing argument, a bad choice) in one line, as
+    transferkit's own errors are, instead of typer's boxed panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:  # typer's usage errors; a NoArgsIsHelpError has printed the help
+            if type(error).__name__ != "NoArgsIsHelpError":
+                context = getattr(error, "ctx", None)
+                hint = f" (see `{context.command_path} -h`)" if context is not None else ""
+                err.print(f"[bold red]error:[/] {escape(error.format_message())}{escape(hint)}", highlight=False)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            err.print("aborted.")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def get_command(self, ctx, name: str):
+        """The command, its help without the types typer would show for -h (<bool>) and lists (<list[str]>)."""
+        command = super().get_command(ctx, name)
+        if command is not None:
+            command.get_help_option(ctx).metavar = ""
+            for param in command.params:
+                if param.param_type_name == "argument" and param.nargs != 1:
+                    param.display_type_rich = lambda ctx: None  # its name says it (IMAGES...)
+        return command
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        option.metavar = ""
+        return option
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Commands,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Labelled photos -> pretrained backbone -> cached features -> trained head -> classifier.",
+                  epilog="Example: transferkit train photos/ (then transferkit COMMAND -h for each command).")
 # Piped output gets room for wide tables instead of rich's 80-column default.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
-ENGINE_OPTION = typer.Option("auto", help="Backbone engine: auto (fastest numerically safe here), torch, onnxruntime.")
-DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
+# The panels of `train --help`.
+DATA, MODEL, TRAINING, FINETUNE, OUTPUT, SPEED = "Data", "Model", "Training", "Fine-tuning", "Output", "Speed"
+ENGINE_OPTION = typer.Option("auto", case_sensitive=False, rich_help_panel=SPEED,
+                             help="Backbone engine: auto (fastest numerically safe here), torch, onnxruntime.")
+DEVICE_OPTION = typer.Option("auto", metavar="auto|cpu|cuda[:N]", rich_help_panel=SPEED,
+                             help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
+Engine = Literal["auto", "torch", "onnxruntime"]
+Split = Literal["auto", "train", "val", "test", "all"]
+
+
+def _flag(name: str, help: str, panel: str | None = None):
+    """An on/off option, shown without a type."""
+    return typer.Option(False, name, help=help, metavar="", rich_help_panel=panel)
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, metavar="", help="Print the version and exit.",
+                                 callback=lambda shown: _print_version() if shown else None),
+) -> None:
+    """Labelled photos -> pretrained backbone -> cached features -> trained head -> classifier."""
+
+
+def _print_version() -> None:
+    from transferkit import __version__
+
+    out.print(f"transferkit {__version__}", highlight=False)
+    raise typer.Exit()
 
 
 # What a runtime-only install (transferkit --no-deps + onnxruntime, Pillow, numpy) leaves out.
@@ -35,18 +104,18 @@ def _friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def run(*args, **kwargs):
-        from transferkit.errors import TransferkitError, storage_problem
+        from transferkit.errors import TrainingInterrupted, TransferkitError, storage_problem
 
         try:
             return command(*args, **kwargs)
         except TransferkitError as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(2) from None
         except OSError as error:
             problem = storage_problem(error)
             if problem is None:
                 raise
-            err.print(f"[bold red]error:[/] {problem}; then run the command again.", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(problem)}; then run the command again.", highlight=False)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as error:
             if error.name not in _FULL_INSTALL_MODULES:
@@ -55,9 +124,12 @@ def _friendly_errors(command: Callable) -> Callable:
                       "exported models (`transferkit predict EXPORT_DIR ...`, `transferkit serve EXPORT_DIR`). "
                       "For everything else: pip install transferkit", highlight=False)
             raise typer.Exit(2) from None
+        except TrainingInterrupted as interrupted:
+            err.print(f"interrupted. Continue from the last finished epoch with `transferkit train --resume "
+                      f"{escape(str(interrupted.run))}`.", highlight=False)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
-            err.print("interrupted. Features already computed are cached; a run training on images continues "
-                      "from its last finished epoch with `transferkit train --resume RUN`.")
+            err.print("interrupted.")
             raise typer.Exit(130) from None
 
     return run
@@ -136,87 +208,136 @@ def _print_train_result(result, as_json: bool) -> None:
         if split in result.metrics:
             m = result.metrics[split]
             out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} ({m['n']} images)")
-    out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to [bold]{result.run_dir}[/]")
+    out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to "
+              f"[bold]{escape(str(result.run_dir))}[/]")
     if result.choice:
-        out.print(f"auto: {result.choice}", highlight=False)
+        out.print(f"auto: {escape(result.choice)}", highlight=False)
     if result.advice:
-        out.print(f"Tip: {result.advice}", highlight=False)
+        out.print(f"Tip: {escape(result.advice)}", highlight=False)
     if result.report:
-        out.print(f"Report: [bold]{result.report}[/]")
+        out.print(f"Report: [bold]{escape(str(result.report))}[/]")
 
 
-@app.command()
+# What `train --resume` takes besides the run: options that only shape the output or how the process is launched.
+_RESUME_OPTIONS = {"resume", "as_json", "no_report", "no_doctor", "nproc"}
+
+
+@app.command(epilog="Example: transferkit train photos/ --mode finetune --epochs 10 --out runs/cats")
 @_friendly_errors
 def train(
+    ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="Folder of class subfolders, folder with train/ (val/, test/), "
                                                      "or CSV. Not needed with --resume."),
-    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
-    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write [default: runs/<timestamp>]."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it already holds a run (or an interrupted one)."),
+    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA).",
+                                       rich_help_panel=DATA),
+    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA).", rich_help_panel=DATA),
+    val_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for validation when it "
+                                                                    "has no val/ folder.", rich_help_panel=DATA),
+    test_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for testing when it "
+                                                                     "has no test/ folder.", rich_help_panel=DATA),
+    groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.',
+                                          rich_help_panel=DATA),
+    no_doctor: bool = _flag("--no-doctor", "Skip the data check printed before training.", DATA),
+    backbone: str = typer.Option("efficientnet_lite0", metavar="NAME", rich_help_panel=MODEL,
+                                 help="efficientnet_lite0/1/2 (embedded), timm name, hf-hub:ID."),
+    weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file.",
+                                           rich_help_panel=MODEL),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution \\[default: the backbone's test "
+                                                        "resolution].", rich_help_panel=MODEL),
+    train_size: Optional[int] = typer.Option(None, help="Resolution for training on images \\[default: the one the "
+                                                        "backbone was trained at, or --image-size].",
+                                             rich_help_panel=MODEL),
+    head: Literal["linear", "mlp"] = typer.Option("linear", case_sensitive=False, rich_help_panel=MODEL,
+                                                  help="linear (dropout + dense) or mlp (dense 512 + ReLU + dropout "
+                                                       "+ dense)."),
+    dropout: float = typer.Option(0.2, min=0.0, max=0.99, help="Dropout before the head's last layer.",
+                                  rich_help_panel=MODEL),
+    mode: Optional[Literal["auto", "probe", "head", "finetune", "scratch"]] = typer.Option(
+        None, case_sensitive=False, rich_help_panel=TRAINING,
+        help="probe (head on cached features), head (head on augmented images), finetune (probe, then unfreeze the "
+             "top of the backbone), scratch, or auto (probe, then fine-tuning fitted to the time) \\[default: auto "
+             "with --time-limit, else probe]."),
+    time_limit: Optional[str] = typer.Option(None, metavar="DURATION", rich_help_panel=TRAINING,
+                                             help="The whole run's time, e.g. 90s, 20m, 1h30m or seconds: the best "
+                                                  "model it buys (--mode auto)."),
+    epochs: Optional[int] = typer.Option(None, min=1, rich_help_panel=TRAINING,
+                                         help="Passes over the training data \\[default: probe 100 (early-stopped), "
+                                              "head 15, finetune 10, scratch 30]."),
+    batch_size: int = typer.Option(32, min=1, help="Images (or feature rows) per step.", rich_help_panel=TRAINING),
+    lr: Optional[float] = typer.Option(None, min=0.0, rich_help_panel=TRAINING,
+                                       help="Learning rate \\[default: 1e-4 for finetune (the backbone x "
+                                            "--backbone-lr-mult), 1e-3 otherwise]."),
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = typer.Option("adamw", case_sensitive=False,
+                                                                         help="The optimizer.",
+                                                                         rich_help_panel=TRAINING),
+    momentum: float = typer.Option(0.9, min=0.0, max=0.999, help="For sgd and rmsprop.", rich_help_panel=TRAINING),
+    nesterov: bool = _flag("--nesterov", "Nesterov momentum for sgd.", TRAINING),
+    weight_decay: float = typer.Option(1e-4, min=0.0, help="Decoupled weight decay (L2 for sgd).",
+                                       rich_help_panel=TRAINING),
+    schedule: Optional[Literal["constant", "step", "cosine", "onecycle"]] = typer.Option(
+        None, case_sensitive=False, rich_help_panel=TRAINING,
+        help="Learning-rate schedule \\[default: constant for probe, onecycle otherwise]."),
+    lr_steps: str = typer.Option("", metavar="EPOCHS", rich_help_panel=TRAINING,
+                                 help="Epochs where --schedule step multiplies the rate by --lr-gamma, e.g. 6,9."),
+    lr_gamma: float = typer.Option(0.1, min=0.0, help="Factor of each --schedule step.", rich_help_panel=TRAINING),
+    warmup_epochs: float = typer.Option(0.0, min=0.0, help="Linear warm-up (fractions allowed).",
+                                        rich_help_panel=TRAINING),
+    grad_clip: Optional[float] = typer.Option(None, min=0.0, help="Clip the gradient norm to this value.",
+                                              rich_help_panel=TRAINING),
+    label_smoothing: float = typer.Option(0.0, min=0.0, max=0.99, help="Label smoothing of the loss.",
+                                          rich_help_panel=TRAINING),
+    patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better monitored value.",
+                                 rich_help_panel=TRAINING),
+    monitor: Literal["val_loss", "val_accuracy"] = typer.Option("val_loss", case_sensitive=False,
+                                                                help="Early stopping and best epoch by this value.",
+                                                                rich_help_panel=TRAINING),
+    balance: Literal["none", "weights", "sampler"] = typer.Option(
+        "none", case_sensitive=False, rich_help_panel=TRAINING,
+        help="Imbalanced data: none, weights (class-weighted loss) or sampler (class-balanced sampling)."),
+    augment: Literal["none", "light", "vgg", "strong"] = typer.Option(
+        "light", case_sensitive=False, rich_help_panel=TRAINING,
+        help="Image modes: none, light (random resized crop + flip), vgg (random short side in \\[256, 512], crop, "
+             "flip) or strong."),
+    seed: int = typer.Option(0, help="Random seed of splits, initialisation and augmentation.",
+                             rich_help_panel=TRAINING),
+    lr_find: bool = _flag("--lr-find", "Run the learning-rate range test instead of training: print a suggestion, "
+                                       "plot lr_find.png.", TRAINING),
+    unfreeze: str = typer.Option("all", metavar="all|top-blocks:N", rich_help_panel=FINETUNE,
+                                 help="Which backbone layers train (timm's blocks, counted from the top)."),
+    unfreeze_from: Optional[str] = typer.Option(None, metavar="LAYER", rich_help_panel=FINETUNE,
+                                                help="Unfreeze from this layer name or block index upwards (instead "
+                                                     "of --unfreeze)."),
+    backbone_lr_mult: float = typer.Option(0.1, min=0.0, help="Backbone learning rate = lr x this.",
+                                           rich_help_panel=FINETUNE),
+    train_bn: bool = _flag("--train-bn", "Update BatchNorm statistics (frozen by default).", FINETUNE),
+    head_epochs: int = typer.Option(100, min=1, help="Epochs of the first stage (probe, early-stopped).",
+                                    rich_help_panel=FINETUNE),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",
+                                           rich_help_panel=OUTPUT),
+    overwrite: bool = _flag("--overwrite", "Replace --out if it already holds a run (or an interrupted one).",
+                            OUTPUT),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run that was writing this folder, "
-                                                     "with its own options."),
-    mode: Optional[str] = typer.Option(None, help="probe (head on cached features), head (head on augmented "
-                                                  "images), finetune (probe, then unfreeze the top of the backbone), "
-                                                  "scratch, or auto (probe, then fine-tuning fitted to the time) "
-                                                  "[default: auto with --time-limit, else probe]."),
-    time_limit: Optional[str] = typer.Option(None, help="The whole run's time, e.g. 90s, 20m, 1h30m or seconds: "
-                                                        "the best model it buys (--mode auto)."),
-    backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0/1/2 (embedded), timm name, hf-hub:ID."),
-    weights: Optional[Path] = typer.Option(None, help="Restore the backbone from a state dict / .safetensors file."),
-    image_size: Optional[int] = typer.Option(None, help="Input resolution [default: the backbone's test resolution]."),
-    train_size: Optional[int] = typer.Option(None, help="Resolution for training on images [default: the one the "
-                                                        "backbone was trained at, or --image-size]."),
-    head: str = typer.Option("linear", help="linear (dropout + dense) or mlp (dense 512 + ReLU + dropout + dense)."),
-    augment: str = typer.Option("light", help="Image modes: none, light (random resized crop + flip), vgg "
-                                              "(random short side in [256, 512], crop, flip) or strong."),
-    unfreeze: str = typer.Option("all", help="finetune: all or top-blocks:N (timm's blocks, counted from the top)."),
-    unfreeze_from: Optional[str] = typer.Option(None, help="finetune: unfreeze from this layer name or block index "
-                                                           "upwards (instead of --unfreeze)."),
-    backbone_lr_mult: float = typer.Option(0.1, min=0.0, help="finetune: backbone learning rate = lr x this."),
-    train_bn: bool = typer.Option(False, help="finetune: update BatchNorm statistics (frozen by default)."),
-    head_epochs: int = typer.Option(100, min=1, help="finetune: epochs of the first stage (probe, early-stopped)."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="[default: probe 100 (early-stopped), head 15, "
-                                                           "finetune 10, scratch 30]"),
-    batch_size: int = typer.Option(32, min=1),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="[default: 1e-4 for finetune (the backbone x "
-                                                            "--backbone-lr-mult), 1e-3 otherwise]"),
-    weight_decay: float = typer.Option(1e-4, min=0.0),
-    dropout: float = typer.Option(0.2, min=0.0, max=0.99),
-    label_smoothing: float = typer.Option(0.0, min=0.0, max=0.99),
-    patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better monitored value."),
-    balance: str = typer.Option("none", help="Imbalanced data: none, weights (class-weighted loss) or sampler "
-                                             "(class-balanced sampling)."),
-    optimizer: str = typer.Option("adamw", help="adamw, adam, sgd or rmsprop."),
-    momentum: float = typer.Option(0.9, min=0.0, max=0.999, help="For sgd and rmsprop."),
-    nesterov: bool = typer.Option(False, help="Nesterov momentum for sgd."),
-    schedule: Optional[str] = typer.Option(None, help="constant, step, cosine or onecycle [default: constant for "
-                                                      "probe, onecycle otherwise]."),
-    lr_steps: str = typer.Option("", help="Epochs where --schedule step multiplies the rate by --lr-gamma, e.g. 6,9."),
-    lr_gamma: float = typer.Option(0.1, min=0.0),
-    warmup_epochs: float = typer.Option(0.0, min=0.0, help="Linear warm-up (fractions allowed)."),
-    grad_clip: Optional[float] = typer.Option(None, min=0.0, help="Clip the gradient norm to this value."),
-    monitor: str = typer.Option("val_loss", help="Early stopping and best epoch by val_loss or val_accuracy."),
-    lr_find: bool = typer.Option(False, "--lr-find", help="Run the learning-rate range test instead of training: "
-                                                          "print a suggestion, plot lr_find.png."),
-    seed: int = typer.Option(0),
-    val_percent: float = typer.Option(10.0, min=0.0, max=99.0),
-    test_percent: float = typer.Option(10.0, min=0.0, max=99.0),
-    groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder [default: ~/.cache/transferkit]."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Image decoding workers [default: CPU count]."),
-    engine: str = ENGINE_OPTION,
+                                                     "with its own options.", rich_help_panel=OUTPUT),
+    from_run: Optional[Path] = typer.Option(None, "--from", metavar="RUN", rich_help_panel=OUTPUT,
+                                            help="Train a finished run further, as a new run: start from its head "
+                                                 "(and its backbone, if it was fine-tuned)."),
+    tensorboard: bool = _flag("--tensorboard", "Also log to TensorBoard (in the run folder's tensorboard/).", OUTPUT),
+    no_report: bool = _flag("--no-report", "Skip the HTML report (report.html in the run).", OUTPUT),
+    as_json: bool = _flag("--json", "Print a machine-readable summary.", OUTPUT),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit].",
+                                             rich_help_panel=SPEED),
+    no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache.", SPEED),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image decoding workers \\[default: CPU count].",
+                                          rich_help_panel=SPEED),
+    engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast; fp16 on CUDA only)."),
-    tensorboard: bool = typer.Option(False, help="Also log to TensorBoard (in the run folder's tensorboard/)."),
-    compile_model: bool = typer.Option(False, "--compile", help="Image modes: torch.compile the network (pays off "
-                                                                "on GPUs; on a CPU compiling takes minutes)."),
-    no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report (report.html in the run)."),
-    no_doctor: bool = typer.Option(False, "--no-doctor", help="Skip the data check printed before training."),
-    nproc: int = typer.Option(1, min=1, help="Processes on this machine: launches torchrun --nproc_per_node N "
-                                             "(--batch-size is per process)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto", case_sensitive=False, help="Autocast precision (fp16 on CUDA only).", rich_help_panel=SPEED),
+    compile_model: bool = _flag("--compile", "Image modes: torch.compile the network (pays off on GPUs; on a CPU "
+                                             "compiling takes minutes).", SPEED),
+    nproc: int = typer.Option(1, min=1, rich_help_panel=SPEED,
+                              help="Processes on this machine: launches torchrun --nproc_per_node N (--batch-size is "
+                                   "per process)."),
 ) -> None:
     """Train a classifier: a head on cached features of a frozen backbone, or on images (head/finetune/scratch)."""
     from transferkit.errors import DataError
@@ -230,9 +351,13 @@ def train(
         raise typer.Exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     _setup_logging()
     if resume is not None:
-        if data is not None:
-            raise DataError("--resume continues a run with its own data and options; give only --resume RUN.")
-        result = resume_run(resume, report=not no_report)
+        given = [p for p in ctx.command.params if p.name not in _RESUME_OPTIONS
+                 and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+        if given:
+            names = ", ".join(p.opts[0] if p.param_type_name == "option" else "DATA" for p in given)
+            raise DataError(f"--resume continues a run with its own data and options, so {names} cannot apply: "
+                            "drop them (or start the run again with --overwrite and new options).")
+        result = resume_run(resume, report=False if no_report else None)
         if distributed.current().is_main:
             _print_train_result(result, as_json)
         return
@@ -265,26 +390,28 @@ def train(
             table.add_row(f"{row['lr']:.2e}", f"{row['loss']:.4f}")
         out.print(table)
         out.print(f"Suggested learning rate: [bold]{finding.suggestion:.2e}[/] (steepest descent). "
-                  f"Plot: [bold]{plot}[/]")
+                  f"Plot: [bold]{escape(str(plot))}[/]")
         return
     result = train_run(data, val=val, test=test, out=out_dir, overwrite=overwrite, groups=groups,
-                       report=not no_report, doctor=not no_doctor, **options)
+                       report=not no_report, doctor=not no_doctor, from_run=from_run, **options)
     if distributed.current().is_main:
         _print_train_result(result, as_json)
 
 
-@app.command()
+@app.command(epilog="Example: transferkit evaluate runs/cats new_photos/")
 @_friendly_errors
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
     data: Path = typer.Argument(..., help="Labelled data (same forms as for train)."),
-    split: str = typer.Option("auto", help="auto (test, else val, else all), train, val, test or all."),
+    split: Split = typer.Option("auto", case_sensitive=False,
+                                help="auto (other data: all of it; the run's own data: test, else val, else all), "
+                                     "train, val, test or all."),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
-    cache_dir: Optional[Path] = typer.Option(None),
-    no_cache: bool = typer.Option(False, "--no-cache"),
-    engine: str = ENGINE_OPTION,
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
+    engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
+    as_json: bool = _flag("--json", "Print all metrics as JSON."),
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1, confusion matrix (and accuracy per group of classes)."""
     from transferkit.evaluate import evaluate as evaluate_run
@@ -295,22 +422,23 @@ def evaluate(
     if report.skipped:
         logging.getLogger("transferkit").warning("skipped %d files that could not be used", len(report.skipped))
     if as_json:
-        out.print_json(json.dumps({"split": report.split, **report.metrics}))
+        out.print_json(json.dumps({"split": report.split, "scored": report.scored, **report.metrics}))
         return
     m = report.metrics
+    out.print(f"Scored {escape(report.scored)}.")
     out.print(f"{report.split}: accuracy {_accuracy_text(m)}, macro F1 {m['macro_f1']:.3f} ({m['n']} images)")
     table = Table("class", "precision", "recall", "F1", "support")
     for name, c in m["per_class"].items():
-        table.add_row(name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+        table.add_row(escape(name), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
     out.print(table)
     if len(m["per_class"]) <= 20:
-        confusion = Table("true \\ predicted", *m["per_class"], title="confusion matrix")
+        confusion = Table("true \\ predicted", *map(escape, m["per_class"]), title="confusion matrix")
         for name, row in zip(m["per_class"], m["confusion_matrix"]):
-            confusion.add_row(name, *map(str, row))
+            confusion.add_row(escape(name), *map(str, row))
         out.print(confusion)
     for group, g in m.get("groups", {}).items():
         accuracy = "n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
-        out.print(f"group {group}: accuracy {accuracy} ({g['n']} images)")
+        out.print(f"group {escape(group)}: accuracy {accuracy} ({g['n']} images)")
 
 
 def _print_predictions(predictions, fmt: str) -> None:
@@ -329,25 +457,30 @@ def _print_predictions(predictions, fmt: str) -> None:
         table.columns[0].overflow = "fold"
         for p in predictions:
             if p.error:
-                table.add_row(p.source, "-", "-", f"[red]unreadable: {p.error}[/]", "-", end_section=True)
+                table.add_row(escape(p.source), "-", "-", f"[red]unreadable: {escape(p.error)}[/]", "-",
+                              end_section=True)
             for r, label, i, prob in p.ranked():
-                table.add_row(p.source if r == 1 else "", str(r), str(i), label, f"{prob:.4f}",
+                table.add_row(escape(p.source) if r == 1 else "", str(r), str(i), escape(label), f"{prob:.4f}",
                               end_section=r == len(p.labels))
         out.print(table)
 
 
-@app.command()
+@app.command(epilog="Example: transferkit predict runs/cats photo.jpg \"more/*.jpg\" https://example.com/cat.jpg")
 @_friendly_errors
 def predict(
-    inputs: list[str] = typer.Argument(..., help="RUN (or an export folder) then images, folders or CSVs; with "
-                                                 "--imagenet only images."),
-    imagenet: bool = typer.Option(False, "--imagenet", help="Top ImageNet classes from the backbone's own head."),
-    backbone: str = typer.Option("efficientnet_lite0", help="Backbone for --imagenet."),
+    inputs: list[str] = typer.Argument(..., metavar="RUN IMAGES...",
+                                       help="RUN (or an export folder) then images, folders, CSVs, wildcards "
+                                            "(\"photos/*.jpg\"), http(s) URLs or - (an image on stdin); with "
+                                            "--imagenet only images."),
+    imagenet: bool = _flag("--imagenet", "Top ImageNet classes from the backbone's own head."),
+    backbone: str = typer.Option("efficientnet_lite0", metavar="NAME", help="Backbone for --imagenet."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights file for --imagenet."),
-    top_k: int = typer.Option(5, min=1),
-    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
-    batch_size: int = typer.Option(32, min=1),
-    engine: str = ENGINE_OPTION,
+    top_k: int = typer.Option(5, min=1, help="How many labels to give per image."),
+    fmt: Literal["table", "json", "csv"] = typer.Option("table", "--format", case_sensitive=False,
+                                                        help="How to print the predictions."),
+    as_json: bool = _flag("--json", "The same as --format json."),
+    batch_size: int = typer.Option(32, min=1, help="Images per model call."),
+    engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images."""
@@ -356,12 +489,11 @@ def predict(
     from transferkit.runtime import ExportedClassifier, is_export
 
     _setup_logging()
-    if fmt not in ("table", "json", "csv"):
-        raise DataError(f"--format must be table, json or csv, not {fmt!r}.")
     sources = inputs if imagenet else inputs[1:]
     if not sources:
         raise DataError("give image files, folders or CSVs to predict (after the run folder).")
-    paths = list_images(sources)
+    stdin = sys.stdin.buffer.read() if "-" in sources else None  # an image piped in: `cat x.jpg | ... -`
+    paths = [path for source in sources for path in ([stdin] if source == "-" else list_images([source]))]
     if not paths:
         raise DataError(f"no image files found in {', '.join(sources)}.")
     if imagenet:
@@ -376,7 +508,8 @@ def predict(
 
         classifier = Classifier.load(inputs[0], engine=engine, device=device)
         predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size)
-    _print_predictions(predictions, fmt)
+    predictions = [replace(p, source="-") if path is stdin else p for p, path in zip(predictions, paths)]
+    _print_predictions(predictions, "json" if as_json else fmt)
     failed = sum(p.error is not None for p in predictions)
     if failed:
         logging.getLogger("transferkit").warning("%d of %d inputs could not be read", failed, len(predictions))
@@ -384,16 +517,17 @@ def predict(
         raise typer.Exit(1)
 
 
-@app.command("export")
+@app.command("export", epilog="Example: transferkit export runs/cats --quantize int8")
 @_friendly_errors
 def export_command(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
-    quantize: Optional[str] = typer.Option(None, help="int8: static quantisation (ONNX), calibrated on the run's "
+    fmt: Literal["onnx", "torchscript"] = typer.Option("onnx", "--format", case_sensitive=False,
+                                                       help="ONNX (runs without PyTorch) or TorchScript."),
+    quantize: Optional[Literal["int8"]] = typer.Option(None, case_sensitive=False, help="int8: static quantisation (ONNX), calibrated on the run's "
                                                       "training images."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder [default: RUN/export-FORMAT[-int8]]."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    as_json: bool = typer.Option(False, "--json"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder \\[default: RUN/export-FORMAT\\[-int8]]."),
+    overwrite: bool = _flag("--overwrite", "Replace --out if it exists."),
+    as_json: bool = _flag("--json", "Print a machine-readable summary."),
 ) -> None:
     """The whole classifier (pixels in, probabilities out, any batch size) with labels.txt and preprocessing.json,
     checked against PyTorch before it is written."""
@@ -405,7 +539,7 @@ def export_command(
         out.print_json(json.dumps(result.summary()))
         return
     parity = result.parity
-    out.print(f"Exported {result.format} to [bold]{result.folder}[/] ({result.model}).")
+    out.print(f"Exported {result.format} to [bold]{escape(str(result.folder))}[/] ({escape(result.model)}).")
     out.print(f"Parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.3f}, "
               f"max probability difference {parity['max_abs_probability_difference']:.2e}.")
     q = result.quantization
@@ -415,10 +549,10 @@ def export_command(
                   f"{q['validation_images']} images); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
                   f"{q['size_ratio']:.2f}x the fp32 model.")
     if result.format == "onnx":
-        out.print(f"Predict without PyTorch: transferkit predict {result.folder} IMAGES...")
+        out.print(f"Predict without PyTorch: transferkit predict {escape(str(result.folder))} IMAGES...")
 
 
-@app.command("serve")
+@app.command("serve", epilog="Example: transferkit serve runs/cats/export-onnx --port 8000")
 @_friendly_errors
 def serve_command(
     model: Path = typer.Argument(..., help="An export folder (served by ONNX Runtime, no PyTorch) or a run folder."),
@@ -427,7 +561,7 @@ def serve_command(
     max_batch: int = typer.Option(16, min=1, help="Micro-batching: most images per model call (1 = off)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Micro-batching: longest wait for more requests."),
     max_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body accepted (413 above)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Decoding and ONNX Runtime threads [default: cores]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Decoding and ONNX Runtime threads \\[default: cores]."),
 ) -> None:
     """Serve a classifier over HTTP: POST /v1/predict, /v1/predict/batch; GET /v1/model, /healthz, /docs and a
     page at / where a person drops a photo."""
@@ -438,18 +572,21 @@ def serve_command(
                                          threads=threads))
 
 
-@app.command()
+@app.command(epilog="Example: transferkit report runs/cats --data new_photos/")
 @_friendly_errors
 def report(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
-    data: Optional[Path] = typer.Option(None, help="Evaluate on this labelled data [default: the run's own "
+    data: Optional[Path] = typer.Option(None, help="Evaluate on this labelled data \\[default: the run's own "
                                                    "test/validation split as training measured it]."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file [default: RUN/report.html]; its PNGs "
+    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file \\[default: RUN/report.html]; its PNGs "
                                                                  "go in a NAME_files/ folder beside it."),
-    split: str = typer.Option("auto", help="With --data: auto (test, else val, else all), train, val, test, all."),
+    split: Split = typer.Option("auto", case_sensitive=False,
+                                help="With --data: auto (other data: all of it; the run's own data: test, else "
+                                     "val, else all), train, val, test, all."),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
-    cache_dir: Optional[Path] = typer.Option(None),
-    engine: str = ENGINE_OPTION,
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
+    engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """One self-contained HTML page: learning curves, sample and prediction grids, top losses, confusion matrix,
@@ -457,16 +594,17 @@ def report(
     from transferkit.report import report as write_report
 
     _setup_logging()
-    page = write_report(run, data, out_file, groups, split, cache_dir=cache_dir, engine=engine, device=device)
-    out.print(f"Report: [bold]{page}[/] (pictures in {page.parent / (page.stem + '_files')})")
+    page = write_report(run, data, out_file, groups, split, cache_dir=cache_dir, use_cache=not no_cache,
+                        engine=engine, device=device)
+    out.print(f"Report: [bold]{escape(str(page))}[/] (pictures in {escape(str(page.parent / (page.stem + '_files')))})")
 
 
-@app.command()
+@app.command(epilog="Example: transferkit models 'convnext*'")
 @_friendly_errors
 def models(
-    pattern: Optional[str] = typer.Argument(None, help="timm name pattern, e.g. 'convnext*' [default: the embedded "
+    pattern: Optional[str] = typer.Argument(None, help="timm name pattern, e.g. 'convnext*' \\[default: the embedded "
                                                        "backbones and a few popular ones]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    as_json: bool = _flag("--json", "Print the table as JSON."),
 ) -> None:
     """Backbones to pick from, measured on the model objects: parameters, layers, feature size, input size."""
     from transferkit.summary import TOP1_SOURCE, list_backbones
@@ -486,11 +624,11 @@ def models(
               f"ImageNet top-1: {TOP1_SOURCE}.")
 
 
-@app.command()
+@app.command(epilog="Example: transferkit summary runs/cats")
 @_friendly_errors
 def summary(
     target: str = typer.Argument(..., help="A run folder or a backbone name."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = _flag("--json", "Print the summary as JSON."),
 ) -> None:
     """Parameters (total, trainable, non-trainable), layers and output shapes, like Keras' model.summary()."""
     from transferkit.summary import summarize
@@ -499,29 +637,29 @@ def summary(
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
-    table = Table("block", "type", "output shape", "parameters", "trainable", title=result.name)
+    table = Table("block", "type", "output shape", "parameters", "trainable", title=escape(result.name))
     for row in result.rows:
-        table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape or [])), f"{row.parameters:,}",
+        table.add_row(escape(row.name), escape(row.kind), " x ".join(map(str, row.output_shape or [])), f"{row.parameters:,}",
                       f"{row.trainable:,}")
     out.print(table)
     for key, value in result.notes.items():
-        out.print(f"{key}: {value}")
+        out.print(f"{key}: {escape(str(value))}")
     out.print(f"Total parameters: {result.total_parameters:,}\nTrainable parameters: {result.trainable_parameters:,}"
               f"\nNon-trainable parameters: {result.non_trainable_parameters:,}\nLayers with weights: "
               f"{result.layers}\nFeature size: {result.feature_size}")
 
 
-@app.command()
+@app.command(epilog="Example: transferkit doctor photos/ --report doctor.html")
 @_friendly_errors
 def doctor(
     data: Path = typer.Argument(..., help="Folder or CSV, as for train."),
-    val: Optional[Path] = typer.Option(None),
-    test: Optional[Path] = typer.Option(None),
+    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
+    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
     report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
     near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, help="Feature similarity for near "
                                                                              "duplicates."),
-    cache_dir: Optional[Path] = typer.Option(None),
-    as_json: bool = typer.Option(False, "--json"),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    as_json: bool = _flag("--json", "Print the findings as JSON."),
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates and train/val leakage, imbalance, likely label errors."""
     from transferkit.doctor import TITLES, diagnose, write_html
@@ -533,17 +671,17 @@ def doctor(
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
-    out.print(result.summary())
+    out.print(escape(result.summary()))
     for kind, count in result.totals().items():
         table = Table("file", "why", title=f"{TITLES.get(kind, kind)} ({count})", title_justify="left")
         for finding in result.of_kind(kind)[:10]:
-            table.add_row(finding.path, finding.detail)
+            table.add_row(escape(str(finding.path)), escape(finding.detail))
         out.print(table)
     if report_file is not None:
-        out.print(f"Report: [bold]{report_file}[/]")
+        out.print(f"Report: [bold]{escape(str(report_file))}[/]")
 
 
-@app.command()
+@app.command(epilog="Example: transferkit download hymenoptera")
 @_friendly_errors
 def download(
     name: Optional[str] = typer.Argument(None, help="A dataset from --list (hymenoptera, flowers, pets, dogs, "
@@ -551,9 +689,10 @@ def download(
     to: Path = typer.Option(Path("data"), help="Folder that gets one subfolder per dataset."),
     url: Optional[str] = typer.Option(None, help="Any zip or tar archive instead of a named dataset."),
     sha256: Optional[str] = typer.Option(None, help="With --url: the archive's SHA-256, checked before unpacking."),
-    force: bool = typer.Option(False, help="Download again and replace the dataset folder."),
-    keep_archives: bool = typer.Option(False, help="Keep the archives in TO/.downloads after unpacking."),
-    list_datasets: bool = typer.Option(False, "--list", help="List the named datasets."),
+    force: bool = _flag("--force", "Download again and replace the dataset folder."),
+    keep_archives: bool = _flag("--keep-archives", "Keep the archives in TO/.downloads after unpacking."),
+    list_datasets: bool = _flag("--list", "List the named datasets."),
+    as_json: bool = _flag("--json", "Print where the dataset is as JSON."),
 ) -> None:
     """Fetch and unpack a classic transfer-learning set (or any --url archive) in a layout train reads: checked
     against its size and SHA-256, resumed when interrupted, archive paths that lead out refused."""
@@ -570,14 +709,18 @@ def download(
         raise DownloadError("give a dataset NAME (see `transferkit download --list`) or --url.")
     options = dict(to=to, force=force, keep_archives=keep_archives)
     result = download_url(url, sha256=sha256, name=name, **options) if url else download_dataset(name, **options)
+    if as_json:
+        out.print_json(json.dumps({"name": result.name, "folder": str(result.folder), "data": str(result.data),
+                                   "fetched": result.fetched}))
+        return
     state = "downloaded to" if result.fetched else "already in"
-    out.print(f"{result.name}: {state} {result.folder}. Train with:\n  transferkit train {result.data}")
+    out.print(escape(f"{result.name}: {state} {result.folder}. Train with:\n  transferkit train {result.data}"))
 
 
-@app.command()
+@app.command(epilog="Example: transferkit demo")
 @_friendly_errors
 def demo(
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/<timestamp>]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder \\[default: runs/<timestamp>]."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where the demo images and features are kept."),
 ) -> None:
     """Offline demo: write scikit-learn's handwritten digits as image folders and train on them."""
@@ -593,7 +736,32 @@ def demo(
     table = Table("image", "true label", "predicted", "probability", title="a few test predictions")
     for sample, p in zip(samples, Classifier.load(result.run_dir).predict([s.path for s in samples], top_k=1)):
         colour = "green" if p.label == sample.label else "red"
-        table.add_row(str(sample.path), sample.label, f"[{colour}]{p.label}[/]", f"{p.probability:.3f}")
+        table.add_row(escape(str(sample.path)), escape(sample.label), f"[{colour}]{escape(p.label)}[/]",
+                      f"{p.probability:.3f}")
+    out.print(table)
+
+
+@app.command("runs", epilog="Example: transferkit runs runs/ --json")
+@_friendly_errors
+def runs_command(
+    folder: Path = typer.Argument(Path("runs"), help="The folder that holds the runs."),
+    as_json: bool = _flag("--json", "Print the list as JSON."),
+) -> None:
+    """The finished runs in a folder, newest first: date, data, mode, backbone, accuracy and key options."""
+    from transferkit.errors import RunError
+    from transferkit.runs import list_runs
+
+    found = list_runs(folder)
+    if not found:
+        raise RunError(f"no runs in {folder}; train one with `transferkit train DATA --out {folder}/NAME`.")
+    if as_json:
+        out.print_json(json.dumps([run.to_dict() for run in found]))
+        return
+    table = Table("run", "date", "data", "mode", "backbone", "accuracy", "options")
+    for run in found:
+        accuracy = "-" if run.accuracy is None else f"{run.accuracy:.3f} ({run.accuracy_split})"
+        table.add_row(*map(escape, (str(run.path), run.date, run.data, run.mode, run.backbone, accuracy,
+                                    run.options)))
     out.print(table)
 
 

@@ -4,15 +4,19 @@ it without importing `train`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from numbers import Integral, Real
 
 from transferkit.augment import check_augment
 from transferkit.backbone import DEFAULT_BACKBONE
 from transferkit.budget import parse_duration
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS
 from transferkit.errors import DataError
+from transferkit.features import check_precision, resolve_device
 from transferkit.head import HEAD_KINDS, FitOptions
 
 MODES = ("auto", "probe", "head", "finetune", "scratch")
+# Options that name a choice: accepted in any case ("MLP", "SGD").
+CHOICE_OPTIONS = ("head", "augment", "optimizer", "schedule", "monitor", "balance", "engine", "device", "precision")
 # Per-mode defaults for the options left at None. Probe epochs are cheap and early stopping ends them; the image
 # modes follow fastai's fit_one_cycle. Fine-tuning starts from a trained head, so it runs 10x lower (the backbone
 # 100x lower, at the default --backbone-lr-mult): on hymenoptera 1e-3 fell from 0.974 to 0.934 validation accuracy
@@ -23,6 +27,42 @@ MODE_DEFAULTS = {"probe": {"epochs": 100, "schedule": "constant", "lr": 1e-3},
                  "scratch": {"epochs": 30, "schedule": "onecycle", "lr": 1e-3},
                  # auto: the probe's own defaults, then a fine-tuning plan (epochs, lr) fitted to the time
                  "auto": {"schedule": "onecycle"}}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The numbers an option accepts: whole or not, from `low` up to `high` (both included; None: no end)."""
+
+    whole: bool
+    low: float
+    high: float | None = None
+
+    def problem(self, value: object) -> str | None:
+        """What is wrong with `value` ("must be 1 or more"), or None when it is fine."""
+        kind = Integral if self.whole else Real
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"must be {'a whole number' if self.whole else 'a number'}"
+        if value < self.low or (self.high is not None and value > self.high):
+            return f"must be {self.low:g} or more" if self.high is None else \
+                f"must be between {self.low:g} and {self.high:g}"
+        return None
+
+
+# The range of every numeric option (None always means "the default"); the CLI declares the same ones. Checked
+# before any work, so that a Python caller gets one line instead of an exception from deep inside training.
+BOUNDS = {"epochs": Bound(True, 1), "head_epochs": Bound(True, 1), "batch_size": Bound(True, 1),
+          "patience": Bound(True, 1), "hidden": Bound(True, 1), "seed": Bound(True, 0),
+          "image_size": Bound(True, 32, 2048), "train_size": Bound(True, 32, 2048),
+          "extract_batch_size": Bound(True, 1), "workers": Bound(True, 0), "max_image_pixels": Bound(True, 1),
+          "weight_decay": Bound(False, 0), "dropout": Bound(False, 0, 0.99), "label_smoothing": Bound(False, 0, 0.99),
+          "momentum": Bound(False, 0, 0.999), "lr_gamma": Bound(False, 0), "warmup_epochs": Bound(False, 0),
+          "grad_clip": Bound(False, 0), "backbone_lr_mult": Bound(False, 0), "val_percent": Bound(False, 0, 99),
+          "test_percent": Bound(False, 0, 99)}
+
+
+def option_name(field: str) -> str:
+    """`batch_size (--batch-size)`: an option as Python callers and command-line users both know it."""
+    return f"{field} (--{field.replace('_', '-')})"
 
 
 @dataclass(frozen=True)
@@ -68,26 +108,34 @@ class TrainConfig(FitOptions):
 
     def resolved(self) -> TrainConfig:
         """The mode's defaults filled in, `balance=True` read as "weights", and every value checked."""
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and (problem := bound.problem(value)):
+                raise DataError(f"{option_name(name)} {problem}, not {value!r}.")
         time_limit = parse_duration(self.time_limit)
-        mode = self.mode or ("auto" if time_limit else "probe")
+        mode = (self.mode or ("auto" if time_limit else "probe")).lower()
         if mode not in MODES:
             raise DataError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
         if time_limit and self.epochs is not None:
-            raise DataError("give --time-limit or --epochs, not both: with a time limit the epochs are fitted to the "
-                            "time (drop --epochs), or drop --time-limit to train a set number of epochs.")
+            raise DataError(f"give {option_name('time_limit')} or {option_name('epochs')}, not both: with a time "
+                            "limit the epochs are fitted to the time (drop epochs), or drop the time limit to train a "
+                            "set number of epochs.")
         if time_limit and mode in ("head", "finetune", "scratch"):
-            raise DataError(f"--time-limit plans training itself (--mode auto: the probe, then fine-tuning fitted to "
-                            f"the time); with --mode {mode} give --epochs instead.")
+            raise DataError(f"{option_name('time_limit')} plans training itself (mode auto: the probe, then "
+                            f"fine-tuning fitted to the time); with mode {mode} give {option_name('epochs')} instead.")
         defaults = {k: v for k, v in MODE_DEFAULTS[mode].items() if getattr(self, k) is None}
         balance = {True: "weights", False: "none"}.get(self.balance, self.balance)
         config = replace(self, **defaults, mode=mode, time_limit=time_limit, balance=balance,
                          lr_steps=tuple(self.lr_steps))
+        config = replace(config, **{name: value.lower() for name in CHOICE_OPTIONS
+                                    if isinstance(value := getattr(config, name), str)})
         config.check()
+        check_precision(config.precision, resolve_device(config.device))
+        if config.lr is not None and config.lr <= 0:
+            raise DataError(f"lr must be more than 0, not {config.lr}.")
         if config.head not in HEAD_KINDS:
             raise DataError(f"head must be one of {', '.join(HEAD_KINDS)}, not {config.head!r}.")
         check_augment(config.augment)
         if not (config.unfreeze == "all" or config.unfreeze.startswith(("top-blocks:", "from:"))):
-            raise DataError(f"--unfreeze must be all, top-blocks:N or from:LAYER, not {config.unfreeze!r}.")
-        if config.backbone_lr_mult < 0:
-            raise DataError(f"--backbone-lr-mult must be 0 or more, not {config.backbone_lr_mult}.")
+            raise DataError(f"{option_name('unfreeze')} must be all, top-blocks:N or from:LAYER, not {config.unfreeze!r}.")
         return config

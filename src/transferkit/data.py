@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import errno
+import glob
 import hashlib
 import io
 import logging
 import math
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +33,13 @@ SPLIT_FOLDER_NAMES = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
+SPLIT_OF_NAME = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
+"""A split's name as written in a layout's folder names or in a CSV's split column -> train / val / test."""
+CSV_DELIMITERS = ",;\t|"
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+URL_MAX_BYTES = 50_000_000
+"""Images given as http(s) URLs: the most that is downloaded, and the time it may take."""
+URL_TIMEOUT_S = 30.0
 """Larger images are rejected as likely decompression bombs (a 10,000 x 10,000 photo still passes)."""
 
 # retrain.py's constant: the hash split stays compatible with TensorFlow's retrain.py.
@@ -139,11 +149,27 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the data, logged once per process: training, its doctor and its report read one folder."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 def _list_class_folders(root: Path) -> _Listing:
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     empty: list[str] = []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    loose = sum(p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p.name) and p.is_file() for p in root.iterdir())
+    if loose and not class_dirs:
+        raise DataError(f"{root} holds {loose} images but no class subfolders; images must sit in one subfolder per "
+                        f"class, e.g. {root / 'cats' / '1.jpg'} and {root / 'dogs' / '2.jpg'}.")
+    if loose:
+        _warn_once(f"{loose} images directly in {root} are not in a class subfolder and are ignored")
     status = root.stat()
     listed = {(status.st_dev, status.st_ino): root}
     for class_dir in class_dirs:
@@ -163,17 +189,33 @@ def _list_class_folders(root: Path) -> _Listing:
     return _Listing(samples, skipped, empty)
 
 
-def _csv_rows(text: str) -> list[list[str]]:
-    """The CSV's non-blank rows. Fields quoted with ' ('a, b.jpg',cat) are read as quoted only when that makes more
-    rows start with an image path than the standard " reading does: a label written 'b' in a standard CSV stays
-    'b', and a name that merely starts with an apostrophe ('t Hooft.jpg) is not quoting."""
+def _csv_delimiter(text: str) -> str:
+    """The CSV's delimiter among , ; tab and | (csv.Sniffer on its first lines); "," when the sniffer cannot tell."""
+    sample = text[:65536].rsplit("\n", 1)[0] if len(text) > 65536 else text
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
 
-    def read(quotechar: str) -> list[list[str]]:
-        return [row for row in csv.reader(io.StringIO(text), quotechar=quotechar, skipinitialspace=True)
-                if any(cell.strip() for cell in row)]
 
-    def image_paths(rows: list[list[str]]) -> int:
-        return sum(Path(row[0].strip()).suffix.lower() in IMAGE_EXTENSIONS for row in rows)
+def _csv_rows(text: str) -> list[tuple[int, list[str]]]:
+    """The CSV's non-blank rows, each with the file line it starts on. Fields quoted with ' ('a, b.jpg',cat) are read
+    as quoted only when that makes more rows start with an image path than the standard " reading does: a label
+    written 'b' in a standard CSV stays 'b', and a name that merely starts with an apostrophe ('t Hooft.jpg) is not
+    quoting."""
+    delimiter = _csv_delimiter(text)
+
+    def read(quotechar: str) -> list[tuple[int, list[str]]]:
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter, quotechar=quotechar, skipinitialspace=True)
+        rows, line = [], 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                rows.append((line, row))
+            line = reader.line_num + 1
+        return rows
+
+    def image_paths(rows: list[tuple[int, list[str]]]) -> int:
+        return sum(_is_image_name(row[0]) for _, row in rows)
 
     standard = read('"')
     if "'" not in text:
@@ -182,9 +224,23 @@ def _csv_rows(text: str) -> list[list[str]]:
     return single if image_paths(single) > image_paths(standard) else standard
 
 
+def _is_image_name(text: str) -> bool:
+    return Path(text.strip()).suffix.lower() in IMAGE_EXTENSIONS
+
+
 def _looks_like_header(row: list[str], base: Path) -> bool:
     first = row[0].strip()
     return (first.lower() in _HEADER_WORDS or row[1].strip().lower() in _HEADER_WORDS) and not (base / first).exists()
+
+
+def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
+    """The split a CSV row's third column names (None when empty); any spelling a split folder may have."""
+    if not value.strip():
+        return None
+    if value.strip().lower() not in SPLIT_OF_NAME:
+        raise DataError(f"{csv_path} line {line}: unknown split {value!r}; write train, val or test (or training, "
+                        "valid, validation, testing).")
+    return SPLIT_OF_NAME[value.strip().lower()]
 
 
 def _read_csv(csv_path: Path) -> _Listing:
@@ -194,26 +250,43 @@ def _read_csv(csv_path: Path) -> _Listing:
         raise DataError(f"{csv_path} is not a UTF-8 text file ({err.reason}); save the CSV as UTF-8.") from err
     base = csv_path.parent
     rows = _csv_rows(text)
-    if rows and len(rows[0]) >= 2 and _looks_like_header(rows[0], base):
+    if rows and len(rows[0][1]) >= 2 and _looks_like_header(rows[0][1], base):
         rows = rows[1:]
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     split_column: dict[Path, str] = {}
-    for line_no, row in enumerate(rows, start=1):
+    for line, row in rows:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            skipped.append(Skipped(f"{csv_path}:{line_no}", f"malformed row {row!r}: expected path,label"))
+            skipped.append(Skipped(f"{csv_path}:{line}", f"malformed row {row!r}: expected path,label"))
             continue
         path = Path(row[0].strip())
         path = path if path.is_absolute() else base / path
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(Skipped(str(path), f"not an image file type ({path.suffix or 'no extension'})"))
             continue
+        if not path.exists() and not path.is_symlink():
+            skipped.append(Skipped(str(path), f"file not found (line {line} of {csv_path.name})"))
+            continue
         samples.append(Sample(path, row[1].strip()))
-        if len(row) >= 3 and row[2].strip().lower() in ("train", "val", "valid", "validation", "test"):
-            split_column[path] = "val" if row[2].strip().lower() in ("valid", "validation") else row[2].strip().lower()
+        split = _csv_split(csv_path, line, row[2]) if len(row) >= 3 else None
+        if split is not None:
+            split_column[path] = split
     if not samples:
-        raise DataError(f"{csv_path} lists no image files; expected rows of path,label (paths relative to the CSV).")
+        raise DataError(_no_images_in_csv(csv_path, rows, skipped))
     return _Listing(samples, skipped, [], split_column)
+
+
+def _no_images_in_csv(csv_path: Path, rows: list[tuple[int, list[str]]], skipped: list[Skipped]) -> str:
+    """Why a CSV gave no image: label,path columns, files that are not there, or no path,label rows at all."""
+    if any(len(row) >= 2 and _is_image_name(row[1]) and not _is_image_name(row[0]) for _, row in rows):
+        return (f"{csv_path} has the image paths in its second column (label,path); write rows as path,label "
+                "(path first, relative to the CSV).")
+    missing = [s for s in skipped if s.reason.startswith("file not found")]
+    if missing:
+        return (f"none of the image files {csv_path} lists exists (first: {missing[0].path}, "
+                f"{missing[0].reason.removeprefix('file not found (')}; paths are relative to the CSV's folder.")
+    return (f"{csv_path} lists no image files; expected rows of path,label (paths relative to the CSV), "
+            "separated by , ; tab or |.")
 
 
 def _find_split_folders(root: Path) -> dict[str, Path]:
@@ -308,8 +381,7 @@ def load_dataset(
         raise DataError(f"class folder(s) with no images: {', '.join(empty)}; add images or remove the folder(s).")
     train_labels = {s.label for s in splits.get("train", [])}
     if len(train_labels) < 2:
-        raise DataError(f"found {len(train_labels)} class(es) with training images in {data}; at least 2 are needed "
-                        "(one subfolder per class, or a CSV with at least two labels).")
+        raise DataError(_too_few_classes(Path(data), train_labels))
     for name in ("val", "test"):
         unknown = sorted({s.label for s in splits.get(name, [])} - train_labels)
         if unknown:
@@ -318,13 +390,40 @@ def load_dataset(
     return Dataset(_sort_classes(train_labels), {k: v for k, v in splits.items() if v}, skipped)
 
 
-def list_images(sources: list[str | Path]) -> list[Path]:
-    """Image files named by paths: files as given, folders searched recursively, CSVs read (first column).
-    Folders and CSV rows that cannot be used are logged as warnings."""
-    paths: list[Path] = []
+def _too_few_classes(data: Path, labels: set[str]) -> str:
+    """Why DATA cannot train: no class, or one; a single class folder whose own subfolders look like the classes is
+    named as the folder that was probably meant."""
+    needed = "at least 2 are needed (one subfolder per class, or a CSV with at least two labels)."
+    if not labels:
+        return f"found no class with training images in {data}; {needed}"
+    label = next(iter(labels))
+    inner = data / label
+    if inner.is_dir() and sum(p.is_dir() and not _is_hidden(p.name) for p in inner.iterdir()) >= 2:
+        return f"found 1 class, {label!r}, in {data}: did you mean {inner}? (its subfolders look like classes)"
+    return f"found 1 class, {label!r}, with training images in {data}; {needed}"
+
+
+def _expanded(source: str | Path) -> list[Path]:
+    """`source` as a path, or the paths its wildcards (*, ?, [...]) match when it names no file itself."""
+    path = Path(source)
+    if path.exists() or not any(c in str(source) for c in "*?["):
+        return [path]
+    matches = sorted(glob.glob(str(source), recursive=True))
+    if not matches:
+        log.warning("no files match %s", source)
+    return [Path(match) for match in matches]
+
+
+def list_images(sources: list[str | Path]) -> list[Path | str]:
+    """Image files named by paths: files as given, folders searched recursively, CSVs read (first column),
+    wildcards expanded (photos/*.jpg), http(s) URLs kept as they are. Folders and CSV rows that cannot be used are
+    logged as warnings."""
+    paths: list[Path | str] = []
     skipped: list[Skipped] = []
-    for source in map(Path, sources):
-        if source.is_dir():
+    for source in [s for item in sources for s in ([item] if is_url(item) else _expanded(item))]:
+        if is_url(source):
+            paths.append(source)
+        elif source.is_dir():
             files, unlisted = _walk_files(source)
             paths += [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
             skipped += unlisted
@@ -509,6 +608,33 @@ def read_file(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read file: {err.strerror or err}", "unreadable") from err
 
 
+def is_url(item: object) -> bool:
+    return isinstance(item, str) and item.lower().startswith(("http://", "https://"))
+
+
+def read_url(url: str) -> bytes:
+    """The bytes at an http(s) URL (at most URL_MAX_BYTES, within URL_TIMEOUT_S), or ImageDecodeError saying why
+    not."""
+    deadline, chunks, size = time.monotonic() + URL_TIMEOUT_S, [], 0
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 16):
+                size += len(chunk)
+                if size > URL_MAX_BYTES:
+                    raise ImageDecodeError(f"larger than the {URL_MAX_BYTES:,}-byte limit for downloaded images",
+                                           "too_large")
+                if time.monotonic() > deadline:
+                    raise ImageDecodeError(f"cannot download it within {URL_TIMEOUT_S:g} s", "unreadable")
+                chunks.append(chunk)
+    except urllib.error.HTTPError as err:
+        raise ImageDecodeError(f"cannot download it: HTTP {err.code} {err.reason}", "unreadable") from err
+    except urllib.error.URLError as err:
+        raise ImageDecodeError(f"cannot download it: {err.reason}", "unreadable") from err
+    except (OSError, ValueError) as err:  # timeouts, dropped connections, malformed URLs
+        raise ImageDecodeError(f"cannot download it: {err}", "unreadable") from err
+    return b"".join(chunks)
+
+
 def read_file_and_stat(path: Path) -> tuple[bytes, tuple[int, int, int] | None]:
     """File bytes (or ImageDecodeError) and the file's (size, mtime_ns, inode) taken before reading, for a cache
     keyed by file stat: a file that changes while it is read is then read again next time."""
@@ -551,14 +677,20 @@ class Prepared:
 
 def make_preparer(preprocessing: Preprocessing,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Callable[[object], Prepared]:
-    """Path or PIL image -> input pixels (and content digest); never raises for a bad image."""
+    """Path, http(s) URL, encoded bytes or PIL image -> input pixels (and content digest); never raises for a bad
+    image."""
     draft = (JPEG_DRAFT_MARGIN * preprocessing.resize_size,) * 2
 
     def prepare(item: object) -> Prepared:
         try:
             if isinstance(item, Image.Image):
                 return Prepared(preprocessing.pixels(item.convert("RGB")), None)
-            data, file_stat = read_file_and_stat(Path(item))
+            if isinstance(item, bytes):
+                data, file_stat = item, None
+            elif is_url(item):
+                data, file_stat = read_url(item), None
+            else:
+                data, file_stat = read_file_and_stat(Path(item))
             return Prepared(preprocessing.pixels(decode_image(data, max_pixels, draft)), content_digest(data), None,
                             file_stat)
         except ImageDecodeError as err:

@@ -28,11 +28,11 @@ MIN_IMAGES_PER_CLASS = 10
 FOLDS = 5
 _FORMAT_EXTENSIONS = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "GIF": {".gif"}, "BMP": {".bmp"},
                       "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"}, "MPO": {".jpg", ".jpeg"}}
-SEVERITY = {"unreadable": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, "outlier": 2, "duplicate": 1,
+SEVERITY = {"unreadable": 3, "no_images": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, "outlier": 2, "duplicate": 1,
             "near_duplicate": 1, "tiny": 1, "wrong_extension": 1, "animated": 1, "extreme_aspect": 1,
             "few_images": 2, "imbalance": 1}
 
-PHRASES = {"unreadable": "unreadable files", "leak_exact": "exact duplicates across splits",
+PHRASES = {"unreadable": "unreadable files", "no_images": "classes with no usable image", "leak_exact": "exact duplicates across splits",
            "leak_near": "near duplicates across splits", "label_error": "likely label errors", "outlier": "outliers",
            "duplicate": "exact duplicates", "near_duplicate": "near duplicates", "tiny": "tiny images",
            "wrong_extension": "wrong extensions", "animated": "animated images",
@@ -254,7 +254,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     from transferkit.features import Extractor, extract_features, open_cache
 
     dataset = load_dataset(data, val, test, val_percent, test_percent)
-    report = DoctorReport(str(data), dataset.classes, dataset.counts())
+    report = DoctorReport(str(data), dataset.classes, {})
     report.findings += [Finding("unreadable", s.path, s.reason, 1.0) for s in dataset.skipped]
     samples = [(name, sample) for name in dataset.splits for sample in dataset.splits[name]]
     cache = open_cache(cache_dir, use_cache)
@@ -265,6 +265,9 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
             report.findings += _file_findings(sample.path, facts)
             if digest is not None:
                 by_digest[digest].append((str(sample.path), split))
+        readable = [item for item, (_, facts) in zip(samples, checked) if facts.error is None]
+        report.counts = {name: dict(Counter(s.label for split, s in readable if split == name))
+                         for name in dataset.splits}
         if use_features:
             extractor = Extractor(open_backbone(backbone, weights, image_size), **engine_options)
             feature_set = extract_features(extractor, [s.path for _, s in samples], cache, progress=progress)
@@ -279,10 +282,13 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
             leak = split != first_split
             report.findings.append(Finding("leak_exact" if leak else "duplicate", path, f"same bytes as {first}"
                                            + (f"; {split} vs {first_split}" if leak else ""), 1.0, first))
-    totals = Counter(sample.label for _, sample in samples)
+    totals, files = Counter(sample.label for _, sample in readable), Counter(sample.label for _, sample in samples)
     for name in dataset.classes:
-        if totals[name] < MIN_IMAGES_PER_CLASS:
-            report.findings.append(Finding("few_images", name, f"{totals[name]} images; fewer than "
+        if totals[name] == 0:
+            report.findings.append(Finding("no_images", name, f"none of its {files[name]} files can be read as an "
+                                           "image; training needs at least one", float(files[name])))
+        elif totals[name] < MIN_IMAGES_PER_CLASS:
+            report.findings.append(Finding("few_images", name, f"{totals[name]} usable images; fewer than "
                                            f"{MIN_IMAGES_PER_CLASS} cannot be split and learned reliably",
                                            float(MIN_IMAGES_PER_CLASS - totals[name])))
     if totals and max(totals.values()) > 3 * max(1, min(totals.values())):
@@ -306,7 +312,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     return report
 
 
-TITLES = {"unreadable": "Unreadable files", "leak_exact": "Exact duplicates across splits (leakage)",
+TITLES = {"unreadable": "Unreadable files", "no_images": "Classes with no usable image", "leak_exact": "Exact duplicates across splits (leakage)",
           "leak_near": "Near duplicates across splits (leakage)", "label_error": "Likely label errors",
           "outlier": "Outliers: far from their class", "few_images": "Classes with too few images",
           "imbalance": "Class imbalance", "duplicate": "Exact duplicates", "near_duplicate": "Near duplicates",

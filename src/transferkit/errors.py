@@ -23,6 +23,14 @@ class DownloadError(TransferkitError):
     """A download or unpack failed: network, checksum, an unsafe archive, or a target folder in the way."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run that kept a checkpoint: `transferkit train --resume RUN` continues it."""
+
+    def __init__(self, run):
+        super().__init__(str(run))
+        self.run = run
+
+
 class StorageError(RunError):
     """A file cannot be written: a full disk, a read-only or forbidden folder. What was written before is intact."""
 

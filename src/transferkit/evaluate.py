@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
+from transferkit.runs import absolute_path, stored_paths, warn_missing_images
 
 
 def read_groups(path: str | Path) -> dict[str, list[str]]:
@@ -96,13 +98,14 @@ def predictions_csv(predictions: list[Predictions], classes: list[str]) -> str:
     for part in predictions:
         for path, target, predicted, confidence, label_probability in zip(
                 part.paths, part.targets, part.predicted, part.confidence, part.label_probability):
-            writer.writerow([part.split, path, classes[target], classes[predicted], f"{confidence:.6g}",
-                             f"{label_probability:.6g}"])
+            writer.writerow([part.split, absolute_path(path), classes[target], classes[predicted],
+                             f"{confidence:.6g}", f"{label_probability:.6g}"])
     return buffer.getvalue()
 
 
 def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
-    """A run's predictions.csv by split; empty when the run has none (runs from before it was written)."""
+    """A run's predictions.csv by split; empty when the run has none (runs from before it was written). Its images
+    are re-read from their paths: a warning says when some are gone."""
     if not path.is_file():
         return {}
     index = {name: i for i, name in enumerate(classes)}
@@ -116,6 +119,9 @@ def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
             part["predicted"].append(index[row["predicted"]])
             part["confidence"].append(float(row["probability"]))
             part["label_probability"].append(float(row["label_probability"]))
+    for part in columns.values():
+        part["paths"] = stored_paths(path.parent, part["paths"])
+    warn_missing_images(path.parent, [p for part in columns.values() for p in part["paths"]])
     return {split: Predictions(split, part["paths"], np.array(part["targets"], dtype=np.int64),
                                np.array(part["predicted"], dtype=np.int64), np.array(part["confidence"]),
                                np.array(part["label_probability"])) for split, part in columns.items()}
@@ -143,10 +149,17 @@ class EvaluationReport:
     metrics: dict
     skipped: list[Skipped] = field(default_factory=list)
     predictions: Predictions | None = None
+    scored: str = ""
+    """Which images were scored, in words: "all 30 images of DATA (not the run's training data)"."""
 
     @property
     def accuracy(self) -> float:
         return self.metrics["accuracy"]
+
+    def __repr__(self) -> str:
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return (f"EvaluationReport(run={str(self.run)!r}, split={self.split!r}: accuracy {self.accuracy:.3f} on "
+                f"{self.metrics['n']} images{skipped})")
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
@@ -154,9 +167,9 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
              workers: int | None = None, progress: bool | None = None, **engine_options) -> EvaluationReport:
     """Evaluate a trained run on labelled DATA.
 
-    split: "auto" uses the test split where DATA has one, else validation, else every image; or name one of
-    train / val / test / all. A folder without its own splits is split as the run was (same percentages).
-    `engine_options` go to `Extractor` (engine, device, precision).
+    split: "auto" scores data the run was not trained on whole, and the run's own training data on its test split
+    (else validation, else every image); or name one of train / val / test / all. A folder without its own splits is
+    split as the run was (same percentages). `engine_options` go to `Extractor` (engine, device, precision).
     """
     from transferkit.classifier import Classifier
 
@@ -164,8 +177,9 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     data_config = classifier.config.get("data", {})
     dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
                            test_percent=data_config.get("test_percent", 10.0))
+    own = _is_training_data(data, data_config.get("source"))
     if split == "auto":
-        split = next((s for s in ("test", "val") if s in dataset.splits), "all")
+        split = next((s for s in ("test", "val") if s in dataset.splits and own), "all")
     if split == "all":
         samples = [s for part in dataset.splits.values() for s in part]
     elif split in dataset.splits:
@@ -183,4 +197,23 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
     metrics = classification_metrics(targets, probabilities, classifier.classes, group_map)
     predictions = Predictions.from_probabilities(split, [samples[i].path for i in kept], targets, probabilities)
-    return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped, predictions)
+    return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped, predictions,
+                            _scored(data, split, len(samples), own))
+
+
+def _is_training_data(data: str | Path, source: str | None) -> bool:
+    """Whether DATA is the folder or CSV the run was trained on (the same file, however it is named)."""
+    try:
+        return source is not None and os.path.samefile(Path(data).expanduser(), Path(source).expanduser())
+    except OSError:
+        return False
+
+
+def _scored(data: str | Path, split: str, count: int, own: bool) -> str:
+    """Which images were scored, in words."""
+    if split == "all":
+        whose = "the run's own data, training images included" if own else "not the run's training data"
+        return f"all {count} images of {data} ({whose})"
+    if own:
+        return f"the run's {split} split of {data} ({count} images)"
+    return f"the {split} split of {data} ({count} images; not the run's training data)"

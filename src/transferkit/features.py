@@ -71,6 +71,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 autocast is for CUDA GPUs; elsewhere it is refused instead of running slowly or not at all."""
+    if precision == "fp16" and device.type != "cuda":
+        raise BackboneError(f"fp16 runs on CUDA GPUs only; on {device} use precision bf16, fp32 or auto.")
+
+
 class Extractor:
     """Runs the frozen backbone on uint8 pixel batches with the fastest numerically safe engine of this machine.
 
@@ -108,6 +114,7 @@ class Extractor:
             return "onnxruntime", "fp32"
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+        check_precision(precision, self.device)
         return "torch", precision
 
     @cached_property

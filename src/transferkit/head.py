@@ -88,8 +88,9 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
              val_y: np.ndarray | None = None, options: FitOptions = FitOptions(),
-             progress: bool | None = None) -> FitResult:
-    """Build and train a head; with validation data, stop early on `options.monitor` and keep the best epoch.
+             progress: bool | None = None, initial: dict[str, torch.Tensor] | None = None) -> FitResult:
+    """Build and train a head (from the weights `initial` when given); with validation data, stop early on
+    `options.monitor` and keep the best epoch.
 
     Initialisation and training run in a forked RNG state seeded by `options.seed`: a run is reproducible whatever
     ran before it, and the caller's RNG is left untouched.
@@ -106,6 +107,8 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = spec.build()
+        if initial is not None:
+            head.load_state_dict(initial)
         ranks = distributed.current()
         # Under torchrun every rank draws the same order and takes its share of each global batch of
         # batch_size x world_size; DDP averages the gradients, so each step matches one of that global size.

@@ -176,7 +176,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
         counts = config["data"].get("class_counts", {})
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     pictures = _Pictures(assets)
-    notes = []
+    notes = [f"Scored {evaluation.scored}."] if data is not None else []
 
     history = _read_history(run)
     if history:

@@ -3,34 +3,40 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import logging
 import os
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from transferkit.errors import RunError, StorageError, TransferkitError, storage_problem
+from transferkit.errors import RunError, StorageError, TrainingInterrupted, TransferkitError, storage_problem
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one run per --out is then the user's business
     fcntl = None
 
+log = logging.getLogger("transferkit")
+
 RUN_FORMAT = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "labels.txt")
 CHECKPOINT = "checkpoint.pt"
+# What loading a run reads from its config.json: section -> the keys it must hold.
+CONFIG_KEYS = {"labels": (), "data": (), "backbone": ("name", "architecture", "weights_id"),
+               "head": ("kind", "in_features", "num_classes"),
+               "preprocessing": ("input_size", "interpolation", "mean", "std", "crop_pct")}
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = Path(root) / stamp, 1
-    while candidate.exists():
-        n += 1
-        candidate = Path(root) / f"{stamp}-{n}"
-    return candidate
+    """ROOT/YYYYMMDD-HHMMSS: a new run's default name (`StagedRun(..., unique=True)` takes the next free one)."""
+    return Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def staging_dir(out: str | Path) -> Path:
@@ -79,18 +85,25 @@ class StagedRun:
     stops two processes from writing the same run.
     """
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False):
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, unique: bool = False):
+        """unique: `out` is a default name; when another run has it (finished or being written), the run takes the
+        first free one of OUT-2, OUT-3... on entering (`self.out` then names it)."""
         self.out = Path(out)
         self.overwrite = overwrite
         self.resume = resume
-        if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
+        self.unique = unique
+        if (not unique and self.out.exists() and not overwrite
+                and (not self.out.is_dir() or any(self.out.iterdir()))):
             raise RunError(f"{self.out} already exists; choose another --out, or pass --overwrite to replace it.")
         self.staging = staging_dir(self.out)
         self._lock = None
 
     def __enter__(self) -> StagedRun:
         try:
-            self.staging.mkdir(parents=True, exist_ok=True)
+            if self.unique:
+                self._claim_free_name()
+            else:
+                self.staging.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.staging / ".lock", "w")
         except OSError as err:
             raise RunError(f"cannot create the run folder in {self.out.parent}: {err.strerror or err}; "
@@ -106,11 +119,27 @@ class StagedRun:
         if leftovers and not self.resume:
             if (self.staging / CHECKPOINT).exists() and not self.overwrite:
                 self._release()
-                raise RunError(f"{self.out} is an unfinished run that was interrupted; continue it with "
-                               f"`transferkit train --resume {self.out}`, or pass --overwrite to start again.")
+                raise RunError(f"{unfinished_run(self.out)}, or pass --overwrite to start again.")
             for leftover in leftovers:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         return self
+
+    def _claim_free_name(self) -> None:
+        """The first of OUT, OUT-2, OUT-3... that no run has, claimed by creating its staging folder: mkdir is atomic,
+        so two processes starting in the same second never share a name."""
+        base = self.out
+        for n in itertools.count(1):
+            self.out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            self.staging = staging_dir(self.out)
+            if self.out.exists():
+                continue
+            try:
+                self.staging.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            if not self.out.exists():
+                return
+            self.staging.rmdir()  # a run of this name finished in between
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -142,6 +171,8 @@ class StagedRun:
                 then = (f"continue the run with `transferkit train --resume {self.out}` (the work done so far is "
                         "kept)" if resumable else "run again")
                 raise StorageError(f"the run stopped: {problem}; then {then}.") from exc
+            if resumable and issubclass(exc_type, KeyboardInterrupt):
+                raise TrainingInterrupted(self.out) from exc
             return
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
         (self.staging / ".lock").unlink(missing_ok=True)
@@ -160,17 +191,85 @@ class StagedRun:
             shutil.rmtree(replaced, ignore_errors=True)
 
 
+def unfinished_run(run: Path) -> str:
+    """What every command says of a run that was interrupted."""
+    return (f"{run} is an unfinished run that was interrupted; continue it with `transferkit train --resume {run}` "
+            f"(in Python: transferkit.resume)")
+
+
+def damaged_file(path: Path, problem: object) -> RunError:
+    reason = " ".join(str(problem).split())
+    return RunError(f"{path} is damaged ({reason}): retrain, or restore it from a copy.")
+
+
+def _config_problem(config: object) -> str | None:
+    """What is missing from a config.json that loading a run needs, or None."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    for section, keys in CONFIG_KEYS.items():
+        value = config.get(section)
+        if not isinstance(value, list if section == "labels" else dict):
+            return f"no {section!r} section"
+        missing = [key for key in keys if key not in value]
+        if missing:
+            return f"no {missing[0]!r} in its {section!r} section"
+    return None
+
+
 def read_run_config(run: str | Path) -> dict:
+    """A run's config.json, checked along with its model.safetensors: a damaged run fails here, in one line. Its
+    data paths are absolute (those of runs written before they were stored absolute are resolved here)."""
     run = Path(run)
+    if not (run / "config.json").is_file() and (staging_dir(run) / CHECKPOINT).is_file():
+        raise RunError(f"{unfinished_run(run)} before using it.")
     if not run.is_dir():
         raise RunError(f"{run} is not a run folder; give the folder `transferkit train` wrote (e.g. runs/...).")
     missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
     if missing:
         raise RunError(f"{run} is not a complete transferkit run (missing {', '.join(missing)}).")
-    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    if config.get("format", 0) > RUN_FORMAT:
+    try:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise damaged_file(run / "config.json", err) from None
+    if isinstance(config, dict) and config.get("format", 0) > RUN_FORMAT:
         raise RunError(f"{run} was written by a newer transferkit (run format {config['format']}); upgrade it.")
-    return config
+    problem = _config_problem(config)
+    if problem:
+        raise damaged_file(run / "config.json", problem)
+    try:
+        with safe_open(run / "model.safetensors", "pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as err:
+        raise damaged_file(run / "model.safetensors", err) from None
+    data = config["data"]
+    named = {key: data[key] for key in ("source", "val", "test") if data.get(key)}
+    return {**config, "data": {**data, **dict(zip(named, stored_paths(run, list(named.values()))))}}
+
+
+def absolute_path(path: str | Path | None) -> str | None:
+    """A path as a run stores it: absolute, so the run works from any folder and after it is moved."""
+    return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
+def stored_paths(run: str | Path, paths: list[str]) -> list[str]:
+    """Paths a run stored, absolute. Runs written before transferkit stored them absolute hold them relative to the
+    folder training ran in: the working directory, else the first folder above the run where they exist."""
+    relative = [path for path in paths if not os.path.isabs(os.path.expanduser(path))]
+    if not relative:
+        return paths
+    base = next((folder for folder in (Path.cwd(), *Path(run).absolute().parents) if (folder / relative[0]).exists()),
+                Path.cwd())
+    return [os.path.normpath(os.path.join(base, os.path.expanduser(path))) for path in paths]
+
+
+def warn_missing_images(run: str | Path, paths: list[str]) -> None:
+    """One warning line when images a run stored (its evaluation images) are gone from where they were."""
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        folder = os.path.commonpath([os.path.dirname(path) for path in missing])
+        log.warning("%d of %d images %s was evaluated on are missing (expected under %s); put them back there, or "
+                    "give their new location as the data to evaluate the run afresh",
+                    len(missing), len(paths), run, folder)
 
 
 def read_metrics(run: str | Path) -> dict:
@@ -188,3 +287,47 @@ def load_run_dataset(config: dict, source: str | Path | None = None):
     data = config["data"]
     return load_dataset(source or data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
                         data.get("test_percent", 10.0))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One finished run as `transferkit runs` lists it."""
+
+    path: Path
+    date: str  # when its config.json was written, local time
+    data: str
+    mode: str
+    backbone: str
+    accuracy: float | None  # on the test split, else on validation
+    accuracy_split: str | None
+    options: str  # the options that shape a run most, e.g. "head=linear epochs=100 lr=0.001"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+
+SUMMARY_OPTIONS = ("head", "epochs", "lr", "batch_size", "optimizer", "augment")
+
+
+def list_runs(root: str | Path = "runs") -> list[RunSummary]:
+    """The finished runs in `root` (or `root` itself when it is one), newest first; other folders are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(f"{root} is not a folder; give the folder that holds the runs (runs/ by default).")
+    folders = [root] if (root / "config.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+    found = []
+    for folder in folders:
+        try:
+            config = read_run_config(folder)
+            written = (folder / "config.json").stat().st_mtime
+        except (TransferkitError, OSError, ValueError):
+            continue
+        metrics = read_metrics(folder)
+        split = next((s for s in ("test", "val") if "accuracy" in metrics.get(s, {})), None)
+        train_options = config.get("train", {})
+        found.append(RunSummary(
+            folder, datetime.fromtimestamp(written).strftime("%Y-%m-%d %H:%M"), str(config["data"].get("source")),
+            config.get("mode", "probe"), config["backbone"].get("name", "?"),
+            metrics[split]["accuracy"] if split else None, split,
+            " ".join(f"{k}={train_options[k]}" for k in SUMMARY_OPTIONS if train_options.get(k) is not None)))
+    return sorted(found, key=lambda run: run.date, reverse=True)

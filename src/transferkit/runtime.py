@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
-from transferkit.errors import RunError
+from transferkit.errors import DataError, RunError
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+"""A path, an http(s) URL, an encoded image's bytes, a PIL image or a numpy array of uint8 pixels."""
 EXPORT_MANIFEST = "export.json"
 EXPORT_FILES = ("labels.txt", "preprocessing.json", EXPORT_MANIFEST)
 
@@ -42,6 +43,13 @@ class Prediction:
     @property
     def probability(self) -> float | None:
         return self.probabilities[0] if self.probabilities else None
+
+    def __repr__(self) -> str:
+        if self.error is not None:
+            return f"Prediction({self.source!r}, error={self.error!r})"
+        answers = ", ".join(f"{label} {probability:.3f}" for label, probability in zip(self.labels,
+                                                                                    self.probabilities))
+        return f"Prediction({self.source!r}: {answers})"
 
     def ranked(self) -> list[tuple[int, str, int, float]]:
         """(rank from 1, label, class id, probability) for each of the top-k answers."""
@@ -75,8 +83,23 @@ def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput]
     return results
 
 
+def image_inputs(inputs: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One input or a sequence of them, as a list; numpy arrays (HxW grey, HxWx3 RGB or HxWx4 RGBA uint8 pixels, as
+    `np.asarray(pil_image)` gives them) become PIL images. A 4-dimensional array is a batch of images."""
+    if isinstance(inputs, (str, Path, bytes, Image.Image)) or (isinstance(inputs, np.ndarray) and inputs.ndim < 4):
+        inputs = [inputs]
+    return [_array_image(item) if isinstance(item, np.ndarray) else item for item in inputs]
+
+
+def _array_image(pixels: np.ndarray) -> Image.Image:
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
+        raise DataError(f"an image array must hold HxW (grey) or HxWx3 (RGB) uint8 pixels, not {pixels.shape} "
+                        f"{pixels.dtype}; convert floats in [0, 1] with (array * 255).round().astype(np.uint8).")
+    return Image.fromarray(pixels)
+
+
 def _source_name(item: ImageInput, position: int) -> str:
-    return f"<image {position}>" if isinstance(item, Image.Image) else str(item)
+    return str(item) if isinstance(item, (str, Path)) else f"<image {position}>"
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,9 +153,7 @@ class ExportedClassifier:
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
                 workers: int | None = None) -> list[Prediction]:
-        if isinstance(inputs, (str, Path, Image.Image)):
-            inputs = [inputs]
-        return top_k_predictions(self.preprocessing, list(inputs), self.probabilities, self.classes,
+        return top_k_predictions(self.preprocessing, image_inputs(inputs), self.probabilities, self.classes,
                                  min(top_k, len(self.classes)), batch_size, workers)
 
     def describe(self) -> dict:

@@ -12,6 +12,7 @@ from torch import nn
 
 from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, feature_size, open_backbone
 from transferkit.errors import BackboneError
+from transferkit.runs import staging_dir, write_atomically
 
 # Backbones listed besides the embedded ones: small, widely used ImageNet models that suit transfer learning.
 POPULAR_BACKBONES = ("mobilenetv3_large_100", "efficientnet_b0", "resnet18", "resnet50", "convnext_tiny",
@@ -134,7 +135,6 @@ def _frozen_backbone(classifier, size: int) -> ModelSummary:
     import hashlib
 
     from transferkit.features import default_cache_dir
-    from transferkit.runs import write_atomically
 
     backbone = classifier.backbone
     key = hashlib.sha256(f"{backbone.architecture}|{backbone.weights_id}|{size}".encode()).hexdigest()[:24]
@@ -188,7 +188,7 @@ def summarize_run(run: str | Path) -> ModelSummary:
 def summarize(target: str | Path) -> ModelSummary:
     """`transferkit summary`: a run folder, or a backbone name."""
     path = Path(target)
-    if path.is_dir():
+    if path.is_dir() or staging_dir(path).is_dir():  # an interrupted run is named as such by loading it
         return summarize_run(path)
     if path.exists():
         raise BackboneError(f"{target} is a file; pass a run folder or a backbone name such as efficientnet_lite0.")

@@ -18,9 +18,9 @@ from transferkit.augment import decode_size
 from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
                               MIN_EPOCHS, TOP_BLOCKS, FinetunePlan, final_seconds, native_size, plan_finetune,
                               probe_size_for)
-from transferkit.backbone import feature_size, open_backbone, state_digest
+from transferkit.backbone import Backbone, feature_size, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
-from transferkit.classifier import Classifier
+from transferkit.classifier import Classifier, accuracies, class_names
 from transferkit.config import TrainConfig
 from transferkit.data import Skipped, load_dataset
 from transferkit.distributed import ScratchRun
@@ -32,11 +32,16 @@ from transferkit.finetune import (ImageTraining, Network, backbone_blocks, check
 from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
-from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, default_run_dir, load_checkpoint, save_checkpoint,
-                              staging_dir, write_atomically)
+from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, absolute_path, default_run_dir, load_checkpoint,
+                              save_checkpoint, staging_dir, write_atomically)
 
 log = logging.getLogger("transferkit")
+SKIPPED_LISTED = 20  # skipped files listed when a class is left without training images
 NO_LIMIT = 1e9  # seconds: what planning for "as long as it takes" is given
+# Below this many validation images a single image moves the accuracy by more than 5 points and the standard error
+# of an accuracy near 0.8 exceeds 9 points (0.4 / sqrt(n)): the epoch that early stopping keeps is then chosen by
+# which few images happen to be in the split rather than by the model.
+MIN_VAL_IMAGES = 20
 
 
 @dataclass
@@ -64,6 +69,10 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float | None:
         return self.metrics.get("test", {}).get("accuracy")
+
+    def __repr__(self) -> str:
+        return (f"TrainResult(run_dir={str(self.run_dir)!r}, {class_names(self.classes)}; {accuracies(self.metrics)}; "
+                f"best epoch {self.best_epoch} of {len(self.history)})")
 
     def summary(self) -> dict:
         """The machine-readable summary `transferkit train --json` prints."""
@@ -131,10 +140,22 @@ def _splits(dataset) -> list[str]:
     return [name for name in ("train", "val", "test") if name in dataset.splits]
 
 
+def _warn_small_validation(count: int) -> None:
+    if 0 < count < MIN_VAL_IMAGES:
+        log.warning("the validation split has only %d image%s, too few to steer early stopping or pick the best "
+                    "epoch (one image moves its accuracy by %.0f points): add images, raise val_percent "
+                    "(--val-percent), or give an explicit validation set (val= / --val) of %d or more",
+                    count, "" if count == 1 else "s", 100 / count, MIN_VAL_IMAGES)
+
+
 def _check_train_classes(prepared: Prepared) -> None:
     present = set(prepared.targets["train"])
     empty = [c for i, c in enumerate(prepared.classes) if i not in present]
     if empty:
+        for item in prepared.skipped[:SKIPPED_LISTED]:
+            log.warning("skipped %s: %s", item.path, item.reason)
+        if len(prepared.skipped) > SKIPPED_LISTED:
+            log.warning("... and %d more skipped files", len(prepared.skipped) - SKIPPED_LISTED)
         raise DataError(f"no readable training images left for class(es) {', '.join(empty[:10])}; "
                         f"see the skipped files listed above.")
 
@@ -201,10 +222,11 @@ def _probe_options(config: TrainConfig) -> FitOptions:
 
 
 def _fit_probe(prepared: Prepared, features: dict[str, np.ndarray], spec: HeadSpec, options: FitOptions,
-               progress: bool | None):
+               progress: bool | None, initial: dict | None = None):
     _, train_targets = prepared.split("train")
     _, val_targets = prepared.split("val")
-    return fit_head(spec, features["train"], train_targets, features.get("val"), val_targets, options, progress)
+    return fit_head(spec, features["train"], train_targets, features.get("val"), val_targets, options, progress,
+                    initial)
 
 
 def _evaluated(prepared: Prepared, probabilities: dict[str, np.ndarray],
@@ -235,12 +257,13 @@ class _Outcome:
     advice: str | None = None
 
 
-def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard) -> _Outcome:
+def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
+               start: Classifier | None = None) -> _Outcome:
     extractor = Extractor(backbone, config.device, config.precision, config.engine)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
-    fit = _fit_probe(prepared, features, spec, options, progress)
+    fit = _fit_probe(prepared, features, spec, options, progress, start.head.state_dict() if start else None)
     for row in fit.history:
         row["stage"] = "probe"
         if tensorboard is not None:
@@ -251,16 +274,22 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
     probabilities = {name: classifier.probabilities_from_features(features[name]) for name in ("val", "test")
                      if name in features}
     tensors = {f"head.{k}": v.contiguous() for k, v in fit.head.state_dict().items()}
-    return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone.to_config(),
+    backbone_config = backbone.to_config()
+    if _trained_backbone(start):  # the run's backbone goes with the new head: it is not the pretrained one
+        tensors.update({f"backbone.{k}": v.contiguous() for k, v in backbone.model.state_dict().items()})
+        backbone_config.update(stored_in_run=True, started_from=start.config["backbone"]["started_from"])
+    return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(), extractor.describe())
 
 
-def _prepare_images(dataset, backbone, config: TrainConfig, progress) -> tuple[Prepared, dict | None]:
-    """The readable images, and for fine-tuning the first stage: a head probed on cached features."""
-    if config.mode != "finetune":
+def _prepare_images(dataset, backbone, config: TrainConfig, progress,
+                    start: Classifier | None = None) -> tuple[Prepared, dict | None]:
+    """The readable images, and for fine-tuning the first stage: a head probed on cached features (or the head of
+    the run this one starts from)."""
+    if config.mode != "finetune" or start is not None:
         prepared = _check_readable(dataset, backbone, config, progress)
         _check_train_classes(prepared)
-        return prepared, None
+        return prepared, {"history": [], "head": start.head.state_dict()} if start else None
     extractor = Extractor(backbone, config.device, "auto", config.engine)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
@@ -281,7 +310,8 @@ def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, 
 
 
 def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun,
-                checkpoint: dict, clock: Clock, reserve_seconds: float = 0.0) -> _Outcome:
+                checkpoint: dict, clock: Clock, reserve_seconds: float = 0.0,
+                start: Classifier | None = None) -> _Outcome:
     device = resolve_device(config.device)
     precision = resolve_train_precision(config.precision, device)
     if config.compile and device.type == "cpu" and precision == "bf16":
@@ -294,7 +324,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     if "prepared" in checkpoint:
         prepared, first_stage = Prepared.from_state(checkpoint["prepared"]), checkpoint["first_stage"]
     else:
-        prepared, first_stage = _prepare_images(dataset, backbone, config, progress)
+        prepared, first_stage = _prepare_images(dataset, backbone, config, progress, start)
         checkpoint = {**checkpoint, "prepared": prepared.to_state(), "first_stage": first_stage}
         _save(staged, checkpoint, clock)
     if first_stage:
@@ -325,7 +355,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                 prepared.targets[name] = targets[kept].tolist()
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in net.head.state_dict().items()}
     backbone_config = backbone.to_config()
-    if config.mode != "head":
+    if config.mode != "head" or _trained_backbone(start):
         backbone_state = {k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}
         tensors.update({f"backbone.{k}": v for k, v in backbone_state.items()})
         backbone_config.update(stored_in_run=True, started_from=backbone.weights_id,
@@ -335,26 +365,62 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                     {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode)
 
 
+def _trained_backbone(start: Classifier | None) -> bool:
+    """Whether the run a new run starts from trained its backbone (which then goes on from those weights)."""
+    return start is not None and bool(start.config["backbone"].get("stored_in_run"))
+
+
+def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes: list[str]) -> Backbone:
+    """The backbone of a run that starts from the finished run `start`: its weights (pretrained, or as that run
+    trained them) at its image size unless `config` gives another; anything that would not fit is refused."""
+    if config.mode not in ("probe", "head", "finetune"):
+        raise DataError(f"from_run (--from) goes on from {run}'s weights with mode probe, head or finetune, not "
+                        f"{config.mode}: choose one of those modes, or drop from_run to train from scratch.")
+    if classes != start.classes:
+        raise DataError(f"{run} was trained on the classes {', '.join(start.classes)}; this data has "
+                        f"{', '.join(classes)}: a run that starts from it needs the same classes.")
+    head = HeadSpec(**start.config["head"])
+    if config.head != head.kind or (head.kind == "mlp" and config.hidden != head.hidden):
+        raise DataError(f"{run} has a {head.kind} head{f' of {head.hidden}' if head.kind == 'mlp' else ''}; give "
+                        f"the same head (head / --head, hidden / --hidden) to start from it.")
+    spec = start.config["backbone"]
+    fresh = open_backbone(config.backbone, config.weights, config.image_size)
+    if fresh.name != spec["name"] or (not spec.get("stored_in_run") and fresh.weights_id != spec["weights_id"]):
+        raise DataError(f"{run} was trained on the backbone {spec['name']}, not {fresh.name} ({fresh.weights_id}); "
+                        f"give the same backbone (backbone / --backbone, weights / --weights) to start from it.")
+    backbone = start.backbone if spec.get("stored_in_run") else fresh
+    if config.image_size is None:  # the run's own sizes
+        backbone.preprocessing = start.backbone.preprocessing
+        backbone.train_size = spec.get("train_size") or backbone.preprocessing.input_size[0]
+    else:
+        backbone.preprocessing, backbone.train_size = fresh.preprocessing, fresh.train_size
+    return backbone
+
+
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
           out: str | Path | None = None, overwrite: bool = False, groups: str | Path | dict | None = None,
           config: TrainConfig | None = None, progress: bool | None = None, report: bool = True,
-          doctor: bool = True, **options) -> TrainResult:
+          doctor: bool = True, from_run: str | Path | None = None, **options) -> TrainResult:
     """Train a classifier on DATA and write a run folder (with report.html unless `report=False`); first log the
     doctor's one-paragraph count of data problems (unless `doctor=False`). Options are `TrainConfig` fields, e.g.
     ``head="mlp"``, ``mode="finetune"``.
+
+    `from_run`: a finished run to train further, as a new run: it starts from that run's head (and its backbone,
+    if that run trained it) instead of fresh weights; the data must have the same classes.
 
     Example: ``transferkit.train("photos/", epochs=50).val_accuracy``.
     """
     config = replace(config or TrainConfig(), **options).resolved()
     arguments = {"data": str(data), "val": str(val) if val else None, "test": str(test) if test else None,
-                 "groups": str(groups) if isinstance(groups, (str, Path)) else groups, "config": asdict(config)}
-    return _train(arguments, config, Path(out) if out else default_run_dir(), overwrite, progress, None, report,
+                 "groups": str(groups) if isinstance(groups, (str, Path)) else groups, "config": asdict(config),
+                 "from_run": str(from_run) if from_run else None, "report": report}
+    return _train(arguments, config, Path(out) if out else None, overwrite, progress, None, report,
                   doctor)
 
 
-def resume(run: str | Path, *, progress: bool | None = None, report: bool = True) -> TrainResult:
+def resume(run: str | Path, *, progress: bool | None = None, report: bool | None = None) -> TrainResult:
     """Continue the interrupted run that was being written to `run`, with its own options, from its last
-    checkpoint (the end of the last finished epoch)."""
+    checkpoint (the end of the last finished epoch). `report`: write report.html; None: as the run was started."""
     run = Path(run)
     checkpoint = load_checkpoint(staging_dir(run))
     if checkpoint is None:
@@ -363,7 +429,8 @@ def resume(run: str | Path, *, progress: bool | None = None, report: bool = True
         raise RunError(f"there is no interrupted run at {run} to resume (no {staging_dir(run) / CHECKPOINT}).")
     arguments = checkpoint["arguments"]
     config = TrainConfig(**arguments["config"]).resolved()
-    return _train(arguments, config, run, False, progress, checkpoint, report)
+    return _train(arguments, config, run, False, progress, checkpoint,
+                  arguments.get("report", True) if report is None else report)
 
 
 def _save(staged: StagedRun, checkpoint: dict, clock: Clock) -> None:
@@ -474,7 +541,7 @@ def _finetune_advice(arguments: dict, config: TrainConfig, backbone, probe: _Out
             f"{plan.train_size} px on this machine)")
 
 
-def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool, progress: bool | None,
+def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite: bool, progress: bool | None,
            checkpoint: dict | None, report: bool, doctor: bool = True) -> TrainResult:
     clock = Clock(config.time_limit, spent_before=(checkpoint or {}).get("elapsed", 0.0))
     ranks = distributed.setup(config.device)
@@ -490,7 +557,13 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
     group_map = read_groups(groups) if isinstance(groups, str) else groups
     dataset = load_dataset(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
                            config.test_percent)
-    backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
+    start = Classifier.load(arguments["from_run"]) if arguments.get("from_run") else None
+    if start is None:
+        backbone = open_backbone(config.backbone, config.weights, config.image_size,
+                                 pretrained=config.mode != "scratch")
+    else:
+        backbone = _starting_backbone(start, arguments["from_run"], config, dataset.classes)
+    _warn_small_validation(len(dataset.splits.get("val", [])))
     if config.train_size:
         backbone.train_size = config.train_size
     if config.mode == "auto" and config.image_size is None:
@@ -505,8 +578,11 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
                  "give --time-limit to choose", format_duration(clock.limit), len(dataset.splits["train"]),
                  DEFAULT_BUDGET_SECONDS, DEFAULT_BUDGET_PER_IMAGE)
     checked = 0
-    run_folder = StagedRun(run_dir, overwrite, resume=checkpoint is not None) if ranks.is_main else ScratchRun()
+    unique, run_dir = run_dir is None, run_dir or default_run_dir()
+    run_folder = (StagedRun(run_dir, overwrite, resume=checkpoint is not None, unique=unique) if ranks.is_main
+                  else ScratchRun())
     with run_folder as staged:  # opened first: an unwritable --out fails before any work
+        run_dir = staged.out if ranks.is_main else run_dir  # a default name taken by another run moves on (-2...)
         if doctor and checkpoint is None and ranks.is_main:
             checked = _doctor_summary(arguments, config, backbone.preprocessing.input_size[0], ranks.distributed,
                                       progress)
@@ -519,12 +595,13 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
         tensorboard = _tensorboard(staged.staging, config.tensorboard)
         try:
             if config.mode == "probe":
-                outcome = _run_probe(dataset, backbone, config, config, progress, tensorboard)
+                outcome = _run_probe(dataset, backbone, config, config, progress, tensorboard, start)
                 outcome.advice = _finetune_advice(arguments, config, backbone, outcome, clock)
             elif config.mode == "auto":
                 outcome = _run_auto(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock)
             else:
-                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock)
+                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock,
+                                      start=start)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
@@ -535,10 +612,12 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path, overwrite: bool,
                         sum(prepared.sizes.values()) + len(prepared.skipped), run_dir / "skipped.txt")
         run_config = {
             "format": RUN_FORMAT, "transferkit_version": __version__, "mode": outcome.mode,
+            "from_run": arguments.get("from_run"),
             "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
-            "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
+            "data": {"source": absolute_path(arguments["data"]), "val": absolute_path(arguments["val"]),
+                     "test": absolute_path(arguments["test"]),
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
                      "images": prepared.sizes, "class_counts": prepared.class_counts},
         }
