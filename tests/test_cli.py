@@ -78,7 +78,7 @@ def test_evaluate_json(trained, layout, tmp_path):
     (["train", "/no/such/folder"], "does not exist"),
     (["train", ".", "--backbone", "nonexistent_net_xyz"], "unknown backbone"),
     (["train", ".", "--time-limit", "soon"], "--time-limit"),
-    (["train", ".", "--mode", "warp"], "mode must be one of"),
+    (["train", ".", "--mode", "warp"], "'warp' is not one of 'auto', 'probe'"),
     (["evaluate", "/no/such/run", "."], "is not a run folder"),
     (["predict", "/no/such/run", "a/x.png"], "is not a run folder"),
     (["export", "/no/such/run"], "is not a run folder"),

@@ -60,7 +60,7 @@ ENTRY_POINTS = [
 # The arguments each command is called with; an option that only means something with another gets that one too.
 BASE = {"train": ["data"], "evaluate": ["run", "data"], "predict": ["run", "IMAGE"], "export": ["run"],
         "serve": ["model"], "report": ["run"], "models": [], "summary": ["target"], "doctor": ["data"],
-        "download": ["hymenoptera"], "demo": []}
+        "download": ["hymenoptera"], "demo": [], "runs": []}
 CONTEXT = {("train", "--resume"): [], ("predict", "--backbone"): ["--imagenet", "IMAGE"],
            ("predict", "--weights"): ["--imagenet", "IMAGE"], ("download", "--sha256"): ["--url", "https://x/y.zip"]}
 # Values the CLI itself checks or converts: (what is typed, what the API must receive).
@@ -70,7 +70,10 @@ VALUES = {("train", "--lr-steps"): ("3,5", (3, 5)), ("train", "--unfreeze-from")
 # Options that only shape what is printed; the tests named here parse that output.
 PRINTING = {("train", "--json"): "test_cli.py::test_train_json_summary",
             ("evaluate", "--json"): "test_cli.py::test_evaluate_json",
-            ("download", "--list"): "test_download.py::test_registry_and_cli"}
+            ("download", "--list"): "test_download.py::test_registry_and_cli",
+            ("predict", "--json"): "test_newcomer_cli.py::test_predict_json_flag_and_report_no_cache",
+            ("download", "--json"): "test_newcomer_cli.py::test_download_json",
+            ("runs", "--json"): "test_newcomer_cli.py::test_runs_lists_runs"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def _options() -> list[Option]:
             declared = parameter.default
             if not isinstance(declared, typer.models.OptionInfo):
                 continue
-            kind = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
+            kind = hints[name] if typing.get_origin(hints[name]) is typing.Literal else next(
+                (t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
             flag = declared.param_decls[0] if declared.param_decls else f"--{name.replace('_', '-')}"
             if kind is bool and declared.default and not declared.param_decls:
                 flag = f"--no-{name.replace('_', '-')}"
@@ -104,7 +108,10 @@ def _options() -> list[Option]:
 
 
 def _typed_value(option: Option) -> str | None:
-    """A value other than the default, within the option's range; None for a flag."""
+    """A value other than the default, within the option's range (a choice other than the default, in capitals: any
+    case is accepted); None for a flag."""
+    if typing.get_origin(option.kind) is typing.Literal:
+        return next(choice for choice in typing.get_args(option.kind) if choice != option.default).upper()
     if option.kind is bool:
         return None
     if option.kind is int:
@@ -174,7 +181,7 @@ def test_option_reaches_the_api(option, recorded):
     context = CONTEXT.get((command, flag), BASE[command])
     typed, wanted = VALUES.get((command, flag), (_typed_value(option), None))
     if wanted is None and (command, flag) not in VALUES:
-        wanted = typed
+        wanted = typed.lower() if typing.get_origin(option.kind) is typing.Literal else typed  # as the API gets it
     before, _ = recorded([command, *context])
     after, result = recorded([command, *context, flag, *([] if typed is None else [typed])])
     assert after[0], f"{option} stopped before reaching the API: {result.output}"

@@ -106,7 +106,8 @@ def test_predict_json_flag_and_report_no_cache(bracketed, monkeypatch):
     rows = json.loads(runner.invoke(app, ["predict", str(run), str(image), "--json"]).stdout)
     assert rows[0]["predictions"][0]["label"] == "dog"
     seen = {}
-    monkeypatch.setattr(importlib.import_module("transferkit.report"), "report", lambda *a, **k: seen.update(k) or run / "report.html")
+    monkeypatch.setattr(importlib.import_module("transferkit.report"), "report",
+                        lambda *args, **options: seen.update(options) or run / "report.html")
     assert runner.invoke(app, ["report", str(run), "--no-cache"]).exit_code == 0
     assert seen["use_cache"] is False
 
@@ -242,7 +243,6 @@ def test_an_interrupted_run_with_a_checkpoint_names_its_folder(tmp_path):
             staged.write_text(CHECKPOINT, "saved")
             raise KeyboardInterrupt
     assert caught.value.run == tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt) as plain:
-        with StagedRun(tmp_path / "probe"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as plain, StagedRun(tmp_path / "probe"):
+        raise KeyboardInterrupt
     assert not isinstance(plain.value, TrainingInterrupted)

@@ -149,6 +149,7 @@ def test_doctor_counts_only_readable_images_and_names_a_class_without_any(unread
     empty = report.of_kind("no_images")
     assert [f.path for f in empty] == ["broken"] and "3 files" in empty[0].detail and "none" in empty[0].detail
     assert not [f for f in report.of_kind("few_images") if f.path == "broken"]
+    assert not report.of_kind("duplicate")  # three copies of one unreadable file are unreadable, not duplicates
 
 
 def test_training_lists_the_unreadable_files_before_saying_so(unreadable_class, tmp_path, caplog):

@@ -135,7 +135,7 @@ def _start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
     lines = []
     for line in process.stderr:
         lines.append(line)
-        found = re.search(r"at (http://127\.0\.0\.1:\d+) \(the page\)", line)
+        found = re.search(r"at (http://127\.0\.0\.1:\d+) \(the page\), \1/docs \(the API\)", line)
         if found:
             return process, found.group(1)
     process.kill()

@@ -104,12 +104,13 @@ class Classifier:
         return self.probabilities_from_features(feature_set.features), feature_set.kept, feature_set.skipped
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
-                workers: int | None = None) -> list[Prediction]:
+                workers: int | None = None, progress: bool | None = False) -> list[Prediction]:
+        """`progress`: None for a bar on a terminal and plain log lines elsewhere, as training has."""
         def to_probabilities(pixels: np.ndarray) -> np.ndarray:
             return self.probabilities_from_features(self.extractor.features(pixels))
 
         return top_k_predictions(self.backbone.preprocessing, image_inputs(inputs), to_probabilities, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers)
+                                 min(top_k, len(self.classes)), batch_size, workers, progress)
 
 
 def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKBONE, weights: str | None = None,

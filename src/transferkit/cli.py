@@ -16,8 +16,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from click.core import ParameterSource
 from typer.core import TyperGroup
+
+from transferkit.text import plural
 
 
 class _Commands(TyperGroup):
@@ -46,8 +47,8 @@ class _Commands(TyperGroup):
         if command is not None:
             command.get_help_option(ctx).metavar = ""
             for param in command.params:
-                if param.param_type_name == "argument" and param.nargs != 1:
-                    param.display_type_rich = lambda ctx: None  # its name says it (IMAGES...)
+                if param.param_type_name == "argument" and param.display_type_rich(ctx) in ("<str>", "<list[str]>"):
+                    param.display_type_rich = lambda ctx: None  # its name and help say it (RUN IMAGES...)
         return command
 
     def get_help_option(self, ctx):
@@ -352,7 +353,7 @@ def train(
     _setup_logging()
     if resume is not None:
         given = [p for p in ctx.command.params if p.name not in _RESUME_OPTIONS
-                 and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+                 and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
         if given:
             names = ", ".join(p.opts[0] if p.param_type_name == "option" else "DATA" for p in given)
             raise DataError(f"--resume continues a run with its own data and options, so {names} cannot apply: "
@@ -502,12 +503,14 @@ def predict(
         predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size,
                                        device=device)
     elif is_export(inputs[0]):  # ONNX Runtime, Pillow and numpy only: no PyTorch needed
-        predictions = ExportedClassifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size)
+        predictions = ExportedClassifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size,
+                                                                 progress=None if len(paths) > 1 else False)
     else:
         from transferkit.classifier import Classifier
 
         classifier = Classifier.load(inputs[0], engine=engine, device=device)
-        predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size)
+        predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size,
+                                         progress=None if len(paths) > 1 else False)
     predictions = [replace(p, source="-") if path is stdin else p for p, path in zip(predictions, paths)]
     _print_predictions(predictions, "json" if as_json else fmt)
     failed = sum(p.error is not None for p in predictions)
@@ -523,8 +526,9 @@ def export_command(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
     fmt: Literal["onnx", "torchscript"] = typer.Option("onnx", "--format", case_sensitive=False,
                                                        help="ONNX (runs without PyTorch) or TorchScript."),
-    quantize: Optional[Literal["int8"]] = typer.Option(None, case_sensitive=False, help="int8: static quantisation (ONNX), calibrated on the run's "
-                                                      "training images."),
+    quantize: Optional[Literal["int8"]] = typer.Option(None, case_sensitive=False,
+                                                       help="int8: static quantisation (ONNX), calibrated on the "
+                                                            "run's training images."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder \\[default: RUN/export-FORMAT\\[-int8]]."),
     overwrite: bool = _flag("--overwrite", "Replace --out if it exists."),
     as_json: bool = _flag("--json", "Print a machine-readable summary."),
@@ -540,13 +544,16 @@ def export_command(
         return
     parity = result.parity
     out.print(f"Exported {result.format} to [bold]{escape(str(result.folder))}[/] ({escape(result.model)}).")
-    out.print(f"Parity with PyTorch on {parity['images']} images: top-1 agreement {parity['top1_agreement']:.3f}, "
+    checked = (f"{plural(parity['images'], 'synthetic image')} (the run has no validation/test image that can be "
+               "read)" if parity["synthetic"] else f"{plural(parity['images'], 'validation/test image')}")
+    out.print(f"Parity with PyTorch on {checked}: top-1 agreement {parity['top1_agreement']:.3f}, "
               f"max probability difference {parity['max_abs_probability_difference']:.2e}.")
     q = result.quantization
     if q:
         change = "n/a" if q["accuracy_change"] is None else f"{100 * q['accuracy_change']:+.2f} points"
-        out.print(f"int8: validation accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} ({change} on "
-                  f"{q['validation_images']} images); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
+        out.print(f"int8: calibrated on {plural(q['calibration_images'], 'training image')}; validation accuracy "
+                  f"{q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} ({change} on "
+                  f"{plural(q['validation_images'], 'image')}); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
                   f"{q['size_ratio']:.2f}x the fp32 model.")
     if result.format == "onnx":
         out.print(f"Predict without PyTorch: transferkit predict {escape(str(result.folder))} IMAGES...")
@@ -556,7 +563,8 @@ def export_command(
 @_friendly_errors
 def serve_command(
     model: Path = typer.Argument(..., help="An export folder (served by ONNX Runtime, no PyTorch) or a run folder."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
+    host: str = typer.Option("127.0.0.1", metavar="ADDRESS",
+                             help="Interface to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port; 0 takes any free one (printed at start)."),
     max_batch: int = typer.Option(16, min=1, help="Micro-batching: most images per model call (1 = off)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Micro-batching: longest wait for more requests."),
@@ -639,8 +647,8 @@ def summary(
         return
     table = Table("block", "type", "output shape", "parameters", "trainable", title=escape(result.name))
     for row in result.rows:
-        table.add_row(escape(row.name), escape(row.kind), " x ".join(map(str, row.output_shape or [])), f"{row.parameters:,}",
-                      f"{row.trainable:,}")
+        table.add_row(escape(row.name), escape(row.kind), " x ".join(map(str, row.output_shape or [])),
+                      f"{row.parameters:,}", f"{row.trainable:,}")
     out.print(table)
     for key, value in result.notes.items():
         out.print(f"{key}: {escape(str(value))}")
@@ -656,7 +664,7 @@ def doctor(
     val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
     test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
     report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
-    near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, help="Feature similarity for near "
+    near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, metavar="", help="Feature similarity for near "
                                                                              "duplicates."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
     as_json: bool = _flag("--json", "Print the findings as JSON."),
@@ -687,8 +695,9 @@ def download(
     name: Optional[str] = typer.Argument(None, help="A dataset from --list (hymenoptera, flowers, pets, dogs, "
                                                     "food-101); with --url, the folder to unpack into."),
     to: Path = typer.Option(Path("data"), help="Folder that gets one subfolder per dataset."),
-    url: Optional[str] = typer.Option(None, help="Any zip or tar archive instead of a named dataset."),
-    sha256: Optional[str] = typer.Option(None, help="With --url: the archive's SHA-256, checked before unpacking."),
+    url: Optional[str] = typer.Option(None, metavar="URL", help="Any zip or tar archive instead of a named dataset."),
+    sha256: Optional[str] = typer.Option(None, metavar="HEX",
+                                         help="With --url: the archive's SHA-256, checked before unpacking."),
     force: bool = _flag("--force", "Download again and replace the dataset folder."),
     keep_archives: bool = _flag("--keep-archives", "Keep the archives in TO/.downloads after unpacking."),
     list_datasets: bool = _flag("--list", "List the named datasets."),
@@ -724,20 +733,17 @@ def demo(
     cache_dir: Optional[Path] = typer.Option(None, help="Where the demo images and features are kept."),
 ) -> None:
     """Offline demo: write scikit-learn's handwritten digits as image folders and train on them."""
-    from transferkit.classifier import Classifier
-    from transferkit.data import load_dataset
-    from transferkit.demo import run_demo
+    from transferkit.demo import run_demo, sample_predictions
 
     _setup_logging()
     result = run_demo(out_dir, cache_dir)
     _print_train_result(result, as_json=False)
-    data = Path(json.loads((result.run_dir / "config.json").read_text(encoding="utf-8"))["data"]["source"])
-    samples = load_dataset(data).splits["test"][:5]
-    table = Table("image", "true label", "predicted", "probability", title="a few test predictions")
-    for sample, p in zip(samples, Classifier.load(result.run_dir).predict([s.path for s in samples], top_k=1)):
-        colour = "green" if p.label == sample.label else "red"
-        table.add_row(escape(str(sample.path)), escape(sample.label), f"[{colour}]{escape(p.label)}[/]",
-                      f"{p.probability:.3f}")
+    table = Table("image", "true label", "predicted", "probability",
+                  title="a few test predictions (one per class, and a mistake if there is one)")
+    for shown in sample_predictions(result.run_dir):
+        colour = "green" if shown.predicted == shown.label else "red"
+        table.add_row(escape(shown.path), escape(shown.label), f"[{colour}]{escape(shown.predicted)}[/]",
+                      f"{shown.probability:.3f}")
     out.print(table)
 
 
@@ -757,10 +763,11 @@ def runs_command(
     if as_json:
         out.print_json(json.dumps([run.to_dict() for run in found]))
         return
-    table = Table("run", "date", "data", "mode", "backbone", "accuracy", "options")
+    table = Table("run", "date", "data", "mode", "backbone", "accuracy", "options", title=escape(str(folder)),
+                  title_justify="left")
     for run in found:
         accuracy = "-" if run.accuracy is None else f"{run.accuracy:.3f} ({run.accuracy_split})"
-        table.add_row(*map(escape, (str(run.path), run.date, run.data, run.mode, run.backbone, accuracy,
+        table.add_row(*map(escape, (run.path.name, run.date, run.data, run.mode, run.backbone, accuracy,
                                     run.options)))
     out.print(table)
 

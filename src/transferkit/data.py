@@ -149,14 +149,15 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-_warned: set[str] = set()
+_loose_images_reported: set[Path] = set()
 
 
-def _warn_once(message: str) -> None:
-    """A warning about the data, logged once per process: training, its doctor and its report read one folder."""
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("%s", message)
+def _warn_loose_images(root: Path, count: int) -> None:
+    """Said once per folder and process: training, its doctor and its report each read the same folder."""
+    if root.resolve() not in _loose_images_reported:
+        _loose_images_reported.add(root.resolve())
+        log.warning("%d images directly in %s are not in a class subfolder and are ignored; move them into the "
+                    "subfolder of their class", count, root)
 
 
 def _list_class_folders(root: Path) -> _Listing:
@@ -169,7 +170,7 @@ def _list_class_folders(root: Path) -> _Listing:
         raise DataError(f"{root} holds {loose} images but no class subfolders; images must sit in one subfolder per "
                         f"class, e.g. {root / 'cats' / '1.jpg'} and {root / 'dogs' / '2.jpg'}.")
     if loose:
-        _warn_once(f"{loose} images directly in {root} are not in a class subfolder and are ignored")
+        _warn_loose_images(root, loose)
     status = root.stat()
     listed = {(status.st_dev, status.st_ino): root}
     for class_dir in class_dirs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,32 @@ def run_demo(out: str | Path | None = None, cache_dir: str | Path | None = None,
     data = write_digits((Path(cache_dir) if cache_dir else default_cache_dir()) / "demo")
     return train(data, out=out, cache_dir=str(cache_dir) if cache_dir else None, progress=progress,
                  image_size=probe_size_for(DIGIT_SIZE, EMBEDDED_BACKBONES[DEFAULT_BACKBONE].train_size))
+
+
+@dataclass
+class ShownPrediction:
+    path: str
+    label: str
+    predicted: str
+    probability: float
+
+
+def sample_predictions(run_dir: str | Path, count: int = 6) -> list[ShownPrediction]:
+    """A few of the run's test predictions (validation when it has no test split) to show: the most confident
+    mistake if there is one, and one right answer per class for the other rows, in class order."""
+    from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
+    from transferkit.runs import read_run_config
+
+    classes = read_run_config(run_dir)["labels"]
+    predictions = read_predictions(Path(run_dir) / PREDICTIONS_FILE, classes)
+    split = predictions.get("test") or predictions.get("val")
+    if split is None:
+        return []
+    wrong = np.flatnonzero(split.predicted != split.targets)
+    chosen = [int(wrong[np.argmax(split.confidence[wrong])])] if len(wrong) else []
+    for c in range(len(classes)):
+        right = np.flatnonzero((split.targets == c) & (split.predicted == c))
+        if len(chosen) < count and len(right) and not any(split.targets[i] == c for i in chosen):
+            chosen.append(int(right[0]))
+    return [ShownPrediction(str(split.paths[i]), classes[split.targets[i]], classes[split.predicted[i]],
+                            float(split.confidence[i])) for i in sorted(chosen, key=lambda i: split.targets[i])]

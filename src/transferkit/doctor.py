@@ -28,11 +28,12 @@ MIN_IMAGES_PER_CLASS = 10
 FOLDS = 5
 _FORMAT_EXTENSIONS = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "GIF": {".gif"}, "BMP": {".bmp"},
                       "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"}, "MPO": {".jpg", ".jpeg"}}
-SEVERITY = {"unreadable": 3, "no_images": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, "outlier": 2, "duplicate": 1,
-            "near_duplicate": 1, "tiny": 1, "wrong_extension": 1, "animated": 1, "extreme_aspect": 1,
+SEVERITY = {"unreadable": 3, "no_images": 3, "leak_exact": 3, "leak_near": 3, "label_error": 2, "outlier": 2,
+            "duplicate": 1, "near_duplicate": 1, "tiny": 1, "wrong_extension": 1, "animated": 1, "extreme_aspect": 1,
             "few_images": 2, "imbalance": 1}
 
-PHRASES = {"unreadable": "unreadable files", "no_images": "classes with no usable image", "leak_exact": "exact duplicates across splits",
+PHRASES = {"unreadable": "unreadable files", "no_images": "classes with no usable image",
+           "leak_exact": "exact duplicates across splits",
            "leak_near": "near duplicates across splits", "label_error": "likely label errors", "outlier": "outliers",
            "duplicate": "exact duplicates", "near_duplicate": "near duplicates", "tiny": "tiny images",
            "wrong_extension": "wrong extensions", "animated": "animated images",
@@ -192,11 +193,20 @@ def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: i
     return probabilities
 
 
+def _directions(features: np.ndarray) -> np.ndarray:
+    """Features less the dataset's mean, at unit length. Pooled backbone features share a large common part (on
+    the demo's digits, two random images have a raw cosine of 0.83), which would make every pair look alike."""
+    centred = features - features.mean(0)
+    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+
 def _label_findings(paths: list[str], features: np.ndarray, targets: np.ndarray, classes: list[str],
                     seed: int) -> list[Finding]:
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = _directions(features)
     found = []
-    probabilities = _oof_probabilities(unit, targets, len(classes), seed)
+    # Scaled to unit variance per dimension on average: on unit vectors the L2 penalty kept the regression so weak
+    # (72 % out-of-fold accuracy on the digits, where a probe gets 93 %) that most of its mistakes were flagged.
+    probabilities = _oof_probabilities(unit * np.sqrt(unit.shape[1]), targets, len(classes), seed)
     if probabilities.any():
         given = probabilities[np.arange(len(targets)), targets]
         # Confident learning's per-class threshold: the mean probability a class gets on images labelled with it.
@@ -226,7 +236,7 @@ def _label_findings(paths: list[str], features: np.ndarray, targets: np.ndarray,
 
 def _near_duplicates(paths: list[str], splits: list[str], features: np.ndarray, exact: set[frozenset],
                      threshold: float) -> list[Finding]:
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = _directions(features)
     found = []
     for start in range(0, len(unit), 1024):
         block = unit[start:start + 1024] @ unit.T
@@ -263,7 +273,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
         by_digest: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for (split, sample), (digest, facts) in zip(samples, checked):
             report.findings += _file_findings(sample.path, facts)
-            if digest is not None:
+            if digest is not None and facts.error is None:  # copies of one unreadable file are reported as such
                 by_digest[digest].append((str(sample.path), split))
         readable = [item for item, (_, facts) in zip(samples, checked) if facts.error is None]
         report.counts = {name: dict(Counter(s.label for split, s in readable if split == name))
@@ -312,7 +322,8 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     return report
 
 
-TITLES = {"unreadable": "Unreadable files", "no_images": "Classes with no usable image", "leak_exact": "Exact duplicates across splits (leakage)",
+TITLES = {"unreadable": "Unreadable files", "no_images": "Classes with no usable image",
+          "leak_exact": "Exact duplicates across splits (leakage)",
           "leak_near": "Near duplicates across splits (leakage)", "label_error": "Likely label errors",
           "outlier": "Outliers: far from their class", "few_images": "Classes with too few images",
           "imbalance": "Class imbalance", "duplicate": "Exact duplicates", "near_duplicate": "Near duplicates",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from transferkit.onnx_engine import export_pixel_model, onnxruntime_installed, probe_pixels
+from transferkit.progress import progress_bar
 from transferkit.runtime import onnx_session as runtime_session
 
 log = logging.getLogger("transferkit")
@@ -22,6 +23,7 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_PROBABILITY_DIFFERENCE = 1e-4
 PARITY_IMAGES = 64
 CALIBRATION_IMAGES = 128
+FEW_CALIBRATION_IMAGES = 50
 
 
 class ProbabilityModel(torch.nn.Module):
@@ -49,10 +51,16 @@ class ExportResult:
 
 
 def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int) -> tuple[list[str], list[int]]:
-    """Up to `count` labelled images of the run: its evaluation predictions (val/test), or its training split."""
+    """Up to `count` labelled images of the run: its evaluation predictions (val/test; "val+test": both), or its
+    training split."""
     from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
     from transferkit.runs import load_run_dataset
 
+    if split == "val+test":
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
+        parts = [predictions[name] for name in ("val", "test") if name in predictions]
+        return ([path for part in parts for path in part.paths][:count],
+                [int(target) for part in parts for target in part.targets][:count])
     if split in ("val", "test"):
         predictions = read_predictions(run / PREDICTIONS_FILE, classes)
         chosen = predictions.get(split) or next(iter(predictions.values()), None)
@@ -68,15 +76,19 @@ def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count
     return [str(samples[i].path) for i in picked], [index[samples[i].label] for i in picked]
 
 
-def _pixels(paths: list[str], targets: list[int], preprocessing) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
+            progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
     from transferkit.data import default_workers, iter_prepared, make_preparer
 
     pixels, kept = [], []
+    bar = progress_bar(len(paths), desc, "img", progress, quiet_when_empty=True)
     for batch in iter_prepared(paths, make_preparer(preprocessing), 32, default_workers()):
         for i, prepared in batch:
             if prepared.pixels is not None:
                 pixels.append(prepared.pixels)
                 kept.append(targets[i])
+        bar.update(len(batch))
+    bar.close()
     return (np.stack(pixels) if pixels else np.empty((0, *preprocessing.input_size, 3), np.uint8),
             np.array(kept, dtype=np.int64))
 
@@ -85,13 +97,14 @@ def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> np.ndar
     return np.concatenate([run_model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
 
 
-def _parity(reference: np.ndarray, exported: np.ndarray) -> dict:
-    return {"images": int(len(reference)),
+def _parity(reference: np.ndarray, exported: np.ndarray, synthetic: bool) -> dict:
+    """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read."""
+    return {"images": int(len(reference)), "synthetic": synthetic,
             "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
             "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
 
 
-def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
+def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None) -> None:
     """Static QDQ quantisation (int8 weights per channel, uint8 activations) calibrated on training images.
 
     7-bit weight range (`reduce_range`), which ONNX Runtime advises on x86: on hymenoptera (lite0 probe, 153 val
@@ -101,12 +114,19 @@ def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
+    bar = progress_bar(len(calibration), "int8 calibration", "img", progress)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.batches = iter([{"pixels": calibration[i:i + 16]} for i in range(0, len(calibration), 16)])
 
         def get_next(self):
-            return next(self.batches, None)
+            batch = next(self.batches, None)
+            if batch is None:
+                bar.close()
+            else:
+                bar.update(len(batch["pixels"]))
+            return batch
 
     import onnx
 
@@ -129,13 +149,15 @@ def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
 
 
 def export_run(run: str | Path, format: str = "onnx", quantize: str | None = None, out: str | Path | None = None,
-               overwrite: bool = False, parity_images: int = PARITY_IMAGES) -> ExportResult:
+               overwrite: bool = False, parity_images: int = PARITY_IMAGES,
+               progress: bool | None = None) -> ExportResult:
     """Write RUN's whole classifier (backbone + head + softmax; uint8 NHWC pixels in, probabilities out, any batch
     size) as ONNX or TorchScript into `out` (default RUN/export-FORMAT[-int8]), with labels.txt,
     preprocessing.json and export.json.
 
     Before the folder is written, the export is run on up to `parity_images` of the run's validation/test images
-    and compared with PyTorch: the top-1 classes must agree and the probabilities differ by at most 1e-4.
+    (synthetic pixels when it has none that can be read; `parity["synthetic"]` says so) and compared with PyTorch:
+    the top-1 classes must agree and the probabilities differ by at most 1e-4.
     `quantize="int8"` (ONNX only) adds static int8 quantisation calibrated on training images, and records its
     accuracy change on the validation split and its size against fp32.
     """
@@ -156,9 +178,10 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     classifier = Classifier.load(run, engine="torch")
     config, classes, preprocessing = classifier.config, classifier.classes, classifier.backbone.preprocessing
     model = ProbabilityModel(classifier.backbone.pixel_model(), classifier.head).cpu().float().eval()
-    paths, targets = _sample_paths(run, config, classes, "val", parity_images)
-    pixels, _ = _pixels(paths, targets, preprocessing)
-    if not len(pixels):
+    pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images), preprocessing,
+                        "Reading validation/test images", progress)
+    synthetic = not len(pixels)
+    if synthetic:
         pixels = probe_pixels(*preprocessing.input_size, count=4).numpy()
     with torch.inference_mode():
         reference = _run_batches(lambda batch: model(torch.from_numpy(batch)).numpy(), pixels)
@@ -166,7 +189,8 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     model_file = {"onnx": "model.onnx", "torchscript": "model.pt"}[format]
     quantization = None
     with StagedRun(out, overwrite) as staged:
-        example = torch.from_numpy(pixels[:2].copy())
+        # Traced on two images even when the run has one: on a batch of 1 the exporter fixes the batch size.
+        example = torch.from_numpy(pixels[np.arange(2) % len(pixels)])
         if format == "onnx":
             export_pixel_model(model, example, staged.path(model_file), output="probabilities", external_data=False)
             session = runtime_session.__wrapped__(str(staged.path(model_file)))
@@ -176,17 +200,19 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(model, example)
             traced.save(str(staged.path(model_file)))
-            loaded = torch.jit.load(str(staged.path(model_file)))
+            with warnings.catch_warnings():  # torch's notice that TorchScript is deprecated: the user asked for it
+                warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+                loaded = torch.jit.load(str(staged.path(model_file)))
             with torch.inference_mode():
                 exported = _run_batches(lambda batch: loaded(torch.from_numpy(batch)).numpy(), pixels)
-        parity = _parity(reference, exported)
+        parity = _parity(reference, exported, synthetic)
         if parity["top1_agreement"] != 1.0 or parity["max_abs_probability_difference"] > MAX_PROBABILITY_DIFFERENCE:
             raise RunError(f"the {format} export disagrees with PyTorch on {parity['images']} images (top-1 "
                            f"agreement {parity['top1_agreement']:.3f}, max probability difference "
                            f"{parity['max_abs_probability_difference']:.2g}); nothing was written.")
         if quantize:
             quantization = _quantize(run, config, classes, preprocessing, staged.path(model_file),
-                                     staged.path("model.int8.onnx"))
+                                     staged.path("model.int8.onnx"), progress)
             model_file = "model.int8.onnx"
         staged.write_text("labels.txt", "\n".join(classes) + "\n")
         staged.write_json("preprocessing.json", {**preprocessing.to_dict(), "resize_size": preprocessing.resize_size,
@@ -202,16 +228,23 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     return ExportResult(out, format, model_file, parity, quantization)
 
 
-def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: Path, int8: Path) -> dict:
+def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: Path, int8: Path,
+              progress: bool | None) -> dict:
     """Quantise, then measure both models on the validation split: accuracy change and size ratio."""
     from transferkit.errors import RunError
 
-    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES), preprocessing)
+    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES), preprocessing,
+                             "Reading calibration images", progress)
     if not len(calibration):
         raise RunError("int8 quantisation calibrates on the run's training images, and none could be read; "
                        "check that the run's data folder is still there.")
-    _quantize_int8(fp32, int8, calibration)
-    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000), preprocessing)
+    log.info("int8: calibrating on %d training images", len(calibration))
+    if len(calibration) < FEW_CALIBRATION_IMAGES:
+        log.warning("few calibration images (%d, fewer than %d): the int8 value ranges may not fit new images; "
+                    "check the accuracy change measured below", len(calibration), FEW_CALIBRATION_IMAGES)
+    _quantize_int8(fp32, int8, calibration, progress)
+    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000), preprocessing,
+                                      "Measuring int8 accuracy", progress)
     accuracy = {}
     for name, path in (("fp32", fp32), ("int8", int8)):
         session = runtime_session.__wrapped__(str(path))

@@ -7,10 +7,9 @@ reading `train.log` or a CI log wants.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-
-from tqdm.auto import tqdm
 
 from transferkit.budget import format_duration
 
@@ -25,8 +24,9 @@ def on_terminal() -> bool:
 class LogLines:
     """The part of tqdm's interface transferkit uses, written as a log line every `every` seconds and at the end."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, every: float = LOG_EVERY_SECONDS):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+    def __init__(self, total: int | None, desc: str, unit: str, every: float = LOG_EVERY_SECONDS,
+                 final_line: bool = True):
+        self.total, self.desc, self.unit, self.every, self.final_line = total, desc, unit, every, final_line
         self.n, self.postfix = 0, ""
         self.started = self.last = time.perf_counter()
 
@@ -56,7 +56,7 @@ class LogLines:
         log.info("%s", text)
 
     def close(self) -> None:
-        if self.n:
+        if self.n and self.final_line:
             log.info("%s", self._line(finished=True))
 
 
@@ -65,7 +65,12 @@ def progress_bar(total: int | None, desc: str, unit: str, progress: bool | None,
 
     `quiet_when_empty`: no output at all for zero work (a warm cache).
     """
-    silent = progress is False or (quiet_when_empty and not total)
-    if progress is None and not silent and not on_terminal():
+    if progress is False or (quiet_when_empty and not total):
+        return LogLines(total, desc, unit, every=math.inf, final_line=False)
+    if progress is None and not on_terminal():
         return LogLines(total, desc, unit)
-    return tqdm(total=total, desc=desc, unit=unit, disable=silent, file=sys.stderr, dynamic_ncols=True)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the PyTorch-free runtime install has no tqdm: plain lines there
+        return LogLines(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)

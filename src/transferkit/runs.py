@@ -313,7 +313,8 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
     """The finished runs in `root` (or `root` itself when it is one), newest first; other folders are left out."""
     root = Path(root)
     if not root.is_dir():
-        raise RunError(f"{root} is not a folder; give the folder that holds the runs (runs/ by default).")
+        raise RunError(f"no runs in {root}: it is not a folder; give the folder that holds the runs (runs/ by "
+                       "default).")
     folders = [root] if (root / "config.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
     found = []
     for folder in folders:

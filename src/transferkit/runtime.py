@@ -19,6 +19,7 @@ from PIL import Image
 
 from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
 from transferkit.errors import DataError, RunError
+from transferkit.progress import progress_bar
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 """A path, an http(s) URL, an encoded image's bytes, a PIL image or a numpy array of uint8 pixels."""
@@ -68,9 +69,12 @@ def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[s
 
 def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput],
                       to_probabilities: Callable[[np.ndarray], np.ndarray], labels: Sequence[str], top_k: int,
-                      batch_size: int = 32, workers: int | None = None) -> list[Prediction]:
-    """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise."""
+                      batch_size: int = 32, workers: int | None = None,
+                      progress: bool | None = False) -> list[Prediction]:
+    """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise.
+    `progress` as for `progress_bar` (off by default: a server predicts a few images at a time)."""
     results: list[Prediction | None] = [None] * len(inputs)
+    bar = progress_bar(len(inputs), "Predicting", "img", progress)
     for batch in iter_prepared(inputs, make_preparer(preprocessing), batch_size, workers or default_workers()):
         good = [(i, p) for i, p in batch if p.pixels is not None]
         for i, p in batch:
@@ -80,6 +84,8 @@ def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput]
             probabilities = to_probabilities(np.stack([p.pixels for _, p in good]))
             for (i, _), row in zip(good, probabilities):
                 results[i] = ranked_prediction(_source_name(inputs[i], i), row, labels, top_k)
+        bar.update(len(batch))
+    bar.close()
     return results
 
 
@@ -152,9 +158,9 @@ class ExportedClassifier:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
-                workers: int | None = None) -> list[Prediction]:
+                workers: int | None = None, progress: bool | None = False) -> list[Prediction]:
         return top_k_predictions(self.preprocessing, image_inputs(inputs), self.probabilities, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers)
+                                 min(top_k, len(self.classes)), batch_size, workers, progress)
 
     def describe(self) -> dict:
         return {"labels": self.classes, "backbone": self.manifest.get("backbone"),

@@ -1,0 +1,94 @@
+"""Issue 17 (a newcomer's first hour): ONNX export of any run, progress in log files, the demo, small wording."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import transferkit
+from conftest import make_image_folder
+from transferkit.cli import app
+from transferkit.export import export_run
+from transferkit.runtime import ExportedClassifier
+
+runner = CliRunner()
+QUICK = dict(image_size=64, workers=2, engine="torch", report=False, doctor=False, progress=False)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "transferkit", *args]
+
+
+def _logged(command: list[str], log: Path) -> tuple[int, str]:
+    """Run `command` with stderr to a file, as `2> log` does; its return code and the log."""
+    with log.open("w") as stderr:
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    return done.returncode, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def one_val_run(tmp_path_factory) -> Path:
+    """A probe run whose validation split is a single image (and no test split)."""
+    root = tmp_path_factory.mktemp("one-val")
+    make_image_folder(root / "data" / "train", per_class=6, seed=1)
+    make_image_folder(root / "data" / "val", per_class=1, seed=2, classes={"circles": ("ellipse", (220, 40, 40))})
+    return transferkit.train(root / "data", out=root / "run", cache_dir=str(root / "cache"), **QUICK).run_dir
+
+
+# ---------------------------------------------------------------------------------------------- item 3: export
+
+
+def test_onnx_export_of_a_run_with_one_validation_image(one_val_run, tmp_path):
+    result = export_run(one_val_run, out=tmp_path / "onnx")
+    assert result.parity["images"] == 1 and result.parity["synthetic"] is False  # the run's own image
+    exported = ExportedClassifier(tmp_path / "onnx")
+    for batch in (1, 3):
+        probabilities = exported.probabilities(np.zeros((batch, 64, 64, 3), np.uint8))
+        assert probabilities.shape == (batch, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torchscript = export_run(one_val_run, "torchscript", out=tmp_path / "ts")
+    assert torchscript.parity["images"] == 1
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_export_says_when_parity_fell_back_to_synthetic_images(one_val_run, tmp_path):
+    moved = tmp_path / "run"
+    shutil.copytree(one_val_run, moved)
+    (moved / "predictions.csv").unlink()  # no validation/test images known to the run
+    result = runner.invoke(app, ["export", str(moved), "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert "synthetic" in result.stdout
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["parity"]["synthetic"] is True
+
+
+# ---------------------------------------------------------------------------------------------- item 7: progress
+
+
+def test_predict_and_export_write_plain_progress_lines_to_a_log(one_val_run, tmp_path):
+    images = make_image_folder(tmp_path / "new", per_class=4, seed=5)
+    code, text = _logged(_cli("predict", str(one_val_run), str(images)), tmp_path / "predict.log")
+    assert code == 0 and "\r" not in text
+    assert "Predicting: 12/12 img" in text, text
+    code, text = _logged(_cli("export", str(one_val_run), "--quantize", "int8", "--out", str(tmp_path / "q")),
+                         tmp_path / "export.log")
+    assert code == 0 and "\r" not in text
+    assert "calibrating on 18 training images" in text, text
+    assert "few calibration images" in text  # 18 images do not cover what a model sees
+
+
+def test_head_mode_logs_epoch_lines_without_carriage_returns(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    code, text = _logged(_cli("train", str(data), "--mode", "head", "--epochs", "2", "--image-size", "64",
+                              "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-report",
+                              "--no-doctor"), tmp_path / "train.log")
+    assert code == 0 and "\r" not in text
+    assert "head epoch 1/2: train loss" in text and "Checking images: 18/18 img" in text, text
