@@ -50,7 +50,7 @@ def test_bad_durations_are_one_line_errors(text):
     (["--time-limit", "-3m"], "--time-limit"),
     (["--time-limit", "abc"], "90s, 20m, 1h30m"),
     (["--time-limit", "1m", "--epochs", "3"], "not both"),
-    (["--time-limit", "1m", "--mode", "finetune"], "--mode auto"),
+    (["--time-limit", "1m", "--mode", "finetune"], "mode auto"),
 ])
 def test_cli_time_limit_errors(image_folder, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", str(image_folder), "--out", str(tmp_path / "run"), *args])

@@ -122,4 +122,4 @@ def test_engines_from_the_command_line(trained, layout, tmp_path):
     rows = json.loads(onnx.stdout)
     assert sum(r["predictions"][0]["label"] == r["input"].split("/")[-2] for r in rows) >= 14
     bad = runner.invoke(app, ["train", str(layout), "--engine", "tensorrt", "--cache-dir", str(tmp_path)])
-    assert bad.exit_code == 2 and "engine must be one of auto, torch, onnxruntime" in bad.output
+    assert bad.exit_code == 2 and "'tensorrt' is not one of 'auto', 'torch', 'onnxruntime'" in bad.output

@@ -9,11 +9,9 @@ import http.server
 import inspect
 import json
 import threading
-from pathlib import Path
 
 import pytest
 import typer
-from PIL import Image
 from typer.testing import CliRunner
 
 import transferkit

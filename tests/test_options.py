@@ -222,7 +222,7 @@ def test_train_hands_every_head_option_to_the_head(noise, monkeypatch):
     train_module = importlib.import_module("transferkit.train")
     seen = []
     real_fit_head = train_module.fit_head
-    monkeypatch.setattr(train_module, "fit_head", lambda spec, *a: seen.append((spec, a[-2])) or real_fit_head(
+    monkeypatch.setattr(train_module, "fit_head", lambda spec, *a: seen.append((spec, a[4])) or real_fit_head(
         spec, *a))
     chosen = dict(epochs=3, batch_size=7, lr=0.02, weight_decay=0.003, label_smoothing=0.15, patience=4,
                   balance="sampler", seed=9, optimizer="sgd", momentum=0.8, nesterov=True, schedule="step",
