@@ -275,10 +275,10 @@ def test_cli_image_training_errors(split_folder, tmp_path):
 
     runner = CliRunner()
     for args, message in [(["--mode", "finetune", "--unfreeze", "top-blocks:99"], "top-blocks:N needs N"),
-                          (["--mode", "warp"], "mode must be one of"),
-                          (["--augment", "heavy"], "augment must be one of"),
+                          (["--mode", "warp"], "'warp' is not one of"),
+                          (["--augment", "heavy"], "'heavy' is not one of"),
                           (["--unfreeze", "top-blocks:1", "--unfreeze-from", "blocks.5"], "not both"),
-                          (["--mode", "scratch", "--precision", "fp16", "--device", "cpu"], "fp16 training needs")]:
+                          (["--mode", "scratch", "--precision", "fp16", "--device", "cpu"], "fp16 runs on CUDA GPUs only")]:
         result = runner.invoke(app, ["train", str(split_folder), "--out", str(tmp_path / "x"), *args, "--epochs", "1",
                                      "--image-size", "96"])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

@@ -92,3 +92,45 @@ def test_head_mode_logs_epoch_lines_without_carriage_returns(tmp_path):
                               "--no-doctor"), tmp_path / "train.log")
     assert code == 0 and "\r" not in text
     assert "head epoch 1/2: train loss" in text and "Checking images: 18/18 img" in text, text
+
+
+# ---------------------------------------------------------------------------------------------- item 17: the demo
+
+
+def test_demo_shows_a_mix_of_classes_and_a_mistake(tmp_path, monkeypatch):
+    import transferkit.demo
+
+    data = make_image_folder(tmp_path / "data", per_class=20)
+    result = transferkit.train(data, out=tmp_path / "run", cache_dir=str(tmp_path / "cache"), **QUICK)
+    predictions = result.run_dir / "predictions.csv"
+    rows = predictions.read_text().splitlines()
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))
+    wrong = next(name for name in result.classes if name != first["label"])  # plant a mistake among the tests
+    rows[1] = ",".join(wrong if column == "predicted" else first[column] for column in header)
+    predictions.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(transferkit.demo, "run_demo", lambda *args, **kwargs: result)
+    shown = runner.invoke(app, ["demo"])
+    assert shown.exit_code == 0, shown.output
+    table = shown.stdout[shown.stdout.index("a few test predictions"):]
+    lines = [line for line in table.splitlines() if str(data) in line.replace("│", " ").split()[0:1][0:1][0:]
+             or "digit" in line or ".jpg" in line]
+    labels = {line.split("│")[2].strip() for line in lines}
+    assert labels == set(result.classes), table  # one per class, not five of the first
+    assert any(line.split("│")[2].strip() != line.split("│")[3].strip() for line in lines), table
+
+
+def test_doctor_finds_little_in_clean_small_digits(tmp_path):
+    from transferkit.demo import write_digits
+    from transferkit.doctor import diagnose
+
+    digits = write_digits(tmp_path / "all")
+    subset = tmp_path / "digits"
+    for folder in sorted(digits.iterdir()):
+        (subset / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:40]:
+            shutil.copy(image, subset / folder.name / image.name)
+    report = diagnose(subset, image_size=96, cache_dir=tmp_path / "cache", progress=False, engine="torch")
+    totals = report.totals()
+    assert totals.get("label_error", 0) <= 8, report.summary()  # 2 % of 400; 42 before the doctor was fixed
+    assert totals.get("near_duplicate", 0) + totals.get("leak_near", 0) == 0, report.summary()
