@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -103,21 +104,21 @@ def test_demo_shows_a_mix_of_classes_and_a_mistake(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=20)
     result = transferkit.train(data, out=tmp_path / "run", cache_dir=str(tmp_path / "cache"), **QUICK)
     predictions = result.run_dir / "predictions.csv"
-    rows = predictions.read_text().splitlines()
-    header = rows[0].split(",")
-    first = dict(zip(header, rows[1].split(",")))
-    wrong = next(name for name in result.classes if name != first["label"])  # plant a mistake among the tests
-    rows[1] = ",".join(wrong if column == "predicted" else first[column] for column in header)
-    predictions.write_text("\n".join(rows) + "\n")
+    with predictions.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    planted = next(row for row in rows if row["split"] == "test")  # a mistake among the test predictions
+    planted["predicted"] = next(name for name in result.classes if name != planted["label"])
+    with predictions.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     monkeypatch.setattr(transferkit.demo, "run_demo", lambda *args, **kwargs: result)
     shown = runner.invoke(app, ["demo"])
     assert shown.exit_code == 0, shown.output
     table = shown.stdout[shown.stdout.index("a few test predictions"):]
-    lines = [line for line in table.splitlines() if str(data) in line.replace("│", " ").split()[0:1][0:1][0:]
-             or "digit" in line or ".jpg" in line]
-    labels = {line.split("│")[2].strip() for line in lines}
-    assert labels == set(result.classes), table  # one per class, not five of the first
-    assert any(line.split("│")[2].strip() != line.split("│")[3].strip() for line in lines), table
+    cells = [[cell.strip() for cell in line.split("│")[1:4]] for line in table.splitlines() if ".jpg" in line]
+    assert {label for _, label, _ in cells} == set(result.classes), table  # one per class, not five of the first
+    assert [planted["path"], planted["label"], planted["predicted"]] in cells, table
 
 
 def test_doctor_finds_little_in_clean_small_digits(tmp_path):
