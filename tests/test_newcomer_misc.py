@@ -135,3 +135,55 @@ def test_doctor_finds_little_in_clean_small_digits(tmp_path):
     totals = report.totals()
     assert totals.get("label_error", 0) <= 8, report.summary()  # 2 % of 400; 42 before the doctor was fixed
     assert totals.get("near_duplicate", 0) + totals.get("leak_near", 0) == 0, report.summary()
+
+
+# ---------------------------------------------------------------------------------------------- item 22: wording
+
+
+def test_plural_helper():
+    from transferkit.text import plural
+
+    assert [plural(1, "image"), plural(2, "image"), plural(1, "class"), plural(3, "class")] == \
+        ["1 image", "2 images", "1 class", "3 classes"]
+
+
+def test_train_output_says_1_image_and_omits_empty_feature_counts(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    done = runner.invoke(app, ["train", str(data), "--mode", "head", "--epochs", "1", "--image-size", "64",
+                               "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-report",
+                               "--no-doctor", "--workers", "2"])
+    assert done.exit_code == 0, done.output
+    assert "features:" not in done.stdout  # head mode computes no cached features
+    assert "(1 image)" in done.stdout and "1 images" not in done.stdout, done.stdout  # this split's test: 1 image
+
+
+def test_summary_of_a_missing_folder_says_neither_run_nor_backbone():
+    done = runner.invoke(app, ["summary", "runs/nope"])
+    assert done.exit_code == 2
+    assert "neither a run folder" in done.output and "nor a backbone" in done.output
+
+
+def test_download_suggests_a_close_name_and_says_nothing_of_zero_kept_bytes(tmp_path):
+    from transferkit.download import download_url
+    from transferkit.errors import DownloadError
+
+    done = runner.invoke(app, ["download", "flower", "--to", str(tmp_path)])
+    assert done.exit_code == 2 and "Did you mean flowers?" in done.output, done.output
+    with pytest.raises(DownloadError) as offline:
+        download_url("http://127.0.0.1:9/data.zip", tmp_path / "data", retries=0)
+    assert "cannot reach" in str(offline.value) and "bytes are kept" not in str(offline.value)
+
+
+def test_report_split_without_data_is_honoured_or_refused(one_val_run, tmp_path):
+    page = transferkit.report(one_val_run, out=tmp_path / "val.html", split="val")
+    assert page.is_file()
+    refused = runner.invoke(app, ["report", str(one_val_run), "--split", "test", "--out", str(tmp_path / "t.html")])
+    assert refused.exit_code == 2 and "without data" in refused.output and "test split" in refused.output
+
+
+def test_models_table_has_top1_figures_and_backbone_parameters():
+    from transferkit.summary import describe_backbone
+
+    lite0, resnet = describe_backbone("efficientnet_lite0"), describe_backbone("resnet50")
+    assert lite0.parameters == 4_652_008 and lite0.backbone_parameters == 3_371_008  # what `summary RUN` counts
+    assert resnet.imagenet_top1 == 81.2 and "results-imagenet.csv" in resnet.top1_source

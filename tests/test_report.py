@@ -185,7 +185,8 @@ def test_models_table_is_measured_on_the_models():
     assert rows[0].layers == sum(1 for m in lite0.modules() if next(m.parameters(recurse=False), None) is not None)
     assert rows[0].input_size == 224 and rows[0].test_input_size == 288 and rows[0].imagenet_top1 == 75.1
     resnet = next(row for row in rows if row.name == "resnet18")
-    assert resnet.parameters == 11_689_512 and resnet.feature_size == 512 and resnet.imagenet_top1 is None
+    assert resnet.parameters == 11_689_512 and resnet.feature_size == 512 and resnet.imagenet_top1 == 73.2
+    assert resnet.backbone_parameters == 11_689_512 - (512 * 1000 + 1000)  # less the ImageNet classifier
     done = subprocess.run([sys.executable, "-m", "transferkit", "models", "convnext_t*", "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

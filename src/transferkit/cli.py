@@ -203,12 +203,15 @@ def _print_train_result(result, as_json: bool) -> None:
         return
     summary = result.summary()
     images = ", ".join(f"{n} {split}" for split, n in summary["images"].items())
-    out.print(f"Trained on {len(result.classes)} classes ({images} images) in {summary['seconds']:.1f} s; "
-              f"features: {summary['features_computed']} computed, {summary['features_from_cache']} from cache.")
+    computed, cached = summary["features_computed"], summary["features_from_cache"]
+    features = f"; features: {computed} computed, {cached} from cache" if computed or cached else ""
+    out.print(f"Trained on {plural(len(result.classes), 'class')} ({images} images) in {summary['seconds']:.1f} s"
+              f"{features}.")
     for split in ("val", "test"):
         if split in result.metrics:
             m = result.metrics[split]
-            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} ({m['n']} images)")
+            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} "
+                      f"({plural(m['n'], 'image')})")
     out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to "
               f"[bold]{escape(str(result.run_dir))}[/]")
     if result.choice:
@@ -427,7 +430,7 @@ def evaluate(
         return
     m = report.metrics
     out.print(f"Scored {escape(report.scored)}.")
-    out.print(f"{report.split}: accuracy {_accuracy_text(m)}, macro F1 {m['macro_f1']:.3f} ({m['n']} images)")
+    out.print(f"{report.split}: accuracy {_accuracy_text(m)}, macro F1 {m['macro_f1']:.3f} ({plural(m['n'], 'image')})")
     table = Table("class", "precision", "recall", "F1", "support")
     for name, c in m["per_class"].items():
         table.add_row(escape(name), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
@@ -439,7 +442,7 @@ def evaluate(
         out.print(confusion)
     for group, g in m.get("groups", {}).items():
         accuracy = "n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
-        out.print(f"group {escape(group)}: accuracy {accuracy} ({g['n']} images)")
+        out.print(f"group {escape(group)}: accuracy {accuracy} ({plural(g['n'], 'image')})")
 
 
 def _print_predictions(predictions, fmt: str) -> None:
@@ -590,7 +593,8 @@ def report(
                                                                  "go in a NAME_files/ folder beside it."),
     split: Split = typer.Option("auto", case_sensitive=False,
                                 help="With --data: auto (other data: all of it; the run's own data: test, else "
-                                     "val, else all), train, val, test, all."),
+                                     "val, else all), train, val, test, all. Without: auto (test, else val), val "
+                                     "or test, as training measured them."),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
     no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
@@ -621,15 +625,17 @@ def models(
     if as_json:
         out.print_json(json.dumps([row.to_dict() for row in rows]))
         return
-    table = Table("name", "weights", "parameters", "layers", "features", "input (train/test)", "weights MB",
-                  "ImageNet top-1")
+    table = Table("name", "weights", "parameters", "as backbone", "layers", "features", "input (train/test)",
+                  "weights MB", "ImageNet top-1")
     for row in rows:
         table.add_row(row.name, "[green]embedded[/]" if row.embedded else "download", f"{row.parameters:,}",
-                      str(row.layers), str(row.feature_size), f"{row.input_size}/{row.test_input_size}",
-                      f"{row.weights_mb:.1f}", f"{row.imagenet_top1:.1f}%" if row.imagenet_top1 else "-")
+                      f"{row.backbone_parameters:,}", str(row.layers), str(row.feature_size),
+                      f"{row.input_size}/{row.test_input_size}", f"{row.weights_mb:.1f}",
+                      f"{row.imagenet_top1:.1f}%" if row.imagenet_top1 else "-")
     out.print(table)
-    out.print(f"layers: modules with weights. weights MB: the file on disk (embedded) or 4 bytes a parameter. "
-              f"ImageNet top-1: {TOP1_SOURCE}.")
+    out.print(f"parameters: the ImageNet model; as backbone: without its ImageNet classifier, as training and "
+              f"`transferkit summary RUN` count them. layers: modules with weights. weights MB: the file on disk "
+              f"(embedded) or 4 bytes a parameter. ImageNet top-1: {TOP1_SOURCE}.", highlight=False)
 
 
 @app.command(epilog="Example: transferkit summary runs/cats")

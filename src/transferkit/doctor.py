@@ -20,6 +20,7 @@ from PIL import Image
 
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
                              load_dataset, read_file, read_file_and_stat)
+from transferkit.text import plural
 
 TINY_SIDE = 32
 EXTREME_ASPECT = 4.0
@@ -76,10 +77,11 @@ class DoctorReport:
         totals = self.totals()
         images = sum(sum(c.values()) for c in self.counts.values())
         if not totals:
-            return f"doctor: {images} images in {len(self.classes)} classes, no problems found."
+            return f"doctor: {plural(images, 'image')} in {plural(len(self.classes), 'class')}, no problems found."
         parts = [f"{n} {PHRASES.get(kind, kind)}" for kind, n in
                  sorted(totals.items(), key=lambda item: (-SEVERITY.get(item[0], 0), item[0]))]
-        return f"doctor: {images} images in {len(self.classes)} classes; found " + ", ".join(parts) + "."
+        return (f"doctor: {plural(images, 'image')} in {plural(len(self.classes), 'class')}; found "
+                + ", ".join(parts) + ".")
 
     def to_dict(self) -> dict:
         return {"data": self.data, "classes": self.classes, "counts": self.counts, "totals": self.totals(),
@@ -209,9 +211,8 @@ def _directions(features: np.ndarray) -> np.ndarray:
 
 def _label_findings(paths: list[str], features: np.ndarray, targets: np.ndarray, classes: list[str],
                     seed: int) -> list[Finding]:
-    unit = _directions(features)
     found = []
-    probabilities = _oof_probabilities(unit * OOF_FEATURE_LENGTH, targets, len(classes), seed)
+    probabilities = _oof_probabilities(_directions(features) * OOF_FEATURE_LENGTH, targets, len(classes), seed)
     if probabilities.any():
         given = probabilities[np.arange(len(targets)), targets]
         # Confident learning's per-class threshold: the mean probability a class gets on images labelled with it.
@@ -223,6 +224,9 @@ def _label_findings(paths: list[str], features: np.ndarray, targets: np.ndarray,
             found.append(Finding("label_error", paths[i], f"labelled {classes[targets[i]]} ({given[i]:.2f}), looks "
                                  f"like {classes[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})",
                                  float(1 - given[i])))
+    # Not centred here: with two classes centring leaves each image mostly its class's direction, and a placeholder
+    # image (hymenoptera's imageNotFound.gif) would no longer stand out.
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     centres = np.stack([unit[targets == c].mean(0) if (targets == c).any() else np.zeros(unit.shape[1])
                         for c in range(len(classes))])
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)

@@ -7,6 +7,7 @@ anything is written; the dataset folder appears only once it is complete.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import http.client
 import json
@@ -195,8 +196,9 @@ def fetch(remote: Remote, folder: Path, retries: int = 3, progress: bool | None 
         except _Interrupted as err:
             if attempt == retries:
                 kept = part.stat().st_size if part.exists() else 0
-                raise DownloadError(f"downloading {remote.url} failed: {err}. {kept:,} bytes are kept in {part}; "
-                                    "run the same command again to resume.") from err
+                resume = (f"{kept:,} bytes are kept in {part}; run the same command again to resume." if kept
+                          else "Check the connection, then run the same command again.")
+                raise DownloadError(f"downloading {remote.url} failed: {err}. {resume}") from err
             time.sleep(min(2 ** attempt, 10))
     size = part.stat().st_size
     if remote.size is not None and size != remote.size:
@@ -257,8 +259,10 @@ def download(name: str, to: str | Path = "data", *, force: bool = False, keep_ar
     """Fetch one of `DATASETS` into `to/NAME` and return where to train. Example:
     ``transferkit.train(transferkit.download("flowers").data)``."""
     if name not in DATASETS:
-        raise DownloadError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
-                            "(`transferkit download --list`), or give --url.")
+        close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise DownloadError(f"unknown dataset {name!r}.{hint} Choose one of {', '.join(DATASETS)} "
+                            "(`transferkit download --list`), or give a URL.")
     return download_spec(DATASETS[name], to, force=force, keep_archives=keep_archives, retries=retries,
                          progress=progress)
 

@@ -241,7 +241,7 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     log.info("int8: calibrating on %d training images", len(calibration))
     if len(calibration) < FEW_CALIBRATION_IMAGES:
         log.warning("few calibration images (%d, fewer than %d): the int8 value ranges may not fit new images; "
-                    "check the accuracy change measured below", len(calibration), FEW_CALIBRATION_IMAGES)
+                    "check the accuracy change it reports", len(calibration), FEW_CALIBRATION_IMAGES)
     _quantize_int8(fp32, int8, calibration, progress)
     val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000), preprocessing,
                                       "Measuring int8 accuracy", progress)

@@ -56,10 +56,15 @@ def _read_skipped(run: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t", 1)) for line in path.read_text(encoding="utf-8").splitlines() if "\t" in line]
 
 
-def _run_evaluation(run: Path, classes: list[str], groups: dict | None) -> _Evaluation:
-    """The run's own test split (validation when it has none), as `train` measured it."""
+def _run_evaluation(run: Path, classes: list[str], groups: dict | None, split: str = "auto") -> _Evaluation:
+    """The run's own `split` (auto: test, else validation), as `train` measured it."""
     all_metrics = read_metrics(run)
-    split = next((name for name in ("test", "val") if name in all_metrics), None)
+    if split == "auto":
+        split = next((name for name in ("test", "val") if name in all_metrics), None)
+    elif split not in all_metrics:
+        measured = " and ".join(name for name in ("val", "test") if name in all_metrics) or "none"
+        raise DataError(f"without data, a report shows what training measured (this run: {measured}), not the "
+                        f"{split} split; give the data to evaluate the run on its {split} split.")
     predictions = read_predictions(run / PREDICTIONS_FILE, classes).get(split)
     metrics = all_metrics.get(split)
     if metrics is not None and groups and predictions is not None:
@@ -149,7 +154,8 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
            cache_dir: str | Path | None = None, progress: bool | None = None, **engine_options) -> Path:
     """Write RUN's report: `out` (default RUN/report.html), one self-contained page, plus its PNGs in a folder
     beside it (`report_files/`). Without `data` it shows the run's own test (else validation) split as training
-    measured it; with `data` it evaluates the run on DATA's `split` first. Returns the page's path."""
+    measured it (`split` "val" or "test" picks one of them); with `data` it evaluates the run on DATA's `split`
+    first. Returns the page's path."""
     from transferkit import plots
     from transferkit.backbone import Preprocessing
 
@@ -172,7 +178,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
         counts = load_dataset(data, val_percent=config["data"].get("val_percent", 10.0),
                               test_percent=config["data"].get("test_percent", 10.0)).counts()
     else:
-        chosen = _run_evaluation(run, classes, group_map)
+        chosen = _run_evaluation(run, classes, group_map, split)
         counts = config["data"].get("class_counts", {})
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     pictures = _Pictures(assets)

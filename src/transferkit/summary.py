@@ -17,11 +17,22 @@ from transferkit.runs import staging_dir, write_atomically
 # Backbones listed besides the embedded ones: small, widely used ImageNet models that suit transfer learning.
 POPULAR_BACKBONES = ("mobilenetv3_large_100", "efficientnet_b0", "resnet18", "resnet50", "convnext_tiny",
                      "vit_small_patch16_224", "regnety_016")
-# ImageNet-1k top-1 (%) of the TensorFlow EfficientNet-Lite checkpoints these weights were converted from, as
-# published in tensorflow/tpu models/official/efficientnet/lite/README.md. No other figure is typed in: a model
-# without a published figure we can vouch for shows none.
-KNOWN_TOP1 = {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6}
-TOP1_SOURCE = "tensorflow/tpu EfficientNet-Lite README (the checkpoints the embedded weights were converted from)"
+# ImageNet-1k top-1 (%), each with where it was published. The embedded backbones: the TensorFlow EfficientNet-Lite
+# checkpoints their weights were converted from (tensorflow/tpu models/official/efficientnet/lite/README.md). The
+# popular ones: timm's own evaluation of the default pretrained weights (the tag in brackets) that timm 1.0 loads
+# for the name, at the listed resolution (huggingface/pytorch-image-models results/results-imagenet.csv).
+TPU_LITE = "tensorflow/tpu EfficientNet-Lite README (the checkpoints the embedded weights were converted from)"
+TIMM_RESULTS = "timm results-imagenet.csv"
+KNOWN_TOP1 = {"efficientnet_lite0": (75.1, TPU_LITE), "efficientnet_lite1": (76.7, TPU_LITE),
+              "efficientnet_lite2": (77.6, TPU_LITE),
+              "mobilenetv3_large_100": (75.8, f"{TIMM_RESULTS} (ra_in1k, 224 px)"),
+              "efficientnet_b0": (77.7, f"{TIMM_RESULTS} (ra_in1k, 224 px)"),
+              "resnet18": (73.2, f"{TIMM_RESULTS} (a1_in1k, 288 px)"),
+              "resnet50": (81.2, f"{TIMM_RESULTS} (a1_in1k, 288 px)"),
+              "convnext_tiny": (84.5, f"{TIMM_RESULTS} (in12k_ft_in1k, 288 px)"),
+              "vit_small_patch16_224": (81.4, f"{TIMM_RESULTS} (augreg_in21k_ft_in1k, 224 px)"),
+              "regnety_016": (80.7, f"{TIMM_RESULTS} (tv2_in1k, 224 px)")}
+TOP1_SOURCE = f"embedded backbones: {TPU_LITE}; others: {TIMM_RESULTS} (timm's default weights)"
 
 
 def has_own_weights(module: nn.Module) -> bool:
@@ -192,7 +203,13 @@ def summarize(target: str | Path) -> ModelSummary:
         return summarize_run(path)
     if path.exists():
         raise BackboneError(f"{target} is a file; pass a run folder or a backbone name such as efficientnet_lite0.")
-    return summarize_backbone(str(target))
+    try:
+        return summarize_backbone(str(target))
+    except BackboneError as err:
+        if not str(err).startswith("unknown backbone"):
+            raise
+        raise BackboneError(f"{target} is neither a run folder (there is no such folder) nor a backbone name: "
+                            f"{err}") from None
 
 
 @dataclass
@@ -203,6 +220,7 @@ class BackboneInfo:
     architecture: str
     embedded: bool
     parameters: int
+    backbone_parameters: int
     layers: int
     feature_size: int
     input_size: int
@@ -225,6 +243,8 @@ def describe_backbone(name: str) -> BackboneInfo:
     with torch.device("meta"):
         model = timm.create_model(architecture, pretrained=False)
     parameters = sum(p.numel() for p in model.parameters())
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    imagenet_head = sum(p.numel() for p in classifier.parameters()) if isinstance(classifier, nn.Module) else 0
     cfg = model.pretrained_cfg
     if embedded:
         weights_mb = _embedded_file(embedded).stat().st_size / 1e6
@@ -233,10 +253,10 @@ def describe_backbone(name: str) -> BackboneInfo:
         weights_mb = parameters * 4 / 1e6
         train_size = cfg.get("input_size", (3, 224, 224))[-1]
         test_size = (cfg.get("test_input_size") or cfg.get("input_size", (3, 224, 224)))[-1]
-    top1 = KNOWN_TOP1.get(name)
-    return BackboneInfo(name, architecture, embedded is not None, parameters, count_layers(model),
-                        feature_size(model), train_size, test_size, round(weights_mb, 1), top1,
-                        TOP1_SOURCE if top1 is not None else None)
+    top1, source = KNOWN_TOP1.get(name, (None, None))
+    return BackboneInfo(name, architecture, embedded is not None, parameters, parameters - imagenet_head,
+                        count_layers(model), feature_size(model), train_size, test_size, round(weights_mb, 1), top1,
+                        source)
 
 
 def list_backbones(pattern: str | None = None, limit: int = 100) -> list[BackboneInfo]:
