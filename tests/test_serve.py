@@ -125,7 +125,7 @@ def test_export_refuses_bad_options(trained, tmp_path):
         export_run(run, "torchscript", quantize="int8", out=tmp_path / "bad")
     done = subprocess.run([sys.executable, "-m", "transferkit", "export", str(run), "--format", "tflite"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "onnx, torchscript" in done.stderr
+    assert done.returncode == 2 and "'tflite' is not one of 'onnx', 'torchscript'" in done.stderr
 
 
 def _start_server(command: list[str]) -> tuple[subprocess.Popen, str]:

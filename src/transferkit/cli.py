@@ -34,7 +34,8 @@ class _Commands(TyperGroup):
             if type(error).__name__ != "NoArgsIsHelpError":
                 context = getattr(error, "ctx", None)
                 hint = f" (see `{context.command_path} -h`)" if context is not None else ""
-                err.print(f"[bold red]error:[/] {escape(error.format_message())}{escape(hint)}", highlight=False)
+                message = error.format_message().replace("Value error, ", "")  # pydantic's prefix, via typer
+                err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False)
             sys.exit(error.exit_code)
         except typer.Abort:
             err.print("aborted.")
