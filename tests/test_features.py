@@ -89,13 +89,13 @@ def test_auto_engine_exports_once_and_reuses_the_export(backbone, tmp_path, monk
     real_export = onnx_engine.export_pixel_model
     monkeypatch.setattr(onnx_engine, "export_pixel_model", lambda *a: calls.append(1) or real_export(*a))
     pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
-    first = Extractor(backbone, "cpu", export_dir=tmp_path)
+    first = Extractor(backbone, "cpu", cache_dir=tmp_path)
     assert (first.engine, first.precision) == ("onnxruntime", "fp32")
     features = first.features(pixels)
-    np.testing.assert_allclose(Extractor(backbone, "cpu", export_dir=tmp_path).features(pixels), features,
+    np.testing.assert_allclose(Extractor(backbone, "cpu", cache_dir=tmp_path).features(pixels), features,
                                rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
-    assert json.loads(next(tmp_path.glob("*/export.json")).read_text())["cosine"] >= onnx_engine.MIN_EXPORT_COSINE
+    assert json.loads(next(tmp_path.glob("onnx/*/export.json")).read_text())["cosine"] >= onnx_engine.MIN_EXPORT_COSINE
 
 
 def test_a_failed_export_falls_back_to_torch_and_is_remembered(backbone, tmp_path, monkeypatch):
@@ -104,14 +104,14 @@ def test_a_failed_export_falls_back_to_torch_and_is_remembered(backbone, tmp_pat
 
     monkeypatch.setattr(onnx_engine, "export_pixel_model", broken)
     pixels = backbone.preprocessing.pixels(draw_sample("ellipse", (1, 2, 3), np.random.default_rng(0)))[None]
-    extractor = Extractor(backbone, "cpu", export_dir=tmp_path)
+    extractor = Extractor(backbone, "cpu", cache_dir=tmp_path)
     with pytest.warns(UserWarning, match="unsupported operator; using the torch engine"):
         features = extractor.features(pixels)
     assert (extractor.engine, extractor.precision) == ("torch", "fp32")  # same numerics, same cache space
     assert cosine_rows(features, Extractor(backbone, "cpu", "fp32", "torch").features(pixels)).min() > 0.99999
-    assert Extractor(backbone, "cpu", export_dir=tmp_path).engine == "torch"  # not tried again
+    assert Extractor(backbone, "cpu", cache_dir=tmp_path).engine == "torch"  # not tried again
     with pytest.raises(BackboneError, match="unsupported operator. Use --engine torch"):
-        Extractor(backbone, "cpu", engine="onnxruntime", export_dir=tmp_path).features(pixels)
+        Extractor(backbone, "cpu", engine="onnxruntime", cache_dir=tmp_path).features(pixels)
 
 
 def test_engine_choices_and_their_errors(backbone, monkeypatch):

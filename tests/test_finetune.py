@@ -278,7 +278,8 @@ def test_cli_image_training_errors(split_folder, tmp_path):
                           (["--mode", "warp"], "'warp' is not one of"),
                           (["--augment", "heavy"], "'heavy' is not one of"),
                           (["--unfreeze", "top-blocks:1", "--unfreeze-from", "blocks.5"], "not both"),
-                          (["--mode", "scratch", "--precision", "fp16", "--device", "cpu"], "fp16 runs on CUDA GPUs only")]:
+                          (["--mode", "scratch", "--precision", "fp16", "--device", "cpu"],
+                           "fp16 runs on CUDA GPUs only")]:
         result = runner.invoke(app, ["train", str(split_folder), "--out", str(tmp_path / "x"), *args, "--epochs", "1",
                                      "--image-size", "96"])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import http.server
 import inspect
 import json
@@ -108,6 +109,16 @@ def test_predict_json_flag_and_report_no_cache(bracketed, monkeypatch):
                         lambda *args, **options: seen.update(options) or run / "report.html")
     assert runner.invoke(app, ["report", str(run), "--no-cache"]).exit_code == 0
     assert seen["use_cache"] is False
+
+
+def test_cache_dir_holds_all_of_transferkits_cache(bracketed, tmp_path):
+    run, _, _ = bracketed
+    cache = run.parent.parent / "cache"  # the fixture's train --cache-dir
+    assert list(cache.glob("*.sqlite")), "the features"
+    if importlib.util.find_spec("onnxruntime"):
+        assert list(cache.glob("onnx/*/export.json")), "the backbone's ONNX file"
+    assert runner.invoke(app, ["summary", str(run), "--cache-dir", str(tmp_path)]).exit_code == 0
+    assert list(tmp_path.glob("summaries/*.json"))
 
 
 def test_download_json(monkeypatch, tmp_path):

@@ -95,6 +95,17 @@ def test_resume_keeps_the_runs_no_report_choice(split_folder, tmp_path, cache_di
     assert (run / "config.json").is_file() and not (run / "report.html").exists()
 
 
+def test_a_run_started_with_a_relative_path_resumes_from_another_folder(split_folder, tmp_path, cache_dir,
+                                                                         monkeypatch):
+    monkeypatch.chdir(split_folder.parent)
+    run = _interrupted_run(split_folder.name, tmp_path, cache_dir, monkeypatch)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = transferkit.resume(run, progress=False)
+    assert resumed.run_dir == run and (run / "config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["data"]["source"] == str(split_folder)
+
+
 def _tensors(run, prefix: str) -> dict:
     return {k: v for k, v in safetensors.torch.load_file(str(run / "model.safetensors")).items()
             if k.startswith(prefix)}

@@ -18,6 +18,7 @@ from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.head import HeadSpec
 from transferkit.runs import damaged_file, read_metrics, read_run_config
 from transferkit.runtime import ImageInput, Prediction, image_inputs, top_k_predictions
+from transferkit.text import plural
 
 SHOWN_CLASSES = 8
 """How many class names a repr lists before "..."."""
@@ -26,12 +27,12 @@ SHOWN_CLASSES = 8
 def class_names(classes: Sequence[str]) -> str:
     """`3 classes: ants, bees, wasps`, the first `SHOWN_CLASSES` of many followed by "..."."""
     more = ", ..." if len(classes) > SHOWN_CLASSES else ""
-    return f"{len(classes)} class{'' if len(classes) == 1 else 'es'}: {', '.join(classes[:SHOWN_CLASSES])}{more}"
+    return f"{plural(len(classes), 'class')}: {', '.join(classes[:SHOWN_CLASSES])}{more}"
 
 
 def accuracies(metrics: dict) -> str:
     """`val accuracy 0.933 (15 images), test accuracy 0.900 (10 images)` from a run's metrics by split."""
-    return ", ".join(f"{split} accuracy {metrics[split]['accuracy']:.3f} ({metrics[split]['n']} images)"
+    return ", ".join(f"{split} accuracy {metrics[split]['accuracy']:.3f} ({plural(metrics[split]['n'], 'image')})"
                      for split in ("val", "test") if split in metrics) or "no validation or test accuracy"
 
 
@@ -63,7 +64,7 @@ class Classifier:
 
     @classmethod
     def load(cls, run: str | Path, **engine_options) -> Classifier:
-        """Options are `Extractor`'s: device, precision, engine, export_dir."""
+        """Options are `Extractor`'s: device, precision, engine, cache_dir."""
         run = Path(run)
         config = read_run_config(run)
         spec = config["backbone"]

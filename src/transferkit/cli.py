@@ -73,6 +73,8 @@ ENGINE_OPTION = typer.Option("auto", case_sensitive=False, rich_help_panel=SPEED
                              help="Backbone engine: auto (fastest numerically safe here), torch, onnxruntime.")
 DEVICE_OPTION = typer.Option("auto", metavar="auto|cpu|cuda[:N]", rich_help_panel=SPEED,
                              help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
+CACHE_HELP = ("transferkit's cache folder: features, the backbones' ONNX files, model summaries \\[default: "
+              "$TRANSFERKIT_CACHE_DIR or ~/.cache/transferkit].")
 Engine = Literal["auto", "torch", "onnxruntime"]
 Split = Literal["auto", "train", "val", "test", "all"]
 
@@ -329,8 +331,7 @@ def train(
     tensorboard: bool = _flag("--tensorboard", "Also log to TensorBoard (in the run folder's tensorboard/).", OUTPUT),
     no_report: bool = _flag("--no-report", "Skip the HTML report (report.html in the run).", OUTPUT),
     as_json: bool = _flag("--json", "Print a machine-readable summary.", OUTPUT),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit].",
-                                             rich_help_panel=SPEED),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP, rich_help_panel=SPEED),
     no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache.", SPEED),
     workers: Optional[int] = typer.Option(None, min=0, help="Image decoding workers \\[default: CPU count].",
                                           rich_help_panel=SPEED),
@@ -412,7 +413,7 @@ def evaluate(
                                 help="auto (other data: all of it; the run's own data: test, else val, else all), "
                                      "train, val, test or all."),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
@@ -485,6 +486,7 @@ def predict(
                                                         help="How to print the predictions."),
     as_json: bool = _flag("--json", "The same as --format json."),
     batch_size: int = typer.Option(32, min=1, help="Images per model call."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
@@ -512,7 +514,7 @@ def predict(
     else:
         from transferkit.classifier import Classifier
 
-        classifier = Classifier.load(inputs[0], engine=engine, device=device)
+        classifier = Classifier.load(inputs[0], engine=engine, device=device, cache_dir=cache_dir)
         predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size,
                                          progress=None if len(paths) > 1 else False)
     predictions = [replace(p, source="-") if path is stdin else p for p, path in zip(predictions, paths)]
@@ -574,6 +576,7 @@ def serve_command(
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Micro-batching: longest wait for more requests."),
     max_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body accepted (413 above)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Decoding and ONNX Runtime threads \\[default: cores]."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP + " Used for a run folder."),
 ) -> None:
     """Serve a classifier over HTTP: POST /v1/predict, /v1/predict/batch; GET /v1/model, /healthz, /docs and a
     page at / where a person drops a photo."""
@@ -581,7 +584,7 @@ def serve_command(
 
     _setup_logging()
     serve(model, host, port, ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
-                                         threads=threads))
+                                         threads=threads, cache_dir=str(cache_dir) if cache_dir else None))
 
 
 @app.command(epilog="Example: transferkit report runs/cats --data new_photos/")
@@ -597,7 +600,7 @@ def report(
                                      "val, else all), train, val, test, all. Without: auto (test, else val), val "
                                      "or test, as training measured them."),
     groups: Optional[Path] = typer.Option(None, help='JSON {"group": ["class", ...]} for accuracy per group.'),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
@@ -644,11 +647,12 @@ def models(
 def summary(
     target: str = typer.Argument(..., help="A run folder or a backbone name."),
     as_json: bool = _flag("--json", "Print the summary as JSON."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
 ) -> None:
     """Parameters (total, trainable, non-trainable), layers and output shapes, like Keras' model.summary()."""
     from transferkit.summary import summarize
 
-    result = summarize(target)
+    result = summarize(target, cache_dir)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
@@ -673,7 +677,7 @@ def doctor(
     report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
     near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, metavar="", help="Feature similarity for near "
                                                                              "duplicates."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder \\[default: ~/.cache/transferkit]."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     as_json: bool = _flag("--json", "Print the findings as JSON."),
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates and train/val leakage, imbalance, likely label errors."""

@@ -137,5 +137,6 @@ class TrainConfig(FitOptions):
             raise DataError(f"head must be one of {', '.join(HEAD_KINDS)}, not {config.head!r}.")
         check_augment(config.augment)
         if not (config.unfreeze == "all" or config.unfreeze.startswith(("top-blocks:", "from:"))):
-            raise DataError(f"{option_name('unfreeze')} must be all, top-blocks:N or from:LAYER, not {config.unfreeze!r}.")
+            raise DataError(f"{option_name('unfreeze')} must be all, top-blocks:N or from:LAYER, "
+                            f"not {config.unfreeze!r}.")
         return config

@@ -288,7 +288,8 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
         report.counts = {name: dict(Counter(s.label for split, s in readable if split == name))
                          for name in dataset.splits}
         if use_features:
-            extractor = Extractor(open_backbone(backbone, weights, image_size), **engine_options)
+            extractor = Extractor(open_backbone(backbone, weights, image_size), cache_dir=cache_dir,
+                                  **engine_options)
             feature_set = extract_features(extractor, [s.path for _, s in samples], cache, progress=progress)
     finally:
         if cache is not None:

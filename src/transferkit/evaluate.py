@@ -14,6 +14,7 @@ import numpy as np
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
 from transferkit.runs import absolute_path, stored_paths, warn_missing_images
+from transferkit.text import plural
 
 
 def read_groups(path: str | Path) -> dict[str, list[str]]:
@@ -159,7 +160,7 @@ class EvaluationReport:
     def __repr__(self) -> str:
         skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
         return (f"EvaluationReport(run={str(self.run)!r}, split={self.split!r}: accuracy {self.accuracy:.3f} on "
-                f"{self.metrics['n']} images{skipped})")
+                f"{plural(self.metrics['n'], 'image')}{skipped})")
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
@@ -173,7 +174,7 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     """
     from transferkit.classifier import Classifier
 
-    classifier = Classifier.load(run, **engine_options)
+    classifier = Classifier.load(run, cache_dir=cache_dir, **engine_options)
     data_config = classifier.config.get("data", {})
     dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
                            test_percent=data_config.get("test_percent", 10.0))
@@ -213,7 +214,7 @@ def _scored(data: str | Path, split: str, count: int, own: bool) -> str:
     """Which images were scored, in words."""
     if split == "all":
         whose = "the run's own data, training images included" if own else "not the run's training data"
-        return f"all {count} images of {data} ({whose})"
+        return f"all {plural(count, 'image')} of {data} ({whose})"
     if own:
-        return f"the run's {split} split of {data} ({count} images)"
-    return f"the {split} split of {data} ({count} images; not the run's training data)"
+        return f"the run's {split} split of {data} ({plural(count, 'image')})"
+    return f"the {split} split of {data} ({plural(count, 'image')}; not the run's training data)"

@@ -43,6 +43,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "transferkit"
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """transferkit's cache folder: features, the backbones' ONNX files and model summaries; `cache_dir` when given,
+    else TRANSFERKIT_CACHE_DIR, else ~/.cache/transferkit."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
     try:
@@ -86,14 +92,14 @@ class Extractor:
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "auto", precision: str = "auto",
-                 engine: str = "auto", export_dir: str | Path | None = None):
+                 engine: str = "auto", cache_dir: str | Path | None = None):
         if engine not in ENGINES:
             raise BackboneError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
         if precision not in PRECISIONS:
             raise BackboneError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
         self.backbone = backbone
         self.device = resolve_device(device)
-        self.export_dir = Path(export_dir).expanduser() if export_dir else default_cache_dir() / "onnx"
+        self.export_dir = cache_root(cache_dir) / "onnx"  # the backbone's ONNX file, exported once
         self.requested_engine = engine
         self.engine, self.precision = self._resolve(engine, precision)
 
@@ -180,7 +186,7 @@ class FeatureCache:
     """Content-addressed feature store shared by all runs: (feature space, image digest) -> float32 row."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.root = cache_root(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.root / "index.sqlite", timeout=120, isolation_level=None,

@@ -229,7 +229,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
                    figures=pictures.figures, top_losses=top_losses, notes=notes, counts=counts,
                    skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped),
                    pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
-                   model=_model_summary(run, config, assets))
+                   model=_model_summary(run, config, assets, cache_dir))
     write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return out
 
@@ -239,10 +239,10 @@ def _prediction_title(predictions: Predictions, i: int, classes: list[str]) -> s
     return title if predictions.correct[i] else f"{title}\n({classes[predictions.targets[i]]})"
 
 
-def _model_summary(run: Path, config: dict, assets: Path) -> dict:
+def _model_summary(run: Path, config: dict, assets: Path, cache_dir: str | Path | None) -> dict:
     from transferkit.summary import summarize_run
 
-    summary = summarize_run(run).to_dict()
+    summary = summarize_run(run, cache_dir).to_dict()
     summary["run_bytes"] = _directory_bytes(run, assets)
     summary["backbone_weights_bytes"] = _backbone_weights_bytes(config)
     return summary

@@ -38,6 +38,7 @@ class ServeConfig:
     max_files: int = 64
     request_timeout_s: float = 60.0
     threads: int | None = None
+    cache_dir: str | None = None  # where a run folder's backbone keeps its ONNX file [default: transferkit's]
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ServedModel:
     info: dict
 
 
-def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
+def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None) -> ServedModel:
     """An export folder (ONNX Runtime, no PyTorch) or a run folder (PyTorch)."""
     path = Path(path)
     if is_export(path):
@@ -61,7 +62,7 @@ def load_model(path: str | Path, threads: int | None = None) -> ServedModel:
     from transferkit.classifier import Classifier
     from transferkit.runs import read_metrics
 
-    classifier = Classifier.load(path)
+    classifier = Classifier.load(path, cache_dir=cache_dir)
     metrics = read_metrics(path)
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
@@ -288,7 +289,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: S
     import uvicorn
 
     sock = _listen(host, port)
-    app = create_app(load_model(path, config.threads), config)
+    app = create_app(load_model(path, config.threads, config.cache_dir), config)
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
     log.info("serving %s at %s (the page), %s/docs (the API)", path, url, url)

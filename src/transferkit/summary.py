@@ -139,17 +139,17 @@ def summarize_backbone(name: str) -> ModelSummary:
                            notes={"architecture": backbone.architecture})
 
 
-def _frozen_backbone(classifier, size: int) -> ModelSummary:
+def _frozen_backbone(classifier, size: int, cache_dir: str | Path | None = None) -> ModelSummary:
     """The summary of a pretrained backbone without its classifier, all frozen. It depends only on the weights and
     size, so it is kept per machine: building the model needs timm (2.5 s to import), which a warm probe run and
     its report otherwise never load."""
     import hashlib
 
-    from transferkit.features import default_cache_dir
+    from transferkit.features import cache_root
 
     backbone = classifier.backbone
     key = hashlib.sha256(f"{backbone.architecture}|{backbone.weights_id}|{size}".encode()).hexdigest()[:24]
-    path = default_cache_dir() / "summaries" / f"{key}.json"
+    path = cache_root(cache_dir) / "summaries" / f"{key}.json"
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
         return ModelSummary(**{**values, "rows": [LayerRow(**row) for row in values["rows"]]})
@@ -164,7 +164,7 @@ def _frozen_backbone(classifier, size: int) -> ModelSummary:
     return summary
 
 
-def summarize_run(run: str | Path) -> ModelSummary:
+def summarize_run(run: str | Path, cache_dir: str | Path | None = None) -> ModelSummary:
     """A trained run: its backbone without the ImageNet classifier, plus its head, trainable as the run trained."""
     from transferkit.classifier import Classifier
     from transferkit.finetune import trainable_names
@@ -180,7 +180,7 @@ def summarize_run(run: str | Path) -> ModelSummary:
     name = f"{config['backbone']['name']} + {config['head']['kind']} head"
     head = classifier.head.requires_grad_(True)
     if mode in ("probe", "head"):
-        frozen = _frozen_backbone(classifier, size)
+        frozen = _frozen_backbone(classifier, size, cache_dir)
         head_parameters = sum(p.numel() for p in head.parameters())
         head_row = LayerRow("head", type(head).__name__, [len(classifier.classes)], head_parameters, head_parameters)
         return ModelSummary(name, frozen.total_parameters + head_parameters, head_parameters,
@@ -196,11 +196,12 @@ def summarize_run(run: str | Path) -> ModelSummary:
     return summarize_model(name, model, (size, size), head, notes)
 
 
-def summarize(target: str | Path) -> ModelSummary:
-    """`transferkit summary`: a run folder, or a backbone name."""
+def summarize(target: str | Path, cache_dir: str | Path | None = None) -> ModelSummary:
+    """`transferkit summary`: a run folder, or a backbone name. `cache_dir`: where a run's backbone summary is kept
+    [default: transferkit's cache folder]."""
     path = Path(target)
     if path.is_dir() or staging_dir(path).is_dir():  # an interrupted run is named as such by loading it
-        return summarize_run(path)
+        return summarize_run(path, cache_dir)
     if path.exists():
         raise BackboneError(f"{target} is a file; pass a run folder or a backbone name such as efficientnet_lite0.")
     try:

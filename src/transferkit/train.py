@@ -34,6 +34,7 @@ from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
 from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, absolute_path, default_run_dir, load_checkpoint,
                               save_checkpoint, staging_dir, write_atomically)
+from transferkit.text import plural
 
 log = logging.getLogger("transferkit")
 SKIPPED_LISTED = 20  # skipped files listed when a class is left without training images
@@ -142,10 +143,10 @@ def _splits(dataset) -> list[str]:
 
 def _warn_small_validation(count: int) -> None:
     if 0 < count < MIN_VAL_IMAGES:
-        log.warning("the validation split has only %d image%s, too few to steer early stopping or pick the best "
-                    "epoch (one image moves its accuracy by %.0f points): add images, raise val_percent "
-                    "(--val-percent), or give an explicit validation set (val= / --val) of %d or more",
-                    count, "" if count == 1 else "s", 100 / count, MIN_VAL_IMAGES)
+        log.warning("the validation split has only %s, too few to steer early stopping or pick the best epoch (one "
+                    "image moves its accuracy by %.0f points): add images, raise val_percent (--val-percent), or give "
+                    "an explicit validation set (val= / --val) of %d or more",
+                    plural(count, "image"), 100 / count, MIN_VAL_IMAGES)
 
 
 def _check_train_classes(prepared: Prepared) -> None:
@@ -259,7 +260,7 @@ class _Outcome:
 
 def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
                start: Classifier | None = None) -> _Outcome:
-    extractor = Extractor(backbone, config.device, config.precision, config.engine)
+    extractor = Extractor(backbone, config.device, config.precision, config.engine, config.cache_dir)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
@@ -290,7 +291,7 @@ def _prepare_images(dataset, backbone, config: TrainConfig, progress,
         prepared = _check_readable(dataset, backbone, config, progress)
         _check_train_classes(prepared)
         return prepared, {"history": [], "head": start.head.state_dict()} if start else None
-    extractor = Extractor(backbone, config.device, "auto", config.engine)
+    extractor = Extractor(backbone, config.device, "auto", config.engine, config.cache_dir)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
@@ -411,9 +412,10 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
     Example: ``transferkit.train("photos/", epochs=50).val_accuracy``.
     """
     config = replace(config or TrainConfig(), **options).resolved()
-    arguments = {"data": str(data), "val": str(val) if val else None, "test": str(test) if test else None,
-                 "groups": str(groups) if isinstance(groups, (str, Path)) else groups, "config": asdict(config),
-                 "from_run": str(from_run) if from_run else None, "report": report}
+    # absolute, so that the run (and resuming it) works from any folder
+    arguments = {"data": absolute_path(data), "val": absolute_path(val), "test": absolute_path(test),
+                 "groups": absolute_path(groups) if isinstance(groups, (str, Path)) else groups,
+                 "config": asdict(config), "from_run": absolute_path(from_run), "report": report}
     return _train(arguments, config, Path(out) if out else None, overwrite, progress, None, report,
                   doctor)
 
@@ -616,8 +618,7 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
-            "data": {"source": absolute_path(arguments["data"]), "val": absolute_path(arguments["val"]),
-                     "test": absolute_path(arguments["test"]),
+            "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
                      "images": prepared.sizes, "class_counts": prepared.class_counts},
         }
@@ -687,7 +688,7 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
         backbone.train_size = config.train_size
     folder = Path(out) if out else default_run_dir(Path("runs") / "lr-find")
     if config.mode == "probe":
-        extractor = Extractor(backbone, config.device, config.precision, config.engine)
+        extractor = Extractor(backbone, config.device, config.precision, config.engine, config.cache_dir)
         prepared, features = _extract(dataset, extractor, config, progress)
         _check_train_classes(prepared)
         spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout,
