@@ -65,8 +65,9 @@ FAULTS = [
           ("test_options.py",)),
     Fault("int8 with per-tensor weights (costs 9 points on hymenoptera)", "src/transferkit/export.py",
           "per_channel=True,", "per_channel=False,", ("test_serve.py",)),
-    Fault("int8 calibrated on noise", "src/transferkit/export.py", "_quantize_int8(fp32, int8, calibration)",
-          "_quantize_int8(fp32, int8, np.random.default_rng(0).integers(0, 256, calibration.shape, dtype=np.uint8))",
+    Fault("int8 calibrated on noise", "src/transferkit/export.py", "_quantize_int8(fp32, int8, calibration, progress)",
+          "_quantize_int8(fp32, int8, np.random.default_rng(0).integers(0, 256, calibration.shape, dtype=np.uint8), "
+          "progress)",
           ("test_serve.py",)),
     Fault("the CLI drops --patience", "src/transferkit/cli.py", "label_smoothing=label_smoothing, patience=patience,",
           "label_smoothing=label_smoothing,", ("test_cli_options.py",)),
