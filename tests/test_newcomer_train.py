@@ -29,7 +29,13 @@ def _train(data, tmp_path, cache_dir, name="run", **options):
                              **{**FAST, **options})
 
 
-def _validation_warnings(caplog) -> list[str]:
+def _validation_warnings(tmp_path, cache_dir, caplog, val_per_class: int) -> list[str]:
+    """The small-validation warnings of a run on 3 classes with 8 training and `val_per_class` validation images."""
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=8, seed=1)
+    make_image_folder(data / "val", per_class=val_per_class, seed=2)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        _train(data, tmp_path, cache_dir)
     return [r.getMessage() for r in caplog.records
             if r.levelno == logging.WARNING and "validation" in r.getMessage() and "early" in r.getMessage()]
 
@@ -38,23 +44,13 @@ def _validation_warnings(caplog) -> list[str]:
 
 
 def test_tiny_validation_split_warns_once_and_says_what_to_do(tmp_path, cache_dir, caplog):
-    data = tmp_path / "data"
-    make_image_folder(data / "train", per_class=8, seed=1)
-    make_image_folder(data / "val", per_class=1, seed=2)
-    with caplog.at_level(logging.WARNING, logger="transferkit"):
-        _train(data, tmp_path, cache_dir)
-    warnings = _validation_warnings(caplog)
+    warnings = _validation_warnings(tmp_path, cache_dir, caplog, val_per_class=1)
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "3 images" in warnings[0] and "val_percent" in warnings[0]
 
 
 def test_a_large_enough_validation_split_gives_no_warning(tmp_path, cache_dir, caplog):
-    data = tmp_path / "data"
-    make_image_folder(data / "train", per_class=8, seed=1)
-    make_image_folder(data / "val", per_class=7, seed=2)
-    with caplog.at_level(logging.WARNING, logger="transferkit"):
-        _train(data, tmp_path, cache_dir)
-    assert not _validation_warnings(caplog)
+    assert not _validation_warnings(tmp_path, cache_dir, caplog, val_per_class=7)
 
 
 # item 11: resume refuses options it cannot honour and keeps the run's own; from_run trains a finished run further
