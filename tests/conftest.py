@@ -74,9 +74,20 @@ def split_folder(tmp_path: Path) -> Path:
     return root
 
 
+def fresh_cache(folder: Path) -> Path:
+    """`folder` as a cache folder with features of its own but the session's ONNX exports of the backbones: one
+    export takes 10-20 s here, and every test with its own --cache-dir would otherwise make it again."""
+    shared = Path(os.environ["TRANSFERKIT_CACHE_DIR"]) / "onnx"
+    shared.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "onnx").exists():
+        (folder / "onnx").symlink_to(shared, target_is_directory=True)
+    return folder
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
+    return fresh_cache(tmp_path / "cache")
 
 
 @pytest.fixture

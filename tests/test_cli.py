@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_image_folder
+from conftest import fresh_cache, make_image_folder
 from transferkit.cli import app
 from transferkit.features import resolve_device
 
@@ -29,7 +29,7 @@ def layout(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(layout, tmp_path_factory):
-    run, cache = tmp_path_factory.mktemp("cli-run") / "run", tmp_path_factory.mktemp("cli-cache")
+    run, cache = tmp_path_factory.mktemp("cli-run") / "run", fresh_cache(tmp_path_factory.mktemp("cli-cache"))
     result = runner.invoke(app, ["train", str(layout), "--out", str(run), "--cache-dir", str(cache), "--json"])
     assert result.exit_code == 0, result.output
     return run, json.loads(result.stdout)

@@ -98,9 +98,9 @@ def _process_tree(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_two_process_run_resumes(tmp_path):
+def test_killed_two_process_run_resumes(tmp_path, cache_dir):
     data = make_image_folder(tmp_path / "data", per_class=100, seed=4)
-    cache = tmp_path / "cache"
+    cache = cache_dir
     run = tmp_path / "run"
     process = subprocess.Popen(_two_processes(str(data), "--out", str(run), "--cache-dir", str(cache), *SIZE),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,9 +123,9 @@ def test_killed_two_process_run_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_fine_tuning(split_folder, tmp_path):
+def test_two_process_fine_tuning(split_folder, tmp_path, cache_dir):
     done = subprocess.run(_two_processes(str(split_folder), "--mode", "finetune", "--epochs", "2", "--batch-size",
-                                         "6", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                                         "6", "--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir),
                                          "--json", *SIZE), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("continue it with") == 1  # only rank 0 speaks

@@ -39,8 +39,8 @@ def messy(tmp_path):
     return root
 
 
-def test_doctor_finds_each_planted_problem(messy, tmp_path):
-    report = diagnose(messy, cache_dir=tmp_path / "cache", progress=False)
+def test_doctor_finds_each_planted_problem(messy, cache_dir):
+    report = diagnose(messy, cache_dir=cache_dir, progress=False)
     by_kind = {kind: [f.path.split("/messy/")[-1] for f in report.of_kind(kind)] for kind in report.totals()}
     assert set(by_kind["unreadable"]) == {"train/circles/empty.jpg", "train/circles/notes.jpg"}
     assert by_kind["wrong_extension"] == ["train/circles/really_png.jpg"]
@@ -57,12 +57,12 @@ def test_doctor_finds_each_planted_problem(messy, tmp_path):
     assert report.summary().startswith("doctor: ") and "1 exact duplicates across splits" in report.summary()
 
 
-def test_a_clean_set_gets_no_label_error_finding(tmp_path):
+def test_a_clean_set_gets_no_label_error_finding(tmp_path, cache_dir):
     """Precision, not only recall: flagging every image would find the planted ones too."""
     root = tmp_path / "clean"
     make_image_folder(root / "train", per_class=14, seed=1)
     make_image_folder(root / "val", per_class=5, seed=2)
-    report = diagnose(root, cache_dir=tmp_path / "cache", progress=False)
+    report = diagnose(root, cache_dir=cache_dir, progress=False)
     assert report.of_kind("label_error") == [] and report.of_kind("unreadable") == []
     assert report.of_kind("leak_exact") == []
 
@@ -87,10 +87,10 @@ def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path
 
 
 @pytest.mark.slow
-def test_doctor_command_writes_json_and_html(messy, tmp_path):
+def test_doctor_command_writes_json_and_html(messy, tmp_path, cache_dir):
     page = tmp_path / "doctor.html"
     done = subprocess.run([sys.executable, "-m", "transferkit", "doctor", str(messy), "--json", "--report",
-                           str(page), "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+                           str(page), "--cache-dir", str(cache_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["totals"]["unreadable"] == 2 and result["classes"] == ["circles", "squares", "stripes"]
@@ -99,17 +99,17 @@ def test_doctor_command_writes_json_and_html(messy, tmp_path):
 
 
 @pytest.mark.slow
-def test_doctor_flags_the_placeholder_in_hymenoptera(hymenoptera, tmp_path):
-    report = diagnose(hymenoptera, cache_dir=tmp_path / "cache", progress=False)
+def test_doctor_flags_the_placeholder_in_hymenoptera(hymenoptera, tmp_path, cache_dir):
+    report = diagnose(hymenoptera, cache_dir=cache_dir, progress=False)
     flagged = [f.path for f in report.findings]
     assert str(hymenoptera / "train" / "ants" / "imageNotFound.gif") in flagged
     assert report.of_kind("outlier")[0].path.endswith("imageNotFound.gif")  # the most striking outlier
 
 
 @pytest.mark.slow
-def test_train_prints_the_doctor_summary_first(messy, tmp_path):
+def test_train_prints_the_doctor_summary_first(messy, tmp_path, cache_dir):
     command = [sys.executable, "-m", "transferkit", "train", str(messy), "--image-size", "96", "--no-report",
-               "--cache-dir", str(tmp_path / "cache")]
+               "--cache-dir", str(cache_dir)]
     checked = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     summary = next(line for line in checked.stderr.splitlines() if line.startswith("doctor: "))

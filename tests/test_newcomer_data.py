@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import transferkit
-from conftest import make_image_folder
+from conftest import fresh_cache, make_image_folder
 from transferkit.cli import app
 from transferkit.data import load_dataset
 from transferkit.doctor import diagnose
@@ -31,7 +31,7 @@ def probe_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("newcomer")
     own = make_image_folder(root / "own", per_class=12, seed=3)
     other = make_image_folder(root / "other", per_class=10, seed=4)
-    cache = root / "cache"
+    cache = fresh_cache(root / "cache")
     result = transferkit.train(own, out=root / "run", cache_dir=str(cache), progress=False, report=False,
                                doctor=False, **FAST)
     return result.run_dir, own, other, cache
@@ -152,9 +152,9 @@ def test_doctor_counts_only_readable_images_and_names_a_class_without_any(unread
     assert not report.of_kind("duplicate")  # three copies of one unreadable file are unreadable, not duplicates
 
 
-def test_training_lists_the_unreadable_files_before_saying_so(unreadable_class, tmp_path, caplog):
+def test_training_lists_the_unreadable_files_before_saying_so(unreadable_class, tmp_path, caplog, cache_dir):
     with caplog.at_level(logging.WARNING, logger="transferkit"), pytest.raises(DataError, match="listed above"):
-        transferkit.train(unreadable_class, out=tmp_path / "run", cache_dir=str(tmp_path / "cache"), progress=False,
+        transferkit.train(unreadable_class, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
                           report=False, doctor=False, val_percent=0, test_percent=0, **FAST)
     listed = caplog.text
     for i in range(3):

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import transferkit
-from conftest import make_image_folder
+from conftest import fresh_cache, make_image_folder
 from transferkit.cli import app
 from transferkit.export import export_run
 from transferkit.runtime import ExportedClassifier
@@ -41,7 +41,8 @@ def one_val_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("one-val")
     make_image_folder(root / "data" / "train", per_class=6, seed=1)
     make_image_folder(root / "data" / "val", per_class=1, seed=2, classes={"circles": ("ellipse", (220, 40, 40))})
-    return transferkit.train(root / "data", out=root / "run", cache_dir=str(root / "cache"), **QUICK).run_dir
+    cache = fresh_cache(root / "cache")
+    return transferkit.train(root / "data", out=root / "run", cache_dir=str(cache), **QUICK).run_dir
 
 
 # ---------------------------------------------------------------------------------------------- item 3: export
@@ -86,10 +87,10 @@ def test_predict_and_export_write_plain_progress_lines_to_a_log(one_val_run, tmp
     assert "few calibration images" in text  # 18 images do not cover what a model sees
 
 
-def test_head_mode_logs_epoch_lines_without_carriage_returns(tmp_path):
+def test_head_mode_logs_epoch_lines_without_carriage_returns(tmp_path, cache_dir):
     data = make_image_folder(tmp_path / "data", per_class=6)
     code, text = _logged(_cli("train", str(data), "--mode", "head", "--epochs", "2", "--image-size", "64",
-                              "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-report",
+                              "--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir), "--no-report",
                               "--no-doctor"), tmp_path / "train.log")
     assert code == 0 and "\r" not in text
     assert "head epoch 1/2: train loss" in text and "Checking images: 18/18 img" in text, text
@@ -98,11 +99,11 @@ def test_head_mode_logs_epoch_lines_without_carriage_returns(tmp_path):
 # ---------------------------------------------------------------------------------------------- item 17: the demo
 
 
-def test_demo_shows_a_mix_of_classes_and_a_mistake(tmp_path, monkeypatch):
+def test_demo_shows_a_mix_of_classes_and_a_mistake(tmp_path, monkeypatch, cache_dir):
     import transferkit.demo
 
     data = make_image_folder(tmp_path / "data", per_class=20)
-    result = transferkit.train(data, out=tmp_path / "run", cache_dir=str(tmp_path / "cache"), **QUICK)
+    result = transferkit.train(data, out=tmp_path / "run", cache_dir=str(cache_dir), **QUICK)
     predictions = result.run_dir / "predictions.csv"
     with predictions.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -121,7 +122,7 @@ def test_demo_shows_a_mix_of_classes_and_a_mistake(tmp_path, monkeypatch):
     assert [planted["path"], planted["label"], planted["predicted"]] in cells, table
 
 
-def test_doctor_finds_little_in_clean_small_digits(tmp_path):
+def test_doctor_finds_little_in_clean_small_digits(tmp_path, cache_dir):
     from transferkit.demo import write_digits
     from transferkit.doctor import diagnose
 
@@ -131,7 +132,7 @@ def test_doctor_finds_little_in_clean_small_digits(tmp_path):
         (subset / folder.name).mkdir(parents=True)
         for image in sorted(folder.glob("*.png"))[:40]:
             shutil.copy(image, subset / folder.name / image.name)
-    report = diagnose(subset, image_size=96, cache_dir=tmp_path / "cache", progress=False, engine="torch")
+    report = diagnose(subset, image_size=96, cache_dir=cache_dir, progress=False, engine="torch")
     totals = report.totals()
     assert totals.get("label_error", 0) <= 8, report.summary()  # 2 % of 400; 42 before the doctor was fixed
     assert totals.get("near_duplicate", 0) + totals.get("leak_near", 0) == 0, report.summary()
@@ -147,10 +148,10 @@ def test_plural_helper():
         ["1 image", "2 images", "1 class", "3 classes"]
 
 
-def test_train_output_says_1_image_and_omits_empty_feature_counts(tmp_path):
+def test_train_output_says_1_image_and_omits_empty_feature_counts(tmp_path, cache_dir):
     data = make_image_folder(tmp_path / "data", per_class=6)
     done = runner.invoke(app, ["train", str(data), "--mode", "head", "--epochs", "1", "--image-size", "64",
-                               "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-report",
+                               "--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir), "--no-report",
                                "--no-doctor", "--workers", "2"])
     assert done.exit_code == 0, done.output
     assert "features:" not in done.stdout  # head mode computes no cached features

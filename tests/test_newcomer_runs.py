@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 import transferkit
-from conftest import make_image_folder
+from conftest import fresh_cache, make_image_folder
 from transferkit import runs
 from transferkit.cli import app
 from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
@@ -35,7 +35,7 @@ def workspace(tmp_path_factory) -> Path:
     make_image_folder(root / "data", per_class=10)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        _train_here(Path("data"), root / "cache", out="run")
+        _train_here(Path("data"), fresh_cache(root / "cache"), out="run")
     return root
 
 

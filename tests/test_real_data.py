@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import transferkit
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, fresh_cache
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,8 @@ def cold_run(tmp_path_factory):
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real-data test: {HYMENOPTERA} is absent")
     root = tmp_path_factory.mktemp("hymenoptera")
-    return transferkit.train(HYMENOPTERA, out=root / "cold", cache_dir=str(root / "cache"), progress=False), root
+    cache = fresh_cache(root / "cache")
+    return transferkit.train(HYMENOPTERA, out=root / "cold", cache_dir=str(cache), progress=False), root
 
 
 def test_hymenoptera_defaults_reach_target_and_reuse_cache(hymenoptera, cold_run, tmp_path):
@@ -46,9 +47,9 @@ def test_cli_train_and_imagenet_predict_on_real_photos(hymenoptera, cold_run, tm
     assert len(top5) == 5 and any(p["id"] == 309 and p["label"] == "bee" for p in top5)
 
 
-def test_demo_runs_offline(tmp_path):
+def test_demo_runs_offline(tmp_path, cache_dir):
     result = subprocess.run([sys.executable, "-m", "transferkit", "demo", "--out", str(tmp_path / "run"),
-                             "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900)
+                             "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "a few test predictions" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

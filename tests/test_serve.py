@@ -24,7 +24,7 @@ import transferkit
 from transferkit import Classifier, DataError, ExportedClassifier
 from transferkit.export import export_run
 
-from conftest import make_image_folder
+from conftest import fresh_cache, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve")
     data = make_image_folder(root / "data" / "train", per_class=10, seed=1, classes=SUBTLE).parent
     make_image_folder(data / "val", per_class=4, seed=2, classes=SUBTLE)
-    result = transferkit.train(data, out=root / "run", cache_dir=str(root / "cache"), progress=False,
+    result = transferkit.train(data, out=root / "run", cache_dir=str(fresh_cache(root / "cache")), progress=False,
                                report=False, image_size=96, workers=2)
     return result.run_dir, export_run(result.run_dir).folder
 
