@@ -31,7 +31,7 @@ from transferkit.errors import DataError
 from transferkit import distributed
 from transferkit.data import default_workers, iter_prepared, make_preparer
 from transferkit.distributed import Ranks
-from transferkit.features import cpu_has_fast_bf16
+from transferkit.features import check_precision, cpu_has_fast_bf16
 from transferkit.optim import make_optimizer, make_scheduler
 from transferkit.progress import progress_bar
 
@@ -214,8 +214,7 @@ def resolve_train_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise DataError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU.")
+    check_precision(precision, device)
     return precision
 
 
