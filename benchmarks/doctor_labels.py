@@ -98,13 +98,14 @@ def main() -> None:
         errors = len(report.of_kind("label_error"))
         print(f"{case.name:<22}{images:>8}{errors:>15}{errors / images:>8.1%}{len(report.of_kind('outlier')):>10}"
               f"{report.label_noise or 0:>16.1%}{seconds:>10.1f}")
-        placeholder = [i for i, f in enumerate(report.of_kind("outlier")) if f.path.endswith("imageNotFound.gif")]
+        outliers = report.of_kind("outlier")
+        placeholder = [rank for rank, f in enumerate(outliers, 1) if f.path.endswith("imageNotFound.gif")]
         if case.data.name == "hymenoptera":
-            print(f"  imageNotFound.gif among outliers: {'rank ' + str(placeholder[0] + 1) if placeholder else 'absent'}"
-                  f" of {len(report.of_kind('outlier'))} (target: rank 1)")
+            print(f"  imageNotFound.gif among outliers: {f'rank {placeholder[0]}' if placeholder else 'absent'} of "
+                  f"{len(outliers)} (target: rank 1)")
     print(f"\n{'planted noise':<22}{'seed':>5}{'moved':>7}{'flagged':>9}{'precision':>11}{'recall':>8}"
           f"{'ranked P@R.5':>14}{'cleanlab noise':>16}")
-    for case in cases[:2] + cases[2:]:
+    for case in cases:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 data = Path(tmp) / case.data.name
