@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from transferkit.doctor import diagnose
 
@@ -35,6 +35,8 @@ def messy(tmp_path):
     shutil.copy(train / "stripes" / "stripes_1_000.jpg", root / "val" / "stripes" / "copied.jpg")  # exact leak
     with Image.open(train / "squares" / "squares_1_001.jpg") as image:  # near-duplicate leak: edited, re-encoded
         ImageEnhance.Brightness(image).enhance(1.05).save(root / "val" / "squares" / "resaved.jpg", quality=95)
+    with Image.open(train / "circles" / "circles_1_002.jpg") as image:  # a leak only the perceptual hash sees
+        ImageOps.grayscale(image).save(root / "val" / "circles" / "grey.png")
     draw_sample("ellipse", CLASS_STYLES["circles"][1], rng).save(train / "stripes" / "mislabelled.jpg")
     return root
 
@@ -50,7 +52,9 @@ def test_doctor_finds_each_planted_problem(messy, cache_dir):
     assert by_kind["leak_exact"] == ["val/stripes/copied.jpg"]
     planted = frozenset((str(messy / "train" / "squares" / "squares_1_001.jpg"),
                          str(messy / "val" / "squares" / "resaved.jpg")))
-    assert planted in {frozenset((f.path, f.other)) for f in report.of_kind("leak_near")}
+    grey = frozenset((str(messy / "train" / "circles" / "circles_1_002.jpg"),
+                      str(messy / "val" / "circles" / "grey.png")))
+    assert {frozenset((f.path, f.other)) for f in report.of_kind("leak_near")} == {planted, grey}
     assert by_kind["label_error"] == ["train/stripes/mislabelled.jpg"]
     assert report.label_issues[0].path.endswith("train/stripes/mislabelled.jpg")  # cleanlab ranks it first
     assert report.label_issues[0].suggested == "circles" and report.label_issues[0].likely
@@ -58,10 +62,10 @@ def test_doctor_finds_each_planted_problem(messy, cache_dir):
     assert ranked.index("leak_exact") < ranked.index("tiny")  # worst kinds first
     summary = report.summary()
     # What to act on leads, in the order of ACT_ON, with the worst label error named; the rest comes after "also".
-    act = ["act on 1 exact duplicate across splits", "1 near duplicate across splits", "2 unreadable files",
+    act = ["act on 1 exact duplicate across splits", "2 near duplicates across splits", "2 unreadable files",
            "1 likely label error (worst: stripes/mislabelled.jpg labelled stripes, looks like circles",
            "; also ", "1 tiny image"]
-    assert summary.startswith("doctor: 64 images in 3 classes; act on") and all(part in summary for part in act)
+    assert summary.startswith("doctor: 65 images in 3 classes; act on") and all(part in summary for part in act)
     assert [summary.index(part) for part in act] == sorted(summary.index(part) for part in act), summary
 
 
@@ -84,7 +88,7 @@ def test_doctor_reads_only_files_that_changed_since_its_last_run(messy, tmp_path
     first = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
     files = len(reads)
     second = diagnose(messy, cache_dir=tmp_path / "cache", use_features=False)
-    assert files == 3 * 14 + 3 * 5 + 9 and len(reads) == files  # nothing read again
+    assert files == 3 * 14 + 3 * 5 + 10 and len(reads) == files  # nothing read again
     assert second.findings == first.findings
 
     banner = messy / "train" / "squares" / "banner.png"

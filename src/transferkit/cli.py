@@ -100,7 +100,8 @@ def _print_version() -> None:
 
 
 # What a runtime-only install (transferkit --no-deps + onnxruntime, Pillow, numpy) leaves out.
-_FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "jinja2", "tqdm"}
+_FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "jinja2", "tqdm",
+                         "cleanlab", "imagehash", "pywt", "scipy", "pandas"}
 
 
 def _friendly_errors(command: Callable) -> Callable:

@@ -191,20 +191,25 @@ def _file_findings(path: Path, facts: ImageFacts) -> list[Finding]:
     return found
 
 
-def _check_files(paths: list[Path], cache) -> list[tuple[str | None, ImageFacts]]:
+def _check_files(paths: list[Path], cache, progress: bool | None) -> list[tuple[str | None, ImageFacts]]:
     """(content digest, facts) per path; a file that cannot be read gets no digest. Files the cache has seen
     unchanged (same size, mtime and inode) are not read again."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from transferkit.progress import progress_bar
+
     known = cache.known_digests(paths) if cache is not None else {}
     stored = cache.image_facts(known.values()) if cache is not None else {}
+    stored = {digest: facts for digest, facts in stored.items() if "phash" in facts}  # older facts: learnt again
     learnt: dict[str, dict] = {}
     seen: list[tuple[Path, tuple[int, int, int], str]] = []
+    bar = progress_bar(sum(known.get(i) not in stored for i in range(len(paths))), "Checking files", "file",
+                       progress, quiet_when_empty=True)
 
     def check(i: int) -> tuple[str | None, ImageFacts]:
-        facts = stored.get(known.get(i))
-        if facts is not None and "phash" in facts:  # facts cached before the hash was kept are learnt again
-            return known[i], ImageFacts(**facts)
+        if known.get(i) in stored:
+            return known[i], ImageFacts(**stored[known[i]])
+        bar.update()
         try:
             data, file_stat = read_file_and_stat(paths[i])
         except ImageDecodeError as err:
@@ -217,6 +222,7 @@ def _check_files(paths: list[Path], cache) -> list[tuple[str | None, ImageFacts]
 
     with ThreadPoolExecutor(default_workers()) as pool:
         results = list(pool.map(check, range(len(paths))))
+    bar.close()
     if cache is not None and learnt:
         try:
             cache.remember(seen)
@@ -332,7 +338,7 @@ def _compare_all(paths: list[str], splits: list[str], features: np.ndarray, hash
                                       f"looks like {paths[column]} (cosine {similar[row, column]:.3f}, "
                                       f"{differ[row, column]:.0f} of {bits} hash bits differ)"
                                       + (f"; {splits[i]} vs {splits[column]}" if leak else ""),
-                                      max(float(similar[row, column]), 1 - differ[row, column] / bits), paths[column]))
+                                      float(max(similar[row, column], 1 - differ[row, column] / bits)), paths[column]))
         if neighbours > 0:
             cosine = unit[rows] @ unit.T
             cosine[np.arange(len(cosine)), np.arange(start, start + len(cosine))] = -np.inf  # not its own neighbour
@@ -368,7 +374,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     samples = [(name, sample) for name in dataset.splits for sample in dataset.splits[name]]
     cache = open_cache(cache_dir, use_cache)
     try:
-        checked = _check_files([sample.path for _, sample in samples], cache)
+        checked = _check_files([sample.path for _, sample in samples], cache, progress)
         by_digest: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         for (split, sample), (digest, facts) in zip(samples, checked):
             report.findings += _file_findings(sample.path, facts)
