@@ -1,20 +1,29 @@
 """Should cleanvision (or imagehash alone) replace the doctor's hand-written image checks? Numbers to decide with.
 
-On ../shared flowers100 (4,317 photos, 5 classes) and hymenoptera, and on a planted folder made in a temp dir, it
-compares `transferkit.doctor.diagnose` with cleanvision's `Imagelab(...).find_issues()` (default issue types) and
-with imagehash's phash alone (pairs within a Hamming distance of 4 and of 8 bits):
+The doctor as it is now: file checks, exact duplicates (same bytes), and near duplicates that are pairs whose
+mean-centred backbone features have a cosine of 0.97 or more OR whose 256-bit perceptual hashes (imagehash's
+`phash(image, hash_size=16)`) differ in at most 12 bits. On ../shared flowers100 (4,317 photos, 5 classes) and
+hymenoptera, on a planted folder and on the demo's handwritten digits (both made in a temp dir), it compares
+`transferkit.doctor.diagnose` with cleanvision's `Imagelab(...).find_issues()` (default issue types) and with phash
+alone, 64 bits (pairs within 4 and within 8 bits) and 256 bits (within 12, the doctor's hashes on their own), both
+computed as the doctor does, on the image `transferkit.data.decode_image` gives (a JPEG drafted to >= 64 px):
   (1) wall time on all of flowers100: our file checks + exact duplicates (`use_features=False`, no cache), our full
       diagnose on a warm feature cache (the second call), cleanvision, and phash of every image (one thread a core);
-  (2) what each flags on these clean real datasets, per cleanvision issue type, with example paths to judge by;
+  (2) what each flags on these clean real datasets, per cleanvision issue type (duplicates as pairs), with example
+      paths to judge by;
   (3) near-duplicate recall on planted copies: 300 flowers100 images (the first 60 per class) plus 50 edited copies
       (fixed seed; 10 each of JPEG quality 70, resized to 80 % and back, brightness x1.1, 90 % centre crop,
       horizontal flip), a planted pair counting as found when the tool pairs the copy with its original; pairs a
       tool reports that were not planted are counted as false pairs;
   (4) planted file problems in the same folder: a 20x20 image, a 400x40 banner, an empty .jpg and a text file
-      named .jpg.
+      named .jpg;
+  (5) false alarms on the demo's 1,797 digits (`transferkit.demo.write_digits`; ours at image_size=96, as the demo
+      trains): every scan is a different handwritten digit, so every pair a tool reports is a false alarm unless
+      its two files are byte-identical.
 
 The feature cache is kept in a folder under the temp dir between runs (--cache-dir), so only the first run on a
-machine extracts features (and exports the backbone to ONNX). Takes a few minutes on 2 cores.
+machine extracts features (and exports the backbone to ONNX); conclusions the doctor keeps there are dropped before
+each diagnose, so every number comes from the doctor's checks as they are now. Takes a few minutes on 2 cores.
 Usage: python benchmarks/doctor_image_checks.py [--flowers ../shared/datasets/flowers100]
                                                 [--hymenoptera ../shared/datasets/hymenoptera]
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import platform
 import random
@@ -31,29 +41,34 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import imagehash
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from transferkit.doctor import DoctorReport, diagnose
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, read_file
+from transferkit.demo import write_digits
+from transferkit.doctor import PHASH_DISTANCE, PHASH_SIDE, PHASH_SIZE, DoctorReport, diagnose
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "transferkit-doctor-bench-cache"
 SEED = 0
 PER_CLASS = 60
 EDITS_PER_KIND = 10
-PHASH_DISTANCES = (4, 8)
-LOOSER_COSINE = 0.95  # our near-duplicate threshold is 0.97; how much does loosening it buy, and cost?
+DIGITS_IMAGE_SIZE = 96  # the size the demo trains the 32 px digits at
+PHASH = {8: (4, 8), PHASH_SIZE: (PHASH_DISTANCE,)}  # hash_size (bits = its square): the distances pairs are taken at
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 CLEANVISION_TYPES = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "odd_size", "grayscale",
                      "exact_duplicates", "near_duplicates")
 # Our finding kinds that answer each cleanvision issue type; the types missing here have no counterpart in ours.
 OURS_FOR = {"odd_aspect_ratio": ("extreme_aspect",), "odd_size": ("tiny",),
-            "exact_duplicates": ("duplicate", "leak_exact"), "near_duplicates": ("near_duplicate", "leak_near")}
-PAIR_KINDS = ("duplicate", "leak_exact", "near_duplicate", "leak_near")
+            "exact_duplicates": ("duplicate", "leak_exact", "label_conflict"),
+            "near_duplicates": ("near_duplicate", "leak_near")}
+PAIR_KINDS = OURS_FOR["exact_duplicates"] + OURS_FOR["near_duplicates"]
 FILE_KINDS = ("unreadable", "wrong_extension", "animated", "tiny", "extreme_aspect")
 
 
@@ -101,13 +116,18 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def images_in(pairs: set[Pair]) -> set[str]:
-    return {path for pair in pairs for path in pair}
+def all_pairs(groups) -> set[Pair]:
+    found = set()
+    for group in groups:
+        group = [resolved(p) for p in group]
+        found |= {Pair((a, b)) for i, a in enumerate(group) for b in group[i + 1:]}
+    return found
 
 
-# --- the three tools, each reduced to {issue: flagged paths} and a set of duplicate pairs -------------------------
+# --- the three tools, each reduced to {issue: flagged paths, or pairs for duplicates} ------------------------------
 
 def run_transferkit(root: Path, cache: Path, **options) -> tuple[float, DoctorReport]:
+    shutil.rmtree(cache / "doctor", ignore_errors=True)  # its kept conclusions: the checks themselves must run
     started = time.perf_counter()
     with quiet():
         report = diagnose(root, cache_dir=cache, progress=False, **options)
@@ -118,31 +138,26 @@ def transferkit_pairs(report: DoctorReport, kinds=PAIR_KINDS) -> set[Pair]:
     return {Pair((resolved(f.path), resolved(f.other))) for f in report.findings if f.kind in kinds and f.other}
 
 
-def transferkit_flags(report: DoctorReport) -> dict[str, set[str]]:
-    """Flagged paths per cleanvision issue type we have a counterpart for."""
-    flags = {}
-    for issue, kinds in OURS_FOR.items():
-        if issue.endswith("duplicates"):
-            flags[issue] = images_in(transferkit_pairs(report, kinds))
-        else:
-            flags[issue] = {resolved(f.path) for f in report.findings if f.kind in kinds}
-    return flags
+def transferkit_items(report: DoctorReport, issue: str) -> set:
+    """Pairs for a duplicate issue, else flagged paths, of the finding kinds that answer cleanvision's `issue`."""
+    if issue.endswith("duplicates"):
+        return transferkit_pairs(report, OURS_FOR[issue])
+    return {resolved(f.path) for f in report.findings if f.kind in OURS_FOR[issue]}
 
 
 class CleanvisionResult:
     def __init__(self, seconds: float, lab, crash: str | None = None):
         self.seconds, self.lab, self.crash = seconds, lab, crash
 
-    def flags(self) -> dict[str, set[str]]:
+    def items(self, issue: str) -> set:
+        """Pairs for a duplicate issue, else flagged paths."""
+        if issue.endswith("duplicates"):
+            return all_pairs(self.lab.info[issue]["sets"])
         issues = self.lab.issues
-        return {issue: {resolved(p) for p in issues.index[issues[f"is_{issue}_issue"]]} for issue in CLEANVISION_TYPES}
+        return {resolved(p) for p in issues.index[issues[f"is_{issue}_issue"]]}
 
-    def pairs(self, issue: str) -> set[Pair]:
-        found = set()
-        for group in self.lab.info[issue]["sets"]:
-            group = [resolved(p) for p in group]
-            found |= {Pair((a, b)) for i, a in enumerate(group) for b in group[i + 1:]}
-        return found
+    def duplicate_pairs(self) -> set[Pair]:
+        return self.items("exact_duplicates") | self.items("near_duplicates")
 
 
 def run_cleanvision(root: Path | None = None, files: list[Path] | None = None) -> CleanvisionResult:
@@ -163,32 +178,50 @@ def run_cleanvision(root: Path | None = None, files: list[Path] | None = None) -
     return CleanvisionResult(time.perf_counter() - started, lab)
 
 
-def _phash(path: Path) -> int | str:
+def _phash(path: Path, hash_size: int) -> np.ndarray | str:
+    """The hash's bits as the doctor computes them, or why the file cannot be decoded."""
     try:
-        with Image.open(path) as image:
-            return int(str(imagehash.phash(image)), 16)
-    except Exception as err:  # noqa: BLE001 - the error is the result for this file
-        return f"{type(err).__name__}"
+        image = decode_image(read_file(path), DEFAULT_MAX_IMAGE_PIXELS, (PHASH_SIDE, PHASH_SIDE))
+    except ImageDecodeError as err:
+        return err.kind
+    return imagehash.phash(image, hash_size=hash_size).hash.ravel()
 
 
-def run_phash(files: list[Path]) -> tuple[float, dict[str, int | str]]:
-    """64-bit phash of every file, one thread a core; a file it cannot hash gets the exception's name."""
-    started = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        hashes = list(pool.map(_phash, files))
-    return time.perf_counter() - started, {resolved(f): h for f, h in zip(files, hashes)}
-
-
-def phash_pairs(hashes: dict[str, int | str], max_distance: int) -> set[Pair]:
-    paths = [p for p, h in hashes.items() if isinstance(h, int)]
-    values = np.array([hashes[p] for p in paths], dtype=np.uint64)
+def phash_pairs(hashes: dict[str, np.ndarray], max_distance: int) -> set[Pair]:
+    """Pairs at most `max_distance` bits apart (Hamming distances from a product of +-1 vectors, as the doctor)."""
+    paths = list(hashes)
+    signs = np.array([hashes[p] for p in paths], dtype=np.float32) * 2 - 1
     found = set()
-    for start in range(0, len(values), 512):
-        distance = np.bitwise_count(values[start:start + 512, None] ^ values[None, :])
+    for start in range(0, len(signs), 512):
+        distance = (signs.shape[1] - signs[start:start + 512] @ signs.T) / 2
         for row, column in zip(*np.nonzero(distance <= max_distance)):
             if column > start + row:
                 found.add(Pair((paths[start + row], paths[column])))
     return found
+
+
+class PhashResult:
+    """phash of every file at each hash size in PHASH (one thread a core): seconds per size, pairs per (size,
+    distance), and why a file has no hash."""
+
+    def __init__(self, files: list[Path]):
+        self.seconds, self.pairs, self.errors = {}, {}, {}
+        for size, distances in PHASH.items():
+            started = time.perf_counter()
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                hashes = dict(zip(map(resolved, files), pool.map(partial(_phash, hash_size=size), files)))
+            self.seconds[size] = time.perf_counter() - started
+            self.errors = {path: h for path, h in hashes.items() if isinstance(h, str)}
+            hashed = {path: h for path, h in hashes.items() if path not in self.errors}
+            for distance in distances:
+                self.pairs[size, distance] = phash_pairs(hashed, distance)
+
+    def cells(self, value) -> list[str]:
+        """A table cell per hash size: value(pairs) at each of its distances."""
+        return [per_distance(value(self.pairs[size, d]) for d in distances) for size, distances in PHASH.items()]
+
+    def named(self) -> dict[str, set[Pair]]:
+        return {f"phash {size * size} bits <={d}": pairs for (size, d), pairs in self.pairs.items()}
 
 
 # --- the planted folder ------------------------------------------------------------------------------------------
@@ -259,19 +292,29 @@ def examples(items, root: Path, limit: int = 3) -> str:
     return "; ".join(shown) + (f"; ... ({len(items)} in all)" if len(items) > limit else "")
 
 
+def example_notes(notes: list[str], label: str, found: dict[str, set], root: Path) -> None:
+    notes += [f"{label}, {tool}: " + examples(items, root) for tool, items in found.items() if items]
+
+
 class Table:
-    def __init__(self, widths=(44, 16, 30, 30)):
-        self.widths, self.rows = widths, []
+    HEADER = ("check", "transferkit", "cleanvision",
+              *(f"phash {s * s} bits " + " | ".join(f"<={d}" for d in ds) for s, ds in PHASH.items()))
+    WIDTHS = (52, 12, 30, 26, 22)
+
+    def __init__(self):
+        self.rows = []
 
     def add(self, *cells) -> None:
-        self.rows.append(tuple(str(c) for c in cells))
+        """A heading (one cell) or a row; the cells left out are shown as '-'."""
+        cells = [str(c) for c in cells]
+        self.rows.append(cells if len(cells) == 1 else cells + ["-"] * (len(self.HEADER) - len(cells)))
 
     def print(self) -> None:
-        for cells in [("check", "transferkit", "cleanvision", "phash <=4 | <=8")] + self.rows:
+        for cells in [self.HEADER] + self.rows:
             if len(cells) == 1:
                 print(cells[0])
                 continue
-            print(f"{cells[0]:<{self.widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells[1:], self.widths[1:])))
+            print(f"{cells[0]:<{self.WIDTHS[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells[1:], self.WIDTHS[1:])))
 
 
 def per_distance(values) -> str:
@@ -279,27 +322,17 @@ def per_distance(values) -> str:
 
 
 def clean_data_rows(table: Table, name: str, root: Path, ours: DoctorReport, theirs: CleanvisionResult,
-                    hashes: dict[str, int | str], notes: list[str]) -> None:
-    table.add(f"{name}: images flagged (clean data)")
-    our_flags = transferkit_flags(ours)
-    our_pairs = {issue: transferkit_pairs(ours, OURS_FOR[issue]) for issue in ("exact_duplicates", "near_duplicates")}
-    cv_flags = theirs.flags() if theirs.lab is not None else {}
-    phash = {d: phash_pairs(hashes, d) for d in PHASH_DISTANCES}
+                    phash: PhashResult, notes: list[str]) -> None:
+    table.add(f"{name}: images flagged, pairs for duplicates (clean data)")
     for issue in CLEANVISION_TYPES:
-        ours_cell = len(our_flags[issue]) if issue in our_flags else "no check"
-        cv_cell = len(cv_flags[issue]) if theirs.lab is not None else theirs.crash
-        phash_cell = per_distance(len(images_in(phash[d])) for d in PHASH_DISTANCES) \
-            if issue == "near_duplicates" else "-"
-        table.add(f"  {issue}", ours_cell, cv_cell, phash_cell)
-        if our_flags.get(issue):
-            notes.append(f"{name} {issue}, transferkit: " + examples(our_pairs.get(issue, our_flags[issue]), root))
-        if cv_flags.get(issue):
-            cv_items = theirs.pairs(issue) if issue.endswith("duplicates") else cv_flags[issue]
-            notes.append(f"{name} {issue}, cleanvision: " + examples(cv_items, root))
-        if issue == "near_duplicates":
-            for d in PHASH_DISTANCES:
-                if phash[d]:
-                    notes.append(f"{name} near_duplicates, phash <={d}: " + examples(phash[d], root))
+        ours_items = transferkit_items(ours, issue) if issue in OURS_FOR else None
+        cv_items = theirs.items(issue) if theirs.lab is not None else None
+        table.add(f"  {issue}", "no check" if ours_items is None else len(ours_items),
+                  theirs.crash if cv_items is None else len(cv_items),
+                  *(phash.cells(len) if issue == "near_duplicates" else ()))
+        found = {"transferkit": ours_items or set(), "cleanvision": cv_items or set(),
+                 **(phash.named() if issue == "near_duplicates" else {})}
+        example_notes(notes, f"{name} {issue}", found, root)
     others = {k: v for k, v in sorted(ours.totals().items()) if k not in PAIR_KINDS + ("tiny", "extreme_aspect")}
     notes.append(f"{name}, transferkit's other findings (no cleanvision counterpart): {others or 'none'}")
     for kind in others:
@@ -314,50 +347,63 @@ def planted_rows(table: Table, notes: list[str], flowers: Path, cache: Path) -> 
         planted, problems = build_planted(flowers, folder)
         files = image_files(folder)
         _, ours = run_transferkit(folder, cache)
-        _, looser = run_transferkit(folder, cache, near_duplicate_cosine=LOOSER_COSINE)
         theirs = run_cleanvision(folder)
         crash = theirs.crash
         if crash:  # what a user has to do: leave out the files PIL cannot open, and run it again
             theirs = run_cleanvision(files=[f for f in files if opens(f)])
-        _, hashes = run_phash(files)
+        phash = PhashResult(files)
 
         everything = set().union(*planted.values())
-        found = {"transferkit": transferkit_pairs(ours),
-                 "cleanvision": theirs.pairs("exact_duplicates") | theirs.pairs("near_duplicates"),
-                 **{f"phash <={d}": phash_pairs(hashes, d) for d in PHASH_DISTANCES},
-                 f"transferkit at cosine {LOOSER_COSINE}": transferkit_pairs(looser)}
+        ours_found, cv_found = transferkit_pairs(ours), theirs.duplicate_pairs()
 
-        def row(label: str, pairs: set[Pair]) -> None:
-            table.add(label, len(pairs & found["transferkit"]), len(pairs & found["cleanvision"]),
-                      per_distance(len(pairs & found[f"phash <={d}"]) for d in PHASH_DISTANCES))
+        def row(label: str, value) -> None:
+            table.add(label, value(ours_found), value(cv_found), *phash.cells(value))
 
         table.add(f"planted: {len(files)} files (300 originals, 50 copies): planted pairs found")
         for edit, pairs in planted.items():
-            row(f"  {edit} (of {len(pairs)})", pairs)
-        row(f"  all edits (of {len(everything)})", everything)
-        others = {tool: pairs - everything for tool, pairs in found.items()}
-        table.add("  pairs reported that were not planted", *(len(others[t]) for t in ("transferkit", "cleanvision")),
-                  per_distance(len(others[f"phash <={d}"]) for d in PHASH_DISTANCES))
-        looser_tool = f"transferkit at cosine {LOOSER_COSINE}"
-        table.add(f"  at cosine {LOOSER_COSINE}: all edits / not planted",
-                  f"{len(everything & found[looser_tool])} / {len(others[looser_tool])}", "-", "-")
-        for tool, pairs in others.items():
-            if pairs:
-                notes.append(f"planted folder, pairs not planted, {tool}: " + examples(pairs, folder))
+            row(f"  {edit} (of {len(pairs)})", lambda found: len(pairs & found))
+        row(f"  all edits (of {len(everything)})", lambda found: len(everything & found))
+        row("  pairs reported that were not planted", lambda found: len(found - everything))
+        not_planted = {"transferkit": ours_found, "cleanvision": cv_found, **phash.named()}
+        example_notes(notes, "planted folder, pairs not planted",
+                   {tool: pairs - everything for tool, pairs in not_planted.items()}, folder)
 
         table.add("planted file problems: what each reports")
-        cv_flags, cv_index = theirs.flags(), set(theirs.lab.issues.index.map(resolved))
+        cv_flags = {issue: theirs.items(issue) for issue in CLEANVISION_TYPES if not issue.endswith("duplicates")}
+        cv_index = set(theirs.lab.issues.index.map(resolved))
         for name, path in problems.items():
             key = resolved(path)
             ours_cell = ",".join(sorted({f.kind for f in ours.findings if resolved(f.path) == key
                                          and f.kind in FILE_KINDS})) or "nothing"
-            cv_cell = ",".join(i for i in CLEANVISION_TYPES if key in cv_flags[i]) or (
+            cv_cell = ",".join(i for i, flagged in cv_flags.items() if key in flagged) or (
                 "nothing" if key in cv_index else "crash (see below)")
-            phash_cell = f"raises {hashes[key]}" if isinstance(hashes[key], str) else "nothing"
-            table.add(f"  {name}", ours_cell, cv_cell, phash_cell)
+            phash_cell = f"no hash ({phash.errors[key]})" if key in phash.errors else "nothing"
+            table.add(f"  {name}", ours_cell, cv_cell, *[phash_cell] * len(PHASH))
         if crash:
             notes.append(f"planted folder: cleanvision on the whole folder stops with {crash}...; the rows above are "
                          "from a second run on the files PIL can open")
+
+
+def digits_rows(table: Table, notes: list[str], cache: Path) -> None:
+    """(5): pairs each tool calls duplicates among the demo's digits, and how many of them are the same bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_digits(Path(tmp))
+        files = image_files(folder)
+        _, ours = run_transferkit(folder, cache, image_size=DIGITS_IMAGE_SIZE)
+        theirs = run_cleanvision(folder)
+        phash = PhashResult(files)
+        by_bytes = defaultdict(list)
+        for path in files:
+            by_bytes[hashlib.sha256(path.read_bytes()).digest()].append(path)
+        identical = all_pairs(by_bytes.values())
+        found = {"transferkit": transferkit_pairs(ours), "cleanvision": theirs.duplicate_pairs(), **phash.named()}
+
+        table.add(f"digits (demo, {len(files):,} scans of different digits; {len(identical)} byte-identical pairs)")
+        for label, value in (("  pairs called duplicates (exact or near)", len),
+                             ("  of which byte-identical (real duplicates)", lambda pairs: len(pairs & identical))):
+            table.add(label, value(found["transferkit"]), value(found["cleanvision"]), *phash.cells(value))
+        example_notes(notes, "digits, pairs of different bytes",
+                   {tool: pairs - identical for tool, pairs in found.items()}, folder)
 
 
 def main() -> None:
@@ -378,35 +424,30 @@ def main() -> None:
     files_s, _ = run_transferkit(args.flowers, args.cache_dir, use_features=False, use_cache=False)
     first_s, first = run_transferkit(args.flowers, args.cache_dir)
     warm_s, flowers_ours = run_transferkit(args.flowers, args.cache_dir)
-    _, flowers_looser = run_transferkit(args.flowers, args.cache_dir, near_duplicate_cosine=LOOSER_COSINE)
     flowers_cv = run_cleanvision(args.flowers)
-    phash_s, flowers_hashes = run_phash(flowers_files)
+    flowers_phash = PhashResult(flowers_files)
     table.add(f"flowers100 ({len(flowers_files)} images): wall time (s)")
     table.add("  checks without a backbone, no cache", f"{files_s:.1f}", f"{flowers_cv.seconds:.1f}",
-              f"{phash_s:.1f}")
-    table.add("  full diagnose, warm feature cache", f"{warm_s:.1f}", "-", "-")
-    table.add(f"  first full diagnose ({first.features_computed} computed)", f"{first_s:.1f}", "-", "-")
-    clean_data_rows(table, "flowers100", args.flowers, flowers_ours, flowers_cv, flowers_hashes, notes)
-    looser_pairs = transferkit_pairs(flowers_looser, OURS_FOR["near_duplicates"])
-    table.add(f"  near_duplicates, ours at cosine {LOOSER_COSINE}", len(images_in(looser_pairs)), "-", "-")
-    if looser_pairs:
-        notes.append(f"flowers100 near_duplicates, transferkit at cosine {LOOSER_COSINE}: "
-                     + examples(looser_pairs, args.flowers))
+              *(f"{flowers_phash.seconds[s]:.1f}" for s in PHASH))
+    table.add("  full diagnose, warm feature cache", f"{warm_s:.1f}")
+    table.add(f"  first full diagnose ({first.features_computed} computed)", f"{first_s:.1f}")
+    clean_data_rows(table, "flowers100", args.flowers, flowers_ours, flowers_cv, flowers_phash, notes)
 
     _, hymenoptera_ours = run_transferkit(args.hymenoptera, args.cache_dir)
-    hymenoptera_cv = run_cleanvision(args.hymenoptera)
-    _, hymenoptera_hashes = run_phash(image_files(args.hymenoptera))
-    clean_data_rows(table, "hymenoptera", args.hymenoptera, hymenoptera_ours, hymenoptera_cv, hymenoptera_hashes,
-                    notes)
+    clean_data_rows(table, "hymenoptera", args.hymenoptera, hymenoptera_ours, run_cleanvision(args.hymenoptera),
+                    PhashResult(image_files(args.hymenoptera)), notes)
 
     planted_rows(table, notes, args.flowers, args.cache_dir)
+    digits_rows(table, notes, args.cache_dir)
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}")
     table.print()
-    print("wall time: transferkit = diagnose(use_features=False, use_cache=False), files + exact duplicates; "
-          "cleanvision = Imagelab + find_issues() with its 9 default types; phash = open + phash of every file, "
-          "one thread a core. Flagged duplicates count images in a reported pair.")
+    print("transferkit = diagnose as it is now (near duplicates: features at cosine >= 0.97 or 256-bit phash within "
+          f"{PHASH_DISTANCE} bits). Wall time: transferkit = diagnose(use_features=False, use_cache=False), files + "
+          "exact duplicates; cleanvision = Imagelab + find_issues() with its 9 default types; phash = decode + phash "
+          "of every file, one thread a core. Our near duplicates and cleanvision's leave out exact copies; phash's "
+          "pairs include them.")
     print("\nexamples (paths relative to each dataset root; up to 3 per tool and issue):")
     for note in notes:
         print(note)

@@ -145,7 +145,8 @@ def test_doctor_finds_labels_planted_wrong_in_real_photos(hymenoptera, tmp_path,
             planted.add(str(link))
     report = diagnose(noisy, cache_dir=cache_dir, progress=False)
     flagged = {f.path for f in report.of_kind("label_error")}
-    assert len(flagged & planted) >= 0.7 * len(flagged) and len(flagged & planted) >= 0.5 * len(planted), (
+    # measured: 15 flagged, all planted; cleanlab's whole candidate list (22) holds 4 right labels
+    assert len(flagged & planted) >= 0.9 * len(flagged) and len(flagged & planted) >= 0.6 * len(planted), (
         len(flagged), len(flagged & planted))
     assert 0.02 < report.label_noise < 0.10  # cleanlab's estimate, for 5 % planted
     ranked = [issue.path in planted for issue in report.label_issues]
@@ -205,3 +206,26 @@ def test_train_prints_the_doctor_summary_first(messy, tmp_path, cache_dir):
     assert checked.stderr.index("doctor: ") < checked.stderr.index("skipped")  # before training's own report
     quiet = subprocess.run([*command, "--out", str(tmp_path / "b"), "--no-doctor"], capture_output=True, text=True)
     assert quiet.returncode == 0 and "doctor: " not in quiet.stderr
+
+
+def test_doctor_reuses_its_conclusions_until_a_file_or_label_changes(messy, tmp_path, cache_dir, monkeypatch):
+    """A warm `train` prints the doctor's paragraph without fitting a model or comparing images again."""
+    import transferkit.doctor as doctor
+
+    listing = tmp_path / "labels.csv"  # the same images as a CSV, so one label can change while no path does
+    rows = [f"{image},{image.parent.name},{image.parent.parent.name}" for image in sorted(messy.glob("*/*/*"))]
+    listing.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    first = diagnose(listing, cache_dir=cache_dir, progress=False)
+    assert first.of_kind("label_error")[0].path.endswith("mislabelled.jpg")
+    fits = []
+    real_label_issues = doctor._label_issues
+    monkeypatch.setattr(doctor, "_label_issues", lambda *a, **k: fits.append(1) or real_label_issues(*a, **k))
+    again = diagnose(listing, cache_dir=cache_dir, progress=False)
+    assert fits == [] and again.findings == first.findings and again.label_issues == first.label_issues
+    assert again.summary() == first.summary()
+    # the mislabelled image gets its right label: the doctor looks again, and no longer flags it
+    listing.write_text(listing.read_text().replace("mislabelled.jpg,stripes", "mislabelled.jpg,circles"))
+    relabelled = diagnose(listing, cache_dir=cache_dir, progress=False)
+    assert fits == [1] and not any(f.path.endswith("mislabelled.jpg") for f in relabelled.of_kind("label_error"))
+    diagnose(listing, cache_dir=cache_dir, progress=False, seed=1)  # other settings: looked at again
+    assert fits == [1, 1]

@@ -383,6 +383,13 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
         readable = [item for item, (_, facts) in zip(samples, checked) if facts.error is None]
         report.counts = {name: dict(Counter(s.label for split, s in readable if split == name))
                          for name in dataset.splits}
+        settings = {"backbone": backbone, "weights": weights, "image_size": image_size, "seed": seed,
+                    "near_duplicate_cosine": near_duplicate_cosine, **engine_options}
+        key = _conclusions_key(samples, checked, dataset.skipped, settings) if use_features and use_cache else None
+        known = _read_conclusions(cache_dir, key) if key else None
+        if known is not None:
+            known.data = str(data)
+            return known
         if use_features:
             extractor = Extractor(open_backbone(backbone, weights, image_size), cache_dir=cache_dir,
                                   **engine_options)
@@ -434,7 +441,57 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
                                                                 dataset.classes, seed)
         report.findings += _label_findings(report.label_issues)
     report.findings.sort(key=lambda f: (-SEVERITY.get(f.kind, 0), f.kind, -f.score, f.path))
+    if key:
+        _write_conclusions(cache_dir, key, report)
     return report
+
+
+# Bump when the same data would get other findings: conclusions kept under an older version are not reused.
+CONCLUSIONS_VERSION = 1
+
+
+def _conclusions_key(samples: list, checked: list[tuple[str | None, ImageFacts]], skipped: list,
+                     settings: dict) -> str:
+    """What the doctor's conclusions depend on: every file's path, split, label and content (or why it cannot be
+    read), and the settings. A warm `train` then reuses them without fitting a model or comparing any image."""
+    import hashlib
+    import json
+
+    files = [(str(sample.path), split, sample.label, digest or facts.error)
+             for (split, sample), (digest, facts) in zip(samples, checked)]
+    payload = {"version": CONCLUSIONS_VERSION, "settings": settings, "files": files,
+               "skipped": [(str(s.path), s.reason) for s in skipped]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _conclusions_file(cache_dir: str | Path | None, key: str) -> Path:
+    from transferkit.features import cache_root
+
+    return cache_root(cache_dir) / "doctor" / f"{key}.json"
+
+
+def _read_conclusions(cache_dir: str | Path | None, key: str) -> DoctorReport | None:
+    import json
+
+    try:
+        kept = json.loads(_conclusions_file(cache_dir, key).read_text(encoding="utf-8"))
+        return DoctorReport(kept["data"], kept["classes"], kept["counts"], [Finding(**f) for f in kept["findings"]],
+                            0, [LabelIssue(**issue) for issue in kept["label_issues"]], kept["label_noise"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none kept, or damaged: the checks run again
+
+
+def _write_conclusions(cache_dir: str | Path | None, key: str, report: DoctorReport) -> None:
+    import json
+
+    from transferkit.runs import write_atomically
+
+    path = _conclusions_file(cache_dir, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda temporary: temporary.write_text(json.dumps(report.to_dict()), encoding="utf-8"))
+    except OSError:
+        pass  # the report is complete; only the next run's shortcut is lost
 
 
 TITLES = {"unreadable": "Unreadable files", "no_images": "Classes with no usable image",
