@@ -229,3 +229,16 @@ def test_doctor_reuses_its_conclusions_until_a_file_or_label_changes(messy, tmp_
     assert fits == [1] and not any(f.path.endswith("mislabelled.jpg") for f in relabelled.of_kind("label_error"))
     diagnose(listing, cache_dir=cache_dir, progress=False, seed=1)  # other settings: looked at again
     assert fits == [1, 1]
+
+
+def test_doctor_without_cleanlab_says_how_to_install_it(messy, cache_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    for name in [name for name in sys.modules if name == "cleanlab" or name.startswith("cleanlab.")] + ["cleanlab"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import cleanlab...` now fails as if it were not installed
+    result = CliRunner().invoke(app, ["doctor", str(messy), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "needs cleanlab" in lines[0] and "pip install transferkit" in lines[0]

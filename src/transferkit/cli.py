@@ -123,9 +123,10 @@ def _friendly_errors(command: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {escape(problem)}; then run the command again.", highlight=False)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as error:
-            if error.name not in _FULL_INSTALL_MODULES:
+            missing = (error.name or "").partition(".")[0]
+            if missing not in _FULL_INSTALL_MODULES:
                 raise
-            err.print(f"[bold red]error:[/] this needs {error.name}, which this runtime-only install lacks; it runs "
+            err.print(f"[bold red]error:[/] this needs {missing}, which this runtime-only install lacks; it runs "
                       "exported models (`transferkit predict EXPORT_DIR ...`, `transferkit serve EXPORT_DIR`). "
                       "For everything else: pip install transferkit", highlight=False)
             raise typer.Exit(2) from None
