@@ -330,8 +330,11 @@ def clean_data_rows(table: Table, name: str, root: Path, ours: DoctorReport, the
         table.add(f"  {issue}", "no check" if ours_items is None else len(ours_items),
                   theirs.crash if cv_items is None else len(cv_items),
                   *(phash.cells(len) if issue == "near_duplicates" else ()))
-        found = {"transferkit": ours_items or set(), "cleanvision": cv_items or set(),
-                 **(phash.named() if issue == "near_duplicates" else {})}
+        found = {"transferkit": ours_items or set(), "cleanvision": cv_items or set()}
+        if issue == "near_duplicates":  # and the pairs the others report that ours, exact or near, does not
+            rivals = {"cleanvision": found["cleanvision"], **phash.named()}
+            found |= phash.named() | {f"{tool}, not paired by transferkit": pairs - transferkit_pairs(ours)
+                                      for tool, pairs in rivals.items()}
         example_notes(notes, f"{name} {issue}", found, root)
     others = {k: v for k, v in sorted(ours.totals().items()) if k not in PAIR_KINDS + ("tiny", "extreme_aspect")}
     notes.append(f"{name}, transferkit's other findings (no cleanvision counterpart): {others or 'none'}")

@@ -698,6 +698,10 @@ def doctor(
         for finding in result.of_kind(kind)[:10]:
             table.add_row(escape(str(finding.path)), escape(finding.detail))
         out.print(table)
+    possible = sum(not issue.likely for issue in result.label_issues)
+    if possible:
+        out.print(f"cleanlab ranks {plural(possible, 'more image')} as possible label issues, less certain: see "
+                  f"{'the report' if report_file else '--report or --json'}.")
     if report_file is not None:
         out.print(f"Report: [bold]{escape(str(report_file))}[/]")
 

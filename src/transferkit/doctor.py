@@ -1,10 +1,11 @@
 """`transferkit doctor`: problems in an image dataset, found from the files and from the backbone features.
 
-Checks each file (unreadable, empty, wrong extension, animated, tiny, extreme aspect ratio), exact and near
-duplicates (above all across splits: train/validation leakage), class balance, and likely label errors and outliers:
-out-of-fold predictions of a linear head on the cached features (confident-learning style: images whose given label
-gets a low probability while another class is predicted with a class's typical confidence) and images far from the
-centre of their own class.
+Checks each file (unreadable, empty, wrong extension, animated, tiny, extreme aspect ratio), exact duplicates (and the
+same bytes under two labels), near duplicates (backbone features or perceptual hashes; above all across splits:
+train/validation leakage), class balance, label issues (cleanlab on out-of-fold probabilities of a logistic regression
+on the cached features, ranked, with a measured cut for "likely label error") and outliers (images whose nearest
+neighbours are unusually far). What to act on comes first: leakage, unreadable files, conflicting and likely wrong
+labels.
 """
 
 from __future__ import annotations
