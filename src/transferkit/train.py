@@ -585,12 +585,12 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
                   else ScratchRun())
     with run_folder as staged:  # opened first: an unwritable --out fails before any work
         run_dir = staged.out if ranks.is_main else run_dir  # a default name taken by another run moves on (-2...)
-        if doctor and checkpoint is None and ranks.is_main:
-            checked = _doctor_summary(arguments, config, backbone.preprocessing.input_size[0], ranks.distributed,
-                                      progress)
-        if checkpoint is None:
+        if checkpoint is None:  # saved before the data check: a run stopped during it can be resumed
             checkpoint = {"arguments": arguments}
             _save(staged, checkpoint, clock)
+            if doctor and ranks.is_main:
+                checked = _doctor_summary(arguments, config, backbone.preprocessing.input_size[0],
+                                          ranks.distributed, progress)
         if config.mode != "probe":
             log.info("writing %s; if this run is interrupted, continue it with: transferkit train --resume %s",
                      run_dir, run_dir)
