@@ -242,3 +242,17 @@ def test_doctor_without_cleanlab_says_how_to_install_it(messy, cache_dir, monkey
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "needs cleanlab" in lines[0] and "pip install transferkit" in lines[0]
+
+
+def test_the_same_image_under_two_labels_is_a_conflict_to_act_on(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=12, seed=3)
+    shutil.copy(root / "stripes" / "stripes_3_000.jpg", root / "squares" / "also_a_square.jpg")
+    shutil.copy(root / "circles" / "circles_3_001.jpg", root / "circles" / "again.jpg")  # a plain duplicate
+    report = diagnose(root, use_features=False)
+    conflicts = report.of_kind("label_conflict")
+    assert [{f.path, f.other} for f in conflicts] == [{str(root / "squares" / "also_a_square.jpg"),
+                                                       str(root / "stripes" / "stripes_3_000.jpg")}]
+    assert "labelled" in conflicts[0].detail and {"stripes", "squares"} <= set(conflicts[0].detail.split())
+    assert [{f.path, f.other} for f in report.of_kind("duplicate")] == [{str(root / "circles" / "again.jpg"),
+                                                                        str(root / "circles" / "circles_3_001.jpg")}]
+    assert "act on 1 image with two labels; also 1 exact duplicate" in report.summary()
