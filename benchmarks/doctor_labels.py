@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +71,8 @@ def precision_at_half_recall(report: DoctorReport, moved: set[str]) -> float:
     return 0.0
 
 
-def run(case: Case, data: Path, cache_dir: Path | None) -> tuple[DoctorReport, float]:
-    started = time.perf_counter()
-    report = diagnose(data, image_size=case.image_size, cache_dir=cache_dir, progress=False)
-    return report, time.perf_counter() - started
+def run(case: Case, data: Path, cache_dir: Path | None) -> DoctorReport:
+    return diagnose(data, image_size=case.image_size, cache_dir=cache_dir, progress=False)
 
 
 def main() -> None:
@@ -91,13 +88,13 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.fraction:.0%} of labels moved, seeds {args.seeds}")
     print(f"\n{'unmodified data':<22}{'images':>8}{'likely errors':>15}{'share':>8}{'outliers':>10}"
-          f"{'cleanlab noise':>16}{'time (s)':>10}")
+          f"{'cleanlab noise':>16}")
     for case in cases:
-        report, seconds = run(case, case.data, args.cache_dir)
+        report = run(case, case.data, args.cache_dir)
         images = sum(sum(c.values()) for c in report.counts.values())
         errors = len(report.of_kind("label_error"))
         print(f"{case.name:<22}{images:>8}{errors:>15}{errors / images:>8.1%}{len(report.of_kind('outlier')):>10}"
-              f"{report.label_noise or 0:>16.1%}{seconds:>10.1f}")
+              f"{report.label_noise or 0:>16.1%}")
         outliers = report.of_kind("outlier")
         placeholder = [rank for rank, f in enumerate(outliers, 1) if f.path.endswith("imageNotFound.gif")]
         if case.data.name == "hymenoptera":
@@ -110,7 +107,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 data = Path(tmp) / case.data.name
                 moved = planted_copy(case.data, data, args.fraction, seed)
-                report, _ = run(case, data, args.cache_dir)
+                report = run(case, data, args.cache_dir)
             flagged = {f.path for f in report.of_kind("label_error")}
             hits = len(flagged & moved)
             print(f"{case.name:<22}{seed:>5}{len(moved):>7}{len(flagged):>9}{hits / max(1, len(flagged)):>11.2f}"
