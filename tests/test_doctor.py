@@ -256,3 +256,26 @@ def test_the_same_image_under_two_labels_is_a_conflict_to_act_on(tmp_path):
     assert [{f.path, f.other} for f in report.of_kind("duplicate")] == [{str(root / "circles" / "again.jpg"),
                                                                         str(root / "circles" / "circles_3_001.jpg")}]
     assert "act on 1 image with two labels; also 1 exact duplicate" in report.summary()
+
+
+def test_likely_label_errors_are_mostly_the_planted_ones_in_real_digits(tmp_path, cache_dir):
+    """Real scans (scikit-learn's digits), 600 of them with 30 (5 %) moved to another digit's folder. Measured: 29 to
+    36 likely label errors, 67-72 % of them planted, where cleanlab's whole suspect list (52-59) holds 36-46 %: the
+    cut on the score is what makes a flag worth acting on."""
+    from transferkit.demo import write_digits
+
+    digits = write_digits(tmp_path / "all")
+    rng = np.random.default_rng(0)
+    images = [image for folder in sorted(digits.iterdir()) for image in sorted(folder.glob("*.png"))[:60]]
+    moved = set(rng.choice(len(images), 30, replace=False).tolist())
+    planted = set()
+    for i, image in enumerate(images):
+        label = str((int(image.parent.name) + rng.integers(1, 10)) % 10) if i in moved else image.parent.name
+        (tmp_path / "noisy" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tmp_path / "noisy" / label / image.name)
+        if i in moved:
+            planted.add(str(tmp_path / "noisy" / label / image.name))
+    report = diagnose(tmp_path / "noisy", image_size=96, cache_dir=cache_dir, progress=False)
+    flagged = {f.path for f in report.of_kind("label_error")}
+    assert len(flagged & planted) >= 0.6 * len(flagged) and len(flagged & planted) >= 0.6 * len(planted), (
+        len(flagged), len(flagged & planted))
