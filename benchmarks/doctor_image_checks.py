@@ -50,7 +50,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, read_file
+from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, read_file
 from transferkit.demo import write_digits
 from transferkit.doctor import PHASH_DISTANCE, PHASH_SIDE, PHASH_SIZE, DoctorReport, diagnose
 
@@ -61,7 +61,6 @@ PER_CLASS = 60
 EDITS_PER_KIND = 10
 DIGITS_IMAGE_SIZE = 96  # the size the demo trains the 32 px digits at
 PHASH = {8: (4, 8), PHASH_SIZE: (PHASH_DISTANCE,)}  # hash_size (bits = its square): the distances pairs are taken at
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 CLEANVISION_TYPES = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "odd_size", "grayscale",
                      "exact_duplicates", "near_duplicates")
 # Our finding kinds that answer each cleanvision issue type; the types missing here have no counterpart in ours.
@@ -113,7 +112,7 @@ def resolved(path) -> str:
 
 
 def image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def all_pairs(groups) -> set[Pair]:

@@ -499,7 +499,7 @@ TITLES = {"unreadable": "Unreadable files", "no_images": "Classes with no usable
           "leak_exact": "Exact duplicates across splits (leakage)",
           "leak_near": "Near duplicates across splits (leakage)", "label_error": "Likely label errors",
           "label_conflict": "The same image under two labels",
-          "outlier": "Outliers: far from their class", "few_images": "Classes with too few images",
+          "outlier": "Outliers: far from every other image", "few_images": "Classes with too few images",
           "imbalance": "Class imbalance", "duplicate": "Exact duplicates", "near_duplicate": "Near duplicates",
           "tiny": "Tiny images", "wrong_extension": "Wrong extensions", "animated": "Animated or multi-frame",
           "extreme_aspect": "Extreme aspect ratios"}
