@@ -65,7 +65,8 @@ def test_training_resolution_follows_the_images():
     assert train_size_for(128, 224) == 128
     assert train_size_for(32, 224) == MIN_TRAIN_SIZE  # tiny photos are upsampled to a size the network works at
     assert train_size_for(375, 224) == 224  # large photos: the backbone's own training resolution
-    assert probe_size_for(100, 224) == 128  # small photos are not upsampled to 288 px for the probe either
+    assert probe_size_for(100, 224) == 224  # small photos: the probe at about twice their size, not at 288 px
+    assert probe_size_for(32, 224) == MIN_TRAIN_SIZE and probe_size_for(60, 224) == 128
     assert eval_size_for(128, 128) == 128 and eval_size_for(224, 375) == 256  # FixRes, within the images' detail
     assert probe_size_for(375, 224) is None
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from transferkit import predict_imagenet
-from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, open_backbone, read_state_dict
+from transferkit.backbone import block_widths, EMBEDDED_BACKBONES, _embedded_file, open_backbone, read_state_dict
 from transferkit.errors import BackboneError
 
 
@@ -34,7 +34,10 @@ def test_embedded_weights_load_offline(name):
     package = read_state_dict(_embedded_file(EMBEDDED_BACKBONES[name]))
     first_conv = next(v for k, v in package.items() if v.ndim == 4)  # the stem, in the package's own key order
     assert torch.equal(model.conv_stem.weight, first_conv)
-    assert backbone.features(torch.zeros(1, 3, 64, 64)).shape[1] == model.num_features
+    assert backbone.features(torch.zeros(1, 3, 64, 64)).shape[1] == backbone.feature_width
+    assert tuple(block_widths(model)) == EMBEDDED_BACKBONES[name].block_widths  # known without building the model
+    assert open_backbone(name, features="pre-logits").features(torch.zeros(1, 3, 64, 64)).shape[1] == \
+        model.num_features
 
 
 def test_timm_alias_maps_to_embedded_weights():

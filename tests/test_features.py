@@ -80,7 +80,7 @@ def test_every_engine_agrees_with_the_fp32_reference(backbone, image_folder):
         assert cosine_rows(extractor.features(pixels), reference).min() >= floor, (engine, precision)
     onnx, torch_fp32 = Extractor(backbone, engine="onnxruntime"), Extractor(backbone, precision="fp32", engine="torch")
     assert onnx.cache_key == torch_fp32.cache_key  # exact engines share cached features
-    assert onnx.features(pixels[:1]).shape == (1, backbone.model.num_features)  # any batch size
+    assert onnx.features(pixels[:1]).shape == (1, backbone.feature_width)  # any batch size
 
 
 @pytest.mark.slow

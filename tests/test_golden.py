@@ -30,9 +30,12 @@ def golden() -> dict:
 
 @pytest.mark.parametrize("name", list(EMBEDDED_BACKBONES))
 def test_every_engine_reproduces_the_golden_features(name, golden):
-    backbone = open_backbone(name)
+    backbone = open_backbone(name, features="pre-logits")
     expected = np.array(golden[name]["features"], dtype=np.float32)[None]
     pixels = backbone.preprocessing.pixels(golden_image())[None]
+    blocks = Extractor(open_backbone(name), "cpu", "fp32", "torch").features(pixels)
+    last = blocks[:, -EMBEDDED_BACKBONES[name].block_widths[-1]:]  # the blocks' last part: the same at unit length
+    assert cosine_rows(last, expected)[0] >= 0.9999 and np.linalg.norm(last) == pytest.approx(1.0, abs=1e-5)
     engines = ENGINES + ([("onnxruntime", "auto", 0.9999)] if name == DEFAULT_BACKBONE else [])
     for engine, precision, floor in engines:
         features = Extractor(backbone, "cpu", precision, engine).features(pixels)

@@ -110,13 +110,14 @@ def _tensors(run, prefix: str) -> dict:
 def test_from_run_starts_the_probe_from_the_runs_head(split_folder, tmp_path, cache_dir):
     first = _train(split_folder, tmp_path, cache_dir, "first")
     # a learning rate too small to move anything: the new run's first epoch scores the old run's head
-    again = _train(split_folder, tmp_path, cache_dir, "again", from_run=first.run_dir, lr=1e-12, epochs=1)
+    again = _train(split_folder, tmp_path, cache_dir, "again", from_run=first.run_dir, lr=1e-12, epochs=1,
+                   optimizer="adamw")
     assert again.history[0]["val_loss"] == pytest.approx(first.history[first.best_epoch - 1]["val_loss"], rel=1e-5)
     old, new = _tensors(first.run_dir, "head."), _tensors(again.run_dir, "head.")
     assert all(np.allclose(old[k].numpy(), new[k].numpy(), atol=1e-6) for k in old)
     assert json.loads((again.run_dir / "config.json").read_text())["from_run"] == str(first.run_dir)
     # without from_run the same training starts from a fresh head
-    fresh = _train(split_folder, tmp_path, cache_dir, "fresh", lr=1e-12, epochs=1)
+    fresh = _train(split_folder, tmp_path, cache_dir, "fresh", lr=1e-12, epochs=1, optimizer="adamw")
     assert fresh.history[0]["val_loss"] > 2 * again.history[0]["val_loss"]
 
 
@@ -129,7 +130,8 @@ def test_from_run_continues_a_fine_tuned_backbone(split_folder, tmp_path, cache_
     assert old.keys() == new.keys()
     assert all(np.allclose(old[k].float().numpy(), new[k].float().numpy(), atol=1e-6) for k in old)
     # a probe on top of the fine-tuned backbone keeps that backbone, so the run loads as trained
-    probe = _train(split_folder, tmp_path, cache_dir, "probe", from_run=first.run_dir, lr=1e-12, epochs=1)
+    probe = _train(split_folder, tmp_path, cache_dir, "probe", from_run=first.run_dir, lr=1e-12, epochs=1,
+                   optimizer="adamw")
     assert _tensors(probe.run_dir, "backbone.").keys() == old.keys()
     assert Classifier.load(probe.run_dir).predict(sorted(split_folder.glob("val/*/*.jpg"))[:1])[0].label
 

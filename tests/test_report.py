@@ -127,7 +127,7 @@ def test_finetune_report_marks_where_fine_tuning_started(split_folder, tmp_path,
     first_finetune_epoch = next(row["epoch"] for row in result.history if row["stage"] == "finetune")
     assert f"fine-tuning started at epoch {first_finetune_epoch}" in page
     summary = summarize(result.run_dir)
-    head_parameters = 1280 * 3 + 3
+    head_parameters = open_backbone().feature_width * 3 + 3
     assert head_parameters < summary.trainable_parameters < summary.total_parameters
     assert summary.notes["mode"] == "finetune"
     probe = transferkit.train(split_folder, out=tmp_path / "probe", cache_dir=str(cache_dir), progress=False,

@@ -78,7 +78,8 @@ class Classifier:
             backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
             backbone = backbone_from_state(spec, preprocessing, backbone_state)
         else:
-            backbone = open_backbone(spec["name"], spec.get("weights"), preprocessing.input_size[0])
+            backbone = open_backbone(spec["name"], spec.get("weights"), preprocessing.input_size[0],
+                                     features=spec.get("features", "pre-logits"))
             if backbone.weights_id != spec["weights_id"]:
                 raise RunError(f"the backbone weights of {run} changed since training ({spec['weights_id']} then, "
                                f"{backbone.weights_id} now); retrain, or restore the original weights file.")

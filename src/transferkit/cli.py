@@ -276,13 +276,16 @@ def train(
     lr: Optional[float] = typer.Option(None, min=0.0, rich_help_panel=TRAINING,
                                        help="Learning rate \\[default: 1e-4 for finetune (the backbone x "
                                             "--backbone-lr-mult), 1e-3 otherwise]."),
-    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = typer.Option("adamw", case_sensitive=False,
-                                                                         help="The optimizer.",
-                                                                         rich_help_panel=TRAINING),
+    optimizer: Optional[Literal["lbfgs", "adamw", "adam", "sgd", "rmsprop"]] = typer.Option(
+        None, case_sensitive=False, rich_help_panel=TRAINING,
+        help="The optimizer \\[default: lbfgs for a linear probe (full batch, weight decay and features chosen on "
+             "validation), adamw otherwise]."),
     momentum: float = typer.Option(0.9, min=0.0, max=0.999, help="For sgd and rmsprop.", rich_help_panel=TRAINING),
     nesterov: bool = _flag("--nesterov", "Nesterov momentum for sgd.", TRAINING),
-    weight_decay: float = typer.Option(1e-4, min=0.0, help="Decoupled weight decay (L2 for sgd).",
-                                       rich_help_panel=TRAINING),
+    weight_decay: Optional[float] = typer.Option(
+        None, min=0.0, rich_help_panel=TRAINING,
+        help="Decoupled weight decay (L2 for sgd and lbfgs) \\[default: chosen on validation by lbfgs, 1e-4 "
+             "otherwise]."),
     schedule: Optional[Literal["constant", "step", "cosine", "onecycle"]] = typer.Option(
         None, case_sensitive=False, rich_help_panel=TRAINING,
         help="Learning-rate schedule \\[default: constant for probe, onecycle otherwise]."),
@@ -297,9 +300,10 @@ def train(
                                           rich_help_panel=TRAINING),
     patience: int = typer.Option(10, min=1, help="Early stopping: epochs without a better monitored value.",
                                  rich_help_panel=TRAINING),
-    monitor: Literal["val_loss", "val_accuracy"] = typer.Option("val_loss", case_sensitive=False,
-                                                                help="Early stopping and best epoch by this value.",
-                                                                rich_help_panel=TRAINING),
+    monitor: Optional[Literal["val_loss", "val_accuracy"]] = typer.Option(
+        None, case_sensitive=False, rich_help_panel=TRAINING,
+        help="Early stopping and best epoch (lbfgs: best fit) by this value \\[default: val_accuracy for lbfgs, "
+             "val_loss otherwise]."),
     balance: Literal["none", "weights", "sampler"] = typer.Option(
         "none", case_sensitive=False, rich_help_panel=TRAINING,
         help="Imbalanced data: none, weights (class-weighted loss) or sampler (class-balanced sampling)."),

@@ -60,6 +60,16 @@ BOUNDS = {"epochs": Bound(True, 1), "head_epochs": Bound(True, 1), "batch_size":
           "test_percent": Bound(False, 0, 99)}
 
 
+# Options of the epoch-by-epoch loop that L-BFGS has no use for: given to a probe without an optimizer, they are an
+# error rather than silently ignored.
+LOOP_OPTIONS = ("lr", "schedule", "warmup_epochs", "grad_clip", "nesterov", "lr_steps")
+
+
+def probe_optimizer(head: str) -> str:
+    """How a probe on cached features is fitted by default: L-BFGS for a linear head, AdamW epochs for an MLP."""
+    return "lbfgs" if head == "linear" else "adamw"
+
+
 def option_name(field: str) -> str:
     """`batch_size (--batch-size)`: an option as Python callers and command-line users both know it."""
     return f"{field} (--{field.replace('_', '-')})"
@@ -81,6 +91,7 @@ class TrainConfig(FitOptions):
     epochs: int | None = None
     lr: float | None = None
     schedule: str | None = None
+    optimizer: str | None = None
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     image_size: int | None = None
@@ -123,7 +134,10 @@ class TrainConfig(FitOptions):
         if time_limit and mode in ("head", "finetune", "scratch"):
             raise DataError(f"{option_name('time_limit')} plans training itself (mode auto: the probe, then "
                             f"fine-tuning fitted to the time); with mode {mode} give {option_name('epochs')} instead.")
+        loop_options = [name for name in LOOP_OPTIONS if getattr(self, name) not in (None, 0.0, (), False)]
         defaults = {k: v for k, v in MODE_DEFAULTS[mode].items() if getattr(self, k) is None}
+        if self.optimizer is None:
+            defaults["optimizer"] = probe_optimizer(self.head.lower()) if mode == "probe" else "adamw"
         balance = {True: "weights", False: "none"}.get(self.balance, self.balance)
         config = replace(self, **defaults, mode=mode, time_limit=time_limit, balance=balance,
                          lr_steps=tuple(self.lr_steps))
@@ -135,6 +149,14 @@ class TrainConfig(FitOptions):
             raise DataError(f"lr must be more than 0, not {config.lr}.")
         if config.head not in HEAD_KINDS:
             raise DataError(f"head must be one of {', '.join(HEAD_KINDS)}, not {config.head!r}.")
+        if config.optimizer == "lbfgs" and (config.mode != "probe" or config.head != "linear"):
+            raise DataError(f"{option_name('optimizer')} lbfgs fits a linear probe on cached features (mode probe, "
+                            f"head linear), not {'an mlp head' if config.head != 'linear' else f'mode {config.mode}'}"
+                            f"; use adamw, adam, sgd or rmsprop.")
+        if self.optimizer is None and config.optimizer == "lbfgs" and loop_options:
+            raise DataError(f"{option_name(loop_options[0])} tunes training epoch by epoch, and the probe is fitted by "
+                            f"L-BFGS (no learning rate or schedule to set): add optimizer=\"adamw\" (--optimizer "
+                            f"adamw) to train it epoch by epoch, or drop {loop_options[0]}.")
         check_augment(config.augment)
         if not (config.unfreeze == "all" or config.unfreeze.startswith(("top-blocks:", "from:"))):
             raise DataError(f"{option_name('unfreeze')} must be all, top-blocks:N or from:LAYER, "

@@ -392,8 +392,8 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
             known.data = str(data)
             return known
         if use_features:
-            extractor = Extractor(open_backbone(backbone, weights, image_size), cache_dir=cache_dir,
-                                  **engine_options)
+            opened = open_backbone(backbone, weights, image_size)
+            extractor = Extractor(opened, cache_dir=cache_dir, **engine_options)
             feature_set = extract_features(extractor, [s.path for _, s in samples], cache, progress=progress)
     finally:
         if cache is not None:
@@ -434,8 +434,10 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     splits = [samples[i][0] for i in kept]
     targets = np.array([dataset.classes.index(samples[i][1].label) for i in kept], dtype=np.int64)
     hashes = [checked[i][1].phash for i in kept]
-    duplicates, outliers = _compare_all(paths, splits, feature_set.features, hashes, exact, near_duplicate_cosine,
-                                        progress)
+    # Near duplicates and outliers compare the final features (the last block's part of `blocks` features), whose
+    # cosines the thresholds above were measured on; label issues use every block's, as the probe does.
+    final = feature_set.features[:, -opened.block_widths[-1]:]
+    duplicates, outliers = _compare_all(paths, splits, final, hashes, exact, near_duplicate_cosine, progress)
     report.findings += duplicates + outliers
     if len(set(targets.tolist())) > 1:
         report.label_issues, report.label_noise = _label_issues(paths, feature_set.features, targets,
@@ -448,7 +450,7 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
 
 
 # Bump when the same data would get other findings: conclusions kept under an older version are not reused.
-CONCLUSIONS_VERSION = 1
+CONCLUSIONS_VERSION = 2
 
 
 def _conclusions_key(samples: list, checked: list[tuple[str | None, ImageFacts]], skipped: list,

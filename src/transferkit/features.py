@@ -33,6 +33,7 @@ from transferkit.onnx_engine import (ExportError, backbone_onnx, onnx_session, o
 from transferkit.progress import progress_bar
 
 CACHE_FORMAT = 2
+BLOCKS_CACHE_FORMAT = 3  # `blocks` features (format 2 spaces hold pre-logits features and keep serving those runs)
 _SQL_CHUNK = 500
 
 
@@ -167,9 +168,12 @@ class Extractor:
     @property
     def cache_key(self) -> dict:
         """Everything that determines a feature vector besides the image bytes (fp32 engines share features)."""
-        return {"format": CACHE_FORMAT, "architecture": self.backbone.architecture,
-                "weights_id": self.backbone.weights_id, "preprocessing": self.backbone.preprocessing.to_dict(),
-                "precision": self.precision, "jpeg_draft": JPEG_DRAFT_MARGIN}
+        key = {"format": CACHE_FORMAT, "architecture": self.backbone.architecture,
+               "weights_id": self.backbone.weights_id, "preprocessing": self.backbone.preprocessing.to_dict(),
+               "precision": self.precision, "jpeg_draft": JPEG_DRAFT_MARGIN}
+        if self.backbone.feature_kind == "blocks":
+            key.update(format=BLOCKS_CACHE_FORMAT, features="blocks")
+        return key
 
     def describe(self) -> dict:
         return {"engine": self.engine, "precision": self.precision, "device": str(self.device)}

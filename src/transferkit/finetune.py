@@ -363,7 +363,7 @@ class _Stage:
                                  generator=torch.Generator().manual_seed(options.seed))
         self.criterion = nn.CrossEntropyLoss(weight=weights.to(device) if options.balance == "weights" else None,
                                              label_smoothing=options.label_smoothing)
-        self.optimizer = make_optimizer(groups, options.optimizer, options.lr, options.weight_decay,
+        self.optimizer = make_optimizer(groups, options.optimizer, options.lr, options.decay,
                                         options.momentum, options.nesterov)
         self.steps_per_epoch = math.ceil(len(self.sampler) / options.batch_size)
         self.scheduler = make_scheduler(self.optimizer, schedule, options.epochs, self.steps_per_epoch,
@@ -464,7 +464,7 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                 probabilities, kept = evaluate_images(net, training.backbone, val_paths, device, precision,
                                                       eval_batch, options.workers, options.max_image_pixels)
                 row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
-                score = ((row["val_loss"],) if options.monitor == "val_loss"
+                score = ((row["val_loss"],) if options.monitored == "val_loss"
                          else (-row["val_accuracy"], row["val_loss"]))
                 if score < best["score"]:
                     best = {"score": score, "epoch": epoch, "model": copy.deepcopy(net.state_dict())}

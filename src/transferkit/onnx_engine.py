@@ -51,6 +51,8 @@ def onnxruntime_provider(device: torch.device) -> str | None:
 def export_folder(backbone: Backbone, root: Path) -> Path:
     key = {"format": EXPORT_FORMAT, "architecture": backbone.architecture, "weights_id": backbone.weights_id,
            "preprocessing": backbone.preprocessing.to_dict()}
+    if backbone.feature_kind == "blocks":
+        key["features"] = "blocks"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     safe_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in backbone.architecture)
     return root / f"{safe_name}-{digest}"

@@ -12,17 +12,18 @@ import torch
 from transferkit.errors import DataError
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+PROBE_OPTIMIZERS = ("lbfgs", *OPTIMIZERS)  # lbfgs: a linear head on cached features, full batch (head.fit_linear_lbfgs)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
-def _check_optimizer(name: str) -> None:
-    if name not in OPTIMIZERS:
-        raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}.")
+def _check_optimizer(name: str, allowed: tuple[str, ...] = OPTIMIZERS) -> None:
+    if name not in allowed:
+        raise DataError(f"optimizer must be one of {', '.join(allowed)}, not {name!r}.")
 
 
 def check_choices(optimizer: str, schedule: str, lr_steps: Iterable[int], epochs: int | None) -> None:
     """One-line errors for option values a user can get wrong, before any work starts."""
-    _check_optimizer(optimizer)
+    _check_optimizer(optimizer, PROBE_OPTIMIZERS)
     if schedule not in SCHEDULES:
         raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}.")
     steps = list(lr_steps)

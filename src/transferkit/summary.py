@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, feature_size, open_backbone
+from transferkit.backbone import EMBEDDED_BACKBONES, _embedded_file, feature_size, open_backbone, pooled_features
 from transferkit.errors import BackboneError
 from transferkit.runs import staging_dir, write_atomically
 
@@ -108,12 +108,25 @@ def _output_shapes(model: nn.Module, modules: list[tuple[str, nn.Module]],
     return shapes
 
 
+class _Features(nn.Module):
+    """The backbone as the head sees it: images -> `kind` features (backbone.FEATURE_KINDS)."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.model, images, self.kind)
+
+
 def summarize_model(name: str, model: nn.Module, input_size: tuple[int, int] | None = None,
-                    head: nn.Module | None = None, notes: dict[str, str] | None = None) -> ModelSummary:
-    """Totals from the parameters' `requires_grad`; shapes need `input_size`. The model may be moved to meta."""
+                    head: nn.Module | None = None, notes: dict[str, str] | None = None,
+                    feature_kind: str = "pre-logits", features: int | None = None) -> ModelSummary:
+    """Totals from the parameters' `requires_grad`; shapes need `input_size`. The model may be moved to meta.
+    `feature_kind` is what the head is given; `features` its width (default: the model's pre-logits width)."""
     full = nn.ModuleDict({"backbone": model, "head": head}) if head is not None else model
     blocks = _blocks(model) + ([("head", head)] if head is not None else [])
-    shapes = _output_shapes(nn.Sequential(model, head) if head is not None else model, blocks,
+    shapes = _output_shapes(nn.Sequential(_Features(model, feature_kind), head) if head is not None else model, blocks,
                             input_size) if input_size else {}
     rows = [LayerRow(block_name, type(module).__name__, shapes.get(block_name),
                      sum(p.numel() for p in module.parameters()),
@@ -122,7 +135,7 @@ def summarize_model(name: str, model: nn.Module, input_size: tuple[int, int] | N
     parameters = list(full.parameters())
     return ModelSummary(name, sum(p.numel() for p in parameters),
                         sum(p.numel() for p in parameters if p.requires_grad), count_layers(full),
-                        feature_size(model) if hasattr(model, "num_features") else None,
+                        features or (feature_size(model) if hasattr(model, "num_features") else None),
                         list(input_size) if input_size else None, rows, notes or {})
 
 
@@ -136,7 +149,7 @@ def summarize_backbone(name: str) -> ModelSummary:
     with torch.device("meta"):
         model = timm.create_model(backbone.architecture, pretrained=False)
     return summarize_model(backbone.name, model, (backbone.train_size, backbone.train_size),
-                           notes={"architecture": backbone.architecture})
+                           notes={"architecture": backbone.architecture}, features=backbone.feature_width)
 
 
 def _frozen_backbone(classifier, size: int, cache_dir: str | Path | None = None) -> ModelSummary:
@@ -184,7 +197,7 @@ def summarize_run(run: str | Path, cache_dir: str | Path | None = None) -> Model
         head_parameters = sum(p.numel() for p in head.parameters())
         head_row = LayerRow("head", type(head).__name__, [len(classifier.classes)], head_parameters, head_parameters)
         return ModelSummary(name, frozen.total_parameters + head_parameters, head_parameters,
-                            frozen.layers + count_layers(head), frozen.feature_size, frozen.input_size,
+                            frozen.layers + count_layers(head), classifier.backbone.feature_width, frozen.input_size,
                             frozen.rows + [head_row], notes)
     model = classifier.backbone.model
     if mode == "finetune":
@@ -193,7 +206,8 @@ def summarize_run(run: str | Path, cache_dir: str | Path | None = None) -> Model
             parameter.requires_grad_(parameter_name in unfrozen)
     else:
         model.requires_grad_(True)
-    return summarize_model(name, model, (size, size), head, notes)
+    return summarize_model(name, model, (size, size), head, notes, classifier.backbone.feature_kind,
+                           classifier.backbone.feature_width)
 
 
 def summarize(target: str | Path, cache_dir: str | Path | None = None) -> ModelSummary:

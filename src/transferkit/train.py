@@ -18,10 +18,10 @@ from transferkit.augment import decode_size
 from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
                               MIN_EPOCHS, TOP_BLOCKS, FinetunePlan, final_seconds, native_size, plan_finetune,
                               probe_size_for)
-from transferkit.backbone import Backbone, feature_size, open_backbone, state_digest
+from transferkit.backbone import Backbone, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.classifier import Classifier, accuracies, class_names
-from transferkit.config import TrainConfig
+from transferkit.config import TrainConfig, probe_optimizer
 from transferkit.data import Skipped, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
@@ -219,15 +219,21 @@ def _probe_options(config: TrainConfig) -> FitOptions:
     """Fine-tuning's first stage: the probe's own defaults, with the options that describe the data and goal."""
     return FitOptions(epochs=config.head_epochs, batch_size=config.batch_size, weight_decay=config.weight_decay,
                       label_smoothing=config.label_smoothing, patience=config.patience, balance=config.balance,
-                      seed=config.seed, monitor=config.monitor)
+                      seed=config.seed, monitor=config.monitor, optimizer=probe_optimizer(config.head))
 
 
 def _fit_probe(prepared: Prepared, features: dict[str, np.ndarray], spec: HeadSpec, options: FitOptions,
-               progress: bool | None, initial: dict | None = None):
+               progress: bool | None, backbone: Backbone, initial: dict | None = None):
     _, train_targets = prepared.split("train")
     _, val_targets = prepared.split("val")
-    return fit_head(spec, features["train"], train_targets, features.get("val"), val_targets, options, progress,
-                    initial)
+    last_block = backbone.block_widths[-1] if backbone.feature_kind == "blocks" else None
+    fit = fit_head(spec, features["train"], train_targets, features.get("val"), val_targets, options, progress,
+                   initial, last_block)
+    if fit.chosen:
+        log.info("probe: %s features, weight decay %g (chosen on validation among %d fits)",
+                 "every block's" if fit.chosen["features"] == "blocks" else "the last block's",
+                 fit.chosen["weight_decay"], len(fit.history))
+    return fit
 
 
 def _evaluated(prepared: Prepared, probabilities: dict[str, np.ndarray],
@@ -256,6 +262,8 @@ class _Outcome:
     mode: str = "probe"
     choice: str | None = None
     advice: str | None = None
+    probe_fit: dict = field(default_factory=dict)
+    """What validation chose for the probe (features, weight decay), when L-BFGS fitted it."""
 
 
 def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
@@ -264,7 +272,7 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
-    fit = _fit_probe(prepared, features, spec, options, progress, start.head.state_dict() if start else None)
+    fit = _fit_probe(prepared, features, spec, options, progress, backbone, start.head.state_dict() if start else None)
     for row in fit.history:
         row["stage"] = "probe"
         if tensorboard is not None:
@@ -280,7 +288,7 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
         tensors.update({f"backbone.{k}": v.contiguous() for k, v in backbone.model.state_dict().items()})
         backbone_config.update(stored_in_run=True, started_from=start.config["backbone"]["started_from"])
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
-                    backbone.preprocessing.to_dict(), extractor.describe())
+                    backbone.preprocessing.to_dict(), extractor.describe(), probe_fit=fit.chosen)
 
 
 def _prepare_images(dataset, backbone, config: TrainConfig, progress,
@@ -295,7 +303,7 @@ def _prepare_images(dataset, backbone, config: TrainConfig, progress,
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
     spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
-    fit = _fit_probe(prepared, features, spec, _probe_options(config), progress)
+    fit = _fit_probe(prepared, features, spec, _probe_options(config), progress, backbone)
     for row in fit.history:
         row["stage"] = "head"
     return prepared, {"history": fit.history, "head": fit.head.state_dict()}
@@ -306,7 +314,7 @@ def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = backbone.trainable_copy()
-        spec = HeadSpec(config.head, feature_size(model), num_classes, config.dropout, config.hidden)
+        spec = HeadSpec(config.head, backbone.feature_width, num_classes, config.dropout, config.hidden)
         return Network(model, backbone, spec.build()), spec
 
 
@@ -385,7 +393,8 @@ def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes
         raise DataError(f"{run} has a {head.kind} head{f' of {head.hidden}' if head.kind == 'mlp' else ''}; give "
                         f"the same head (head / --head, hidden / --hidden) to start from it.")
     spec = start.config["backbone"]
-    fresh = open_backbone(config.backbone, config.weights, config.image_size)
+    fresh = open_backbone(config.backbone, config.weights, config.image_size,
+                          features=spec.get("features", "pre-logits"))
     if fresh.name != spec["name"] or (not spec.get("stored_in_run") and fresh.weights_id != spec["weights_id"]):
         raise DataError(f"{run} was trained on the backbone {spec['name']}, not {fresh.name} ({fresh.weights_id}); "
                         f"give the same backbone (backbone / --backbone, weights / --weights) to start from it.")
@@ -568,10 +577,10 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
     _warn_small_validation(len(dataset.splits.get("val", [])))
     if config.train_size:
         backbone.train_size = config.train_size
-    if config.mode == "auto" and config.image_size is None:
+    if config.mode in ("probe", "auto") and config.image_size is None and start is None:
         probe_size = probe_size_for(native_size([s.path for s in dataset.splits["train"]]), backbone.train_size)
         if probe_size:
-            log.info("auto: the images are smaller than %s's %d px: the probe's features at %d px, not %d",
+            log.info("the images are smaller than %s's %d px: the probe's features at %d px, not %d",
                      backbone.name, backbone.train_size, probe_size, backbone.preprocessing.input_size[0])
             backbone = open_backbone(config.backbone, config.weights, probe_size)
     if config.mode == "auto" and clock.limit is None:
@@ -617,6 +626,7 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             "from_run": arguments.get("from_run"),
             "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
+            "probe_fit": outcome.probe_fit,
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
@@ -677,11 +687,19 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
             **options) -> tuple[LRFinding, Path]:
     """The learning-rate range test for the training a `train` call with the same options would run (for
     fine-tuning: the second stage, after the head is probed). Writes lr_find.png and lr_find.csv into `out`."""
+    requested = options.get("optimizer", config.optimizer if config else None)
     config = replace(config or TrainConfig(), **options).resolved()
     if distributed.launched_by_torchrun():
         raise DataError("--lr-find runs in one process; run it without torchrun or --nproc.")
     if config.mode == "auto":
         raise DataError("--mode auto picks its learning rates itself; use --lr-find with --mode probe or finetune.")
+    if config.optimizer == "lbfgs":
+        if requested == "lbfgs":
+            raise DataError("the lbfgs optimizer has no learning rate to find; use --lr-find with --optimizer adamw, "
+                            "adam, sgd or rmsprop.")
+        log.info("the probe is fitted by L-BFGS, which needs no learning rate; this range test is for "
+                 "--optimizer adamw")
+        config = replace(config, optimizer="adamw")
     dataset = load_dataset(data, val, test, config.val_percent, config.test_percent)
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
