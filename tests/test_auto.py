@@ -4,15 +4,19 @@ honoured end to end, resume within the time left, and plain progress lines in lo
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import transferkit
@@ -23,6 +27,34 @@ from transferkit.cli import app
 from transferkit.runs import CHECKPOINT, load_checkpoint, staging_dir
 
 FAST = dict(image_size=96, workers=2, batch_size=12)
+
+
+@pytest.fixture
+def probe_learns_nothing(monkeypatch):
+    """The probe's head zeroed after fitting (every class equally likely): a probe that leaves room, on shapes that
+    every block's features otherwise tell apart at once."""
+    train_module = importlib.import_module("transferkit.train")
+    real_fit_head = train_module.fit_head
+
+    def fit_nothing(*args, **kwargs):
+        fit = real_fit_head(*args, **kwargs)
+        with torch.no_grad():
+            for parameter in fit.head.parameters():
+                parameter.zero_()
+        return fit
+
+    monkeypatch.setattr(train_module, "fit_head", fit_nothing)
+
+
+def random_labels(source: Path, target: Path, seed: int = 0) -> Path:
+    """`source`'s images (a train/ + val/ layout) filed under two classes at random: no probe fits them well."""
+    rng = np.random.default_rng(seed)
+    for path in sorted(source.rglob("*.jpg")):
+        split = path.relative_to(source).parts[0]
+        folder = target / split / ("a", "b")[int(rng.integers(2))]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    return target
 
 
 def _cli(*args: str) -> list[str]:
@@ -112,13 +144,14 @@ def test_plan_fits_the_epochs_to_the_time_and_steps_down_when_short():
 
 
 @pytest.mark.slow
-def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_path, cache_dir):
-    """A probe stopped after one epoch is poor; fine-tuning in the time left beats it and is kept."""
+def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_path, cache_dir, probe_learns_nothing):
+    """A probe that learnt nothing is poor; fine-tuning in the time left beats it and is kept."""
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
-                               time_limit="45s", head_epochs=1, patience=3, **FAST)
+                               time_limit="45s", patience=3, **FAST)
     config = json.loads((result.run_dir / "config.json").read_text())
     history = _history(result.run_dir)
-    probe_val = float([row for row in history if row["stage"] == "probe"][-1]["val_accuracy"])
+    probe_val = float(result.choice.rsplit("the probe's ", 1)[1])  # the zeroed head's, not the fit's history
+    assert probe_val < 0.5
     assert config["mode"] == "finetune" and config["train"]["mode"] == "auto"
     assert result.choice.startswith("kept the fine-tuned model")
     assert result.val_accuracy > probe_val
@@ -130,10 +163,12 @@ def test_auto_keeps_the_fine_tuned_model_when_it_is_better(split_folder, tmp_pat
 
 
 @pytest.mark.slow
-def test_auto_keeps_the_probe_when_fine_tuning_is_worse(split_folder, tmp_path, cache_dir):
-    """Fine-tuning at an absurd learning rate wrecks the network; the probe it started from is kept."""
+def test_auto_keeps_the_probe_when_fine_tuning_is_worse(split_folder, tmp_path, cache_dir, monkeypatch):
+    """Fine-tuning at an absurd learning rate wrecks the network; the probe it started from is kept (fine-tuning is
+    tried here even after a perfect probe)."""
+    monkeypatch.setattr(importlib.import_module("transferkit.train"), "FINETUNE_BELOW", 1.01)
     result = transferkit.train(split_folder, out=tmp_path / "run", cache_dir=str(cache_dir), progress=False,
-                               time_limit="30s", head_epochs=1, lr=5.0, patience=2, **FAST)
+                               time_limit="30s", lr=5.0, patience=2, **FAST)
     config = json.loads((result.run_dir / "config.json").read_text())
     history = _history(result.run_dir)
     probe_val = float([row for row in history if row["stage"] == "probe"][-1]["val_accuracy"])
@@ -176,7 +211,8 @@ def test_a_limit_shorter_than_extraction_warns_and_keeps_the_probe(image_folder,
 
 @pytest.mark.slow
 def test_auto_run_killed_mid_way_resumes_within_the_time_left(split_folder, tmp_path, cache_dir):
-    args = [str(split_folder), "--time-limit", "60s", "--head-epochs", "1", "--image-size", "96", "--workers", "2",
+    data = random_labels(split_folder, tmp_path / "random")  # the probe leaves room: fine-tuning is planned
+    args = [str(data), "--time-limit", "60s", "--image-size", "96", "--workers", "2",
             "--batch-size", "12", "--cache-dir", str(cache_dir), "--no-report"]
     killed = tmp_path / "killed"
     process = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL,
@@ -228,7 +264,8 @@ def test_logs_get_plain_lines_per_epoch_not_progress_bars(split_folder, tmp_path
 
 @pytest.mark.slow
 def test_probe_says_when_fine_tuning_would_pay(split_folder, tmp_path, cache_dir):
-    result = subprocess.run(_cli(str(split_folder), "--epochs", "1", "--lr", "1e-6", "--image-size", "96",
+    result = subprocess.run(_cli(str(split_folder), "--optimizer", "adamw", "--epochs", "1", "--lr", "1e-6",
+                                 "--image-size", "96",
                                  "--cache-dir", str(cache_dir), "--out", str(tmp_path / "run"), "--no-report"),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
