@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data import IMAGE_EXTENSIONS
+from transferkit import doctor
 from transferkit.demo import write_digits
 from transferkit.doctor import DoctorReport, diagnose
 from transferkit.features import cache_root
@@ -80,13 +81,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--label-features", choices=("blocks", "final"), default=None,
+                        help="what the out-of-fold model sees (default: doctor.LABEL_FEATURES)")
+    parser.add_argument("--only", nargs="+", default=None, help="the cases to run (hymenoptera, flowers100, digits)")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the benchmark reads hymenoptera and flowers100 from ../shared/datasets.")
+    if args.label_features:
+        doctor.LABEL_FEATURES = args.label_features
     cases = [Case("hymenoptera", SHARED / "hymenoptera"), Case("flowers100", SHARED / "flowers100"),
              Case("digits (demo, 96 px)", write_digits(cache_root(args.cache_dir) / "demo"), 96)]
+    cases = [case for case in cases if not args.only or case.name.split()[0] in args.only]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {args.fraction:.0%} of labels moved, seeds {args.seeds}")
+          f"{platform.python_version()}; {args.fraction:.0%} of labels moved, seeds {args.seeds}; the label model "
+          f"sees {doctor.LABEL_FEATURES} features")
     print(f"\n{'unmodified data':<22}{'images':>8}{'likely errors':>15}{'share':>8}{'outliers':>10}"
           f"{'cleanlab noise':>16}")
     for case in cases:

@@ -180,7 +180,8 @@ def _limited(limit: int, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_disk_full_while_caching_features_leaves_a_consistent_cache(split_folder, tmp_path, cache_dir):
-    full = _limited(200_000, "train", str(split_folder), "--out", str(tmp_path / "full"), "--cache-dir",
+    # room for the first batch's features (32 rows of 12.5 kB), not the second's
+    full = _limited(500_000, "train", str(split_folder), "--out", str(tmp_path / "full"), "--cache-dir",
                     str(cache_dir))
     assert full.returncode == 0, full.stderr
     assert "cannot be written" in full.stderr and "continuing without caching" in full.stderr

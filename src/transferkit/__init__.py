@@ -1,31 +1,64 @@
-"""transferkit: labelled photos -> pretrained backbone -> cached features -> trained head -> deployable classifier."""
+"""transferkit: labelled photos -> pretrained backbone -> cached features -> trained head -> deployable classifier.
 
-import importlib.util
+The names below are imported when first used (PEP 562), so `import transferkit` and `transferkit --version` or
+`--help` do not pay PyTorch's import (~2 s); without PyTorch (a production install that only runs exported models)
+the runtime names work and the others say what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from transferkit.download import download, download_url  # noqa: E402
-from transferkit.errors import (BackboneError, DataError, DownloadError, RunError, StorageError,  # noqa: E402
-                                TransferkitError)
-from transferkit.runtime import ExportedClassifier, Prediction  # noqa: E402
+# name -> the module that defines it
+_WHERE = {
+    "download": "download", "download_url": "download",
+    "BackboneError": "errors", "DataError": "errors", "DownloadError": "errors", "RunError": "errors",
+    "StorageError": "errors", "TransferkitError": "errors",
+    "ExportedClassifier": "runtime", "Prediction": "runtime",
+    "EMBEDDED_BACKBONES": "backbone", "Backbone": "backbone", "open_backbone": "backbone",
+    "Classifier": "classifier", "predict_imagenet": "classifier",
+    "Dataset": "data", "load_dataset": "data",
+    "EvaluationReport": "evaluate", "evaluate": "evaluate",
+    "export_run": "export",
+    "report": "report",
+    "RunSummary": "runs", "list_runs": "runs",
+    "ModelSummary": "summary", "list_backbones": "summary", "summarize": "summary",
+    "TrainConfig": "train", "TrainResult": "train", "find_lr": "train", "resume": "train", "train": "train",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = ["BackboneError", "DataError", "DownloadError", "ExportedClassifier", "Prediction", "RunError",
-           "StorageError", "TransferkitError", "download", "download_url"]
 
-# Without PyTorch (a production install that only runs exported models) the package offers the runtime alone.
-if importlib.util.find_spec("torch") is not None:
-    from transferkit.backbone import EMBEDDED_BACKBONES, Backbone, open_backbone  # noqa: E402
-    from transferkit.classifier import Classifier, predict_imagenet  # noqa: E402
-    from transferkit.data import Dataset, load_dataset  # noqa: E402
-    from transferkit.evaluate import EvaluationReport, evaluate  # noqa: E402
-    from transferkit.export import export_run  # noqa: E402
-    from transferkit.report import report  # noqa: E402
-    from transferkit.runs import RunSummary, list_runs  # noqa: E402
-    from transferkit.summary import ModelSummary, list_backbones, summarize  # noqa: E402
-    from transferkit.train import TrainConfig, TrainResult, find_lr, resume, train  # noqa: E402
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(f"transferkit.{_WHERE[name]}"), name)
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise ImportError(f"transferkit.{name} needs PyTorch, which this runtime-only install lacks: "
+                          "pip install transferkit") from None
+    globals()[name] = value
+    return value
 
-    __all__ += [
-        "EMBEDDED_BACKBONES", "Backbone", "Classifier", "Dataset", "EvaluationReport", "ModelSummary", "TrainConfig",
-        "TrainResult", "evaluate", "export_run", "find_lr", "list_backbones", "load_dataset", "open_backbone",
-        "predict_imagenet", "report", "resume", "summarize", "train", "RunSummary", "list_runs",
-    ]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on the package under its own name; where a function has that name
+    (transferkit.train, .report, .evaluate, .download) the function keeps it, as an eager `from transferkit.train
+    import train` here would have left it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

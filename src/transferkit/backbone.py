@@ -157,7 +157,7 @@ def has_blocks(architecture: str) -> bool:
     import timm
 
     try:
-        return timm.models.get_model_entrypoint(architecture).__module__ == "timm.models.efficientnet"
+        return timm.models.model_entrypoint(architecture).__module__ == "timm.models.efficientnet"
     except (RuntimeError, KeyError, ValueError):
         return False
 

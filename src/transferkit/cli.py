@@ -323,6 +323,8 @@ def train(
     backbone_lr_mult: float = typer.Option(0.1, min=0.0, help="Backbone learning rate = lr x this.",
                                            rich_help_panel=FINETUNE),
     train_bn: bool = _flag("--train-bn", "Update BatchNorm statistics (frozen by default).", FINETUNE),
+    cache_bottom: bool = _flag("--cache-bottom", "Fine-tune the unfrozen top on cached activations of the frozen bottom "
+                                                 "(with --unfreeze top-blocks:N): ~6x faster epochs.", FINETUNE),
     head_epochs: int = typer.Option(100, min=1, help="Epochs of the first stage (probe, early-stopped).",
                                     rich_help_panel=FINETUNE),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",
@@ -382,6 +384,7 @@ def train(
     options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
                    time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
+                   cache_bottom=cache_bottom,
                    head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,

@@ -103,6 +103,7 @@ class TrainConfig(FitOptions):
     unfreeze: str = "all"
     backbone_lr_mult: float = 0.1
     train_bn: bool = False
+    cache_bottom: bool = False
     head_epochs: int = 100
     val_percent: float = 10.0
     test_percent: float = 10.0
@@ -161,4 +162,11 @@ class TrainConfig(FitOptions):
         if not (config.unfreeze == "all" or config.unfreeze.startswith(("top-blocks:", "from:"))):
             raise DataError(f"{option_name('unfreeze')} must be all, top-blocks:N or from:LAYER, "
                             f"not {config.unfreeze!r}.")
+        if config.cache_bottom and (config.mode != "finetune" or config.unfreeze == "all"):
+            raise DataError(f"{option_name('cache_bottom')} trains the top of the backbone on cached activations of "
+                            f"its frozen bottom: give mode finetune (--mode finetune) with unfreeze top-blocks:N "
+                            f"(--unfreeze top-blocks:6, say).")
+        if config.cache_bottom and not config.use_cache:
+            raise DataError(f"{option_name('cache_bottom')} keeps the activations in the feature cache; drop "
+                            f"use_cache=False (--no-cache).")
         return config

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferkit.augment import AugmentedImages, Unreadable, mix_seed, train_transform
 from transferkit.budget import Clock, finish_time, format_duration
@@ -43,18 +43,26 @@ log = logging.getLogger(__name__)
 
 
 class Network(nn.Module):
-    """uint8 NHWC pixels -> backbone features -> head logits: the model every image-training mode trains."""
+    """uint8 NHWC pixels -> backbone features -> head logits: the model every image-training mode trains.
+
+    With `cached_from` set (`--cache-bottom`), it is called with the cached output of the frozen bottom instead: the
+    activation entering that block and the pooled features of the blocks before it (`topcache`)."""
 
     def __init__(self, backbone_model: nn.Module, backbone: Backbone, head: nn.Module):
         super().__init__()
-        self.features = PixelFeatures(backbone_model, backbone.preprocessing)
+        self.features = PixelFeatures(backbone_model, backbone.preprocessing, backbone.feature_kind)
         self.head = head
+        self.cached_from: int | None = None
 
     @property
     def backbone(self) -> nn.Module:
         return self.features.model
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if pooled is not None:
+            from transferkit.topcache import top_forward
+
+            return self.head(top_forward(self.backbone, self.cached_from, pixels, pooled))
         return self.head(self.features(pixels))
 
 
@@ -161,18 +169,21 @@ class EpochSampler(Sampler):
 
 
 class Batch(NamedTuple):
-    pixels: torch.Tensor | None  # None when no image of the batch could be read
+    pixels: torch.Tensor | tuple[torch.Tensor, ...] | None  # None when no image of the batch could be read
     targets: torch.Tensor | None
     unreadable: list[Unreadable]
 
 
 def collate(items: list) -> Batch:
+    """A batch of pixels, or of tuples of inputs (cached activations and pooled features) stacked element-wise."""
     unreadable = [item for item in items if isinstance(item, Unreadable)]
     items = [item for item in items if not isinstance(item, Unreadable)]
     if not items:
         return Batch(None, None, unreadable)
-    return Batch(torch.stack([pixels for pixels, _ in items]), torch.tensor([target for _, target in items]),
-                 unreadable)
+    inputs = [x for x, _ in items]
+    stacked = (tuple(torch.stack(parts) for parts in zip(*inputs)) if isinstance(inputs[0], tuple)
+               else torch.stack(inputs))
+    return Batch(stacked, torch.tensor([target for _, target in items]), unreadable)
 
 
 def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, workers: int | None = None,
@@ -236,6 +247,15 @@ class ImageFitResult:
 
 
 @dataclass
+class CachedSource:
+    """What training on cached activations reads instead of images (`topcache`): the training views, and a function
+    that scores the validation split."""
+
+    dataset: Dataset
+    evaluate: Callable[[nn.Module], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
 class ImageTraining:
     """One image-training stage, with everything needed to checkpoint and resume it."""
 
@@ -245,6 +265,7 @@ class ImageTraining:
     backbone: Backbone
     device: torch.device
     precision: str
+    source: CachedSource | None = None
 
 
 def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone_lr_mult: float) -> list[dict]:
@@ -343,8 +364,11 @@ class _Stage:
         groups = parameter_groups(net, training.mode, options.unfreeze, options.lr, options.backbone_lr_mult)
         net.to(device, memory_format=torch.channels_last)
         size, preprocessing = training.backbone.train_size, training.backbone.preprocessing
-        dataset = AugmentedImages(paths, targets, train_transform(options.augment, size, preprocessing),
-                                  decode_size(options.augment, size), options.max_image_pixels, options.seed)
+        if training.source is not None:
+            dataset = training.source.dataset
+        else:
+            dataset = AugmentedImages(paths, targets, train_transform(options.augment, size, preprocessing),
+                                      decode_size(options.augment, size), options.max_image_pixels, options.seed)
         num_classes = net.head[-1].out_features
         weights = class_weights(targets, num_classes)
         ranks = distributed.current()
@@ -356,6 +380,8 @@ class _Stage:
         if options.compile:
             self.model = torch.compile(self.model)
         workers = default_workers() if options.workers is None else options.workers
+        if training.source is not None:
+            workers = 0  # memory-mapped activations: reading them is cheaper than passing them between processes
         # its own generator: starting workers must not draw from the global RNG the dropout masks come from
         self.loader = DataLoader(dataset, batch_size=options.batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate, persistent_workers=workers > 0,
@@ -373,9 +399,13 @@ class _Stage:
     def step(self, batch: Batch) -> tuple[float, int]:
         """One optimiser step on a batch: (mean loss, number right)."""
         net, device, options = self.training.net, self.training.device, self.training.options
-        pixels, targets = (t.to(device, non_blocking=True) for t in (batch.pixels, batch.targets))
+        inputs = batch.pixels if isinstance(batch.pixels, tuple) else (batch.pixels,)
+        inputs = [x.to(device, non_blocking=True) for x in inputs]
+        if len(inputs) > 1:  # cached activations, NCHW: channels_last as the network runs
+            inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+        targets = batch.targets.to(device, non_blocking=True)
         with autocast(device, self.training.precision):
-            logits = self.model(pixels)
+            logits = self.model(*inputs)
         loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -461,8 +491,9 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                    "lr": lr_of_last_batch, "seconds": round(seconds, 3),
                    "images_per_second": round(seen / seconds, 2)}
             if has_val:
-                probabilities, kept = evaluate_images(net, training.backbone, val_paths, device, precision,
-                                                      eval_batch, options.workers, options.max_image_pixels)
+                probabilities, kept = (training.source.evaluate(net) if training.source is not None else
+                                       evaluate_images(net, training.backbone, val_paths, device, precision,
+                                                       eval_batch, options.workers, options.max_image_pixels))
                 row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
                 score = ((row["val_loss"],) if options.monitored == "val_loss"
                          else (-row["val_accuracy"], row["val_loss"]))

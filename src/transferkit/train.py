@@ -22,13 +22,14 @@ from transferkit.backbone import Backbone, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.classifier import Classifier, accuracies, class_names
 from transferkit.config import TrainConfig, probe_optimizer
-from transferkit.data import Skipped, load_dataset
+from transferkit.data import Skipped, default_workers, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
 from transferkit.evaluate import PREDICTIONS_FILE, Predictions, classification_metrics, predictions_csv, read_groups
-from transferkit.features import Extractor, extract_features, open_cache, resolve_device
-from transferkit.finetune import (ImageTraining, Network, backbone_blocks, check_images, evaluate_images, fit_images,
-                                  lr_range_test_images, measure_speed, resolve_train_precision, trainable_names)
+from transferkit.features import Extractor, cache_root, extract_features, open_cache, resolve_device
+from transferkit.finetune import (CachedSource, ImageTraining, Network, backbone_blocks, check_images, evaluate_images,
+                                  fit_images, lr_range_test_images, measure_speed, resolve_train_precision,
+                                  trainable_names)
 from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
@@ -339,7 +340,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     if first_stage:
         net.head.load_state_dict(first_stage["head"])
     earlier = first_stage["history"] if first_stage else []
-    training = ImageTraining(net, config.mode, config, backbone, device, precision)
+    source = _bottom_source(net, backbone, config, prepared, progress) if config.cache_bottom else None
+    training = ImageTraining(net, config.mode, config, backbone, device, precision, source)
     fit = fit_images(training, *prepared.split("train"), *prepared.split("val"), first_epoch_number=len(earlier) + 1,
                      history=earlier, resume_state=checkpoint.get("stage"),
                      save_checkpoint=(lambda state: _save(staged, {**checkpoint, "stage": state}, clock))
@@ -372,6 +374,29 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(),
                     {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode)
+
+
+def _bottom_source(net: Network, backbone: Backbone, config: TrainConfig, prepared: Prepared,
+                   progress: bool | None) -> CachedSource | None:
+    """`--cache-bottom`: the training views and validation crops as cached activations of the frozen bottom (None
+    when the disk has no room for them: training then reads images)."""
+    from transferkit.topcache import MAX_VIEWS, CachedViews, cache_bottom, evaluate_cached, first_trained_unit
+
+    if distributed.current().distributed:
+        raise DataError("--cache-bottom runs in one process; run it without torchrun or --nproc.")
+    first = first_trained_unit(net.backbone, set(trainable_names(net.backbone, config.unfreeze)))
+    train_paths, train_targets = prepared.split("train")
+    val_paths, _ = prepared.split("val")
+    cached = cache_bottom(net.backbone, backbone, first, train_paths, train_targets, {"val": val_paths},
+                          min(config.epochs, MAX_VIEWS), config.augment, config.seed, cache_root(config.cache_dir),
+                          config.max_image_pixels, default_workers() if config.workers is None else config.workers,
+                          progress)
+    if cached is None:
+        return None
+    net.cached_from = first
+    validation = cached.evaluation.get("val")
+    return CachedSource(CachedViews(cached.views, train_targets, config.seed),
+                        lambda model: evaluate_cached(model, validation))
 
 
 def _trained_backbone(start: Classifier | None) -> bool:
