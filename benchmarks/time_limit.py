@@ -72,7 +72,8 @@ def loop_against_limit(data: Path, size: int, tmp: Path, epochs: int = 3) -> tup
     ours = statistics.median([row["images_per_second"] for row in result.history if row["stage"] == "finetune"][1:])
     backbone = open_backbone()
     device = resolve_device("auto")
-    net = Network(backbone.trainable_copy(), backbone, HeadSpec("linear", 1280, len(result.classes)).build())
+    net = Network(backbone.trainable_copy(), backbone, HeadSpec("linear", backbone.feature_width,
+                                                                len(result.classes)).build())
     limits = [measure_speed(net, "finetune", "all", False, size, size, device,
                             resolve_train_precision("auto", device))[0] for _ in range(3)]
     return ours, max(limits)

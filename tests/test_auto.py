@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit import DataError
-from transferkit.auto import MIN_EPOCHS, MIN_TRAIN_SIZE, eval_size_for, plan_finetune, probe_size_for, train_size_for
+from transferkit.auto import (MIN_EPOCHS, MIN_TRAIN_SIZE, epoch_seconds, eval_size_for, plan_finetune, probe_size_for,
+                              train_size_for)
 from transferkit.budget import parse_duration
 from transferkit.cli import app
 from transferkit.runs import CHECKPOINT, load_checkpoint, staging_dir
@@ -104,12 +105,14 @@ def test_training_resolution_follows_the_images():
 
 
 def _rates(table: dict):
-    """A measure() for plan_finetune: (train, eval) img/s from a table by (unfreeze, train size)."""
+    """A measure() for plan_finetune: (train, eval[, bottom]) img/s from a table by (unfreeze, train size[,
+    "cached"])."""
     calls = []
 
-    def measure(unfreeze, train_size, eval_size):
+    def measure(unfreeze, train_size, eval_size, cached):
         calls.append((unfreeze, train_size, eval_size))
-        return table[(unfreeze, train_size)]
+        rates = table[(unfreeze, train_size, "cached") if cached else (unfreeze, train_size)]
+        return (*rates, None) if len(rates) == 2 else rates
 
     return measure, calls
 
@@ -135,6 +138,19 @@ def test_plan_fits_the_epochs_to_the_time_and_steps_down_when_short():
 
     none, why = plan_finetune(20, 1000, 100, 200, 128, 224, 0.7, measure)
     assert none is None and "one epoch" in why
+
+    # with the bottom's activations cached, the last resort trains the top blocks on them: faster epochs, after
+    # caching a view per epoch (at most 4) and the validation crops at the bottom's own rate
+    table[("top-blocks:6", 128, "cached")] = (500.0, 400.0, 200.0)
+    measure, calls = _rates(table)
+    cached, _ = plan_finetune(110, 1000, 100, 200, 128, 224, 0.7, measure, cached_views=4)
+    caching = (4 * 1000 + 100) / (200.0 * 0.8)
+    assert cached.cache_bottom and cached.unfreeze == "top-blocks:6" and cached.epochs > shorter.epochs
+    assert cached.seconds >= caching and cached.seconds <= 110 and "cached activations" in cached.describe()
+    few, _ = plan_finetune(45, 1000, 100, 200, 128, 224, 0.7, measure, cached_views=4)
+    assert few.cache_bottom and few.epochs < 4 and few.seconds < 45  # fewer epochs cache fewer views
+    per_epoch = epoch_seconds(1000, 100, 500, 400)
+    assert few.seconds == pytest.approx(few.epochs * per_epoch + (few.epochs * 1000 + 100) / 160)
 
     gentle, _ = plan_finetune(600, 1000, 100, 200, 128, 224, 0.93, measure)
     assert (gentle.lr, gentle.backbone_lr_mult) == (1e-4, 0.1)  # closer to ImageNet

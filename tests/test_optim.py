@@ -74,7 +74,8 @@ def test_bad_optimisation_options_are_one_line_errors(shapes):
     with pytest.raises(DataError, match="--lr-steps must be increasing epochs between 1 and 30"):
         transferkit.train(shapes / "data", epochs=30, schedule="step", lr_steps=(9, 3), out=shapes / "x")
     runner = CliRunner()
-    for flags, message in ((["--optimizer", "adagrad"], "'adagrad' is not one of 'lbfgs', 'adamw', 'adam', 'sgd', 'rmsprop'"),
+    for flags, message in ((["--optimizer", "adagrad"],
+                            "'adagrad' is not one of 'lbfgs', 'adamw', 'adam', 'sgd', 'rmsprop'"),
                            (["--schedule", "step", "--lr-steps", "6;9"], "--lr-steps takes epoch numbers"),
                            (["--monitor", "loss"], "'loss' is not one of 'val_loss', 'val_accuracy'")):
         result = runner.invoke(app, ["train", str(shapes / "data"), "--out", str(shapes / "y"), *flags])

@@ -19,7 +19,7 @@ import torch
 import transferkit
 from conftest import fresh_cache
 from transferkit import topcache
-from transferkit.backbone import open_backbone, pooled_features
+from transferkit.backbone import PixelFeatures, open_backbone, pooled_features
 from transferkit.finetune import trainable_names
 from transferkit.runs import CHECKPOINT, load_checkpoint, staging_dir
 from transferkit.augment import Unreadable
@@ -43,7 +43,7 @@ def test_bottom_then_top_gives_the_whole_networks_features():
     first = first_trained_unit(model, set(trainable_names(model, "top-blocks:6")))
     assert first == len(backbone.block_widths) - 7  # timm's last block group holds the final conv too
     pixels = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8)
-    bottom = Bottom(model, backbone.preprocessing, first)
+    bottom = Bottom(PixelFeatures(model, backbone.preprocessing), first)
     with torch.inference_mode():
         activation, pooled = bottom(pixels)
         split = top_forward(model, first, activation, pooled)
@@ -53,7 +53,7 @@ def test_bottom_then_top_gives_the_whole_networks_features():
 
 
 def bottom_input(bottom: Bottom, pixels: torch.Tensor) -> torch.Tensor:
-    return pixels.permute(0, 3, 1, 2).float() * bottom.scale + bottom.shift
+    return bottom.features.normalize(pixels)
 
 
 def test_cached_top_training_learns_and_reuses_its_cache(split_folder, tmp_path, cache_dir):

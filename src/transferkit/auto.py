@@ -70,9 +70,12 @@ class FinetunePlan:
     images_per_second: float
     eval_images_per_second: float
     seconds: float
+    cache_bottom: bool = False
+    """The top blocks train on cached activations of the frozen bottom (`topcache`); `seconds` includes caching."""
 
     def describe(self) -> str:
         what = "the whole network" if self.unfreeze == "all" else f"the top {self.unfreeze.split(':')[1]} blocks"
+        what += " on cached activations of the frozen bottom" if self.cache_bottom else ""
         return (f"fine-tuning {what} at {self.train_size} px (evaluated at {self.eval_size} px), {self.epochs} "
                 f"epoch{'s' if self.epochs != 1 else ''} "
                 f"at ~{self.images_per_second:.0f} img/s, lr {self.lr:g} (backbone x{self.backbone_lr_mult:g}), "
@@ -134,12 +137,14 @@ def rates_for(probe_val_accuracy: float) -> tuple[float, float]:
 
 def plan_finetune(seconds_left: float, train_images: int, val_images: int, eval_images: int, native: int,
                   backbone_train_size: int, probe_val_accuracy: float, measure, train_size: int | None = None,
-                  eval_size: int | None = None, lr: float | None = None,
-                  top_blocks: int = TOP_BLOCKS) -> tuple[FinetunePlan | None, str]:
+                  eval_size: int | None = None, lr: float | None = None, top_blocks: int = TOP_BLOCKS,
+                  cached_views: int = 0) -> tuple[FinetunePlan | None, str]:
     """The fine-tuning that fits in `seconds_left`, or None and why not.
 
-    `measure(unfreeze, train_size, eval_size)` returns the network's (training, evaluation) images per second.
-    `train_size`, `eval_size` and `lr`, when given, are the user's and are kept.
+    `measure(unfreeze, train_size, eval_size, cached)` returns the network's (training, evaluation) images per
+    second, and for `cached` (the top blocks on cached activations) also the frozen bottom's, which caching runs at
+    (else None). `train_size`, `eval_size` and `lr`, when given, are the user's and are kept. With `cached_views`
+    (how many views caching keeps, at most), the last resort is the top blocks on cached activations, else on images.
     """
     rate_lr, backbone_lr_mult = rates_for(probe_val_accuracy)
     size = train_size or train_size_for(native, backbone_train_size)
@@ -147,12 +152,22 @@ def plan_finetune(seconds_left: float, train_images: int, val_images: int, eval_
     candidates = [("all", s) for s in sizes] + [(f"top-blocks:{top_blocks}", size)]
     best = None
     for unfreeze, candidate_size in candidates:
+        cached = unfreeze != "all" and cached_views > 0
         evaluated_at = eval_size or eval_size_for(candidate_size, native)
-        train_rate, eval_rate = measure(unfreeze, candidate_size, evaluated_at)
+        train_rate, eval_rate, bottom_rate = measure(unfreeze, candidate_size, evaluated_at, cached)
         per_epoch = epoch_seconds(train_images, val_images, train_rate, eval_rate)
-        epochs = min(MAX_EPOCHS, math.floor((seconds_left - final_seconds(eval_images, eval_rate)) / per_epoch))
+        left = seconds_left - final_seconds(eval_images, eval_rate)
+        epochs = min(MAX_EPOCHS, math.floor(left / per_epoch))
+        caching = 0.0
+        if cached:  # one bottom pass per view (a view per epoch, up to cached_views) and for the validation crops
+
+            def caching_for(count: int) -> float:
+                return (min(cached_views, count) * train_images + val_images) / (bottom_rate * SPEED_MARGIN)
+
+            epochs = next((e for e in range(MAX_EPOCHS, 0, -1) if e * per_epoch + caching_for(e) <= left), 0)
+            caching = caching_for(max(1, epochs))
         plan = FinetunePlan(candidate_size, evaluated_at, unfreeze, epochs, lr or rate_lr, backbone_lr_mult,
-                            train_rate * SPEED_MARGIN, eval_rate, epochs * per_epoch)
+                            train_rate * SPEED_MARGIN, eval_rate, epochs * per_epoch + caching, cached)
         if epochs >= MIN_EPOCHS:
             return plan, ""
         if best is None or plan.epochs > best.epochs:

@@ -323,8 +323,8 @@ def train(
     backbone_lr_mult: float = typer.Option(0.1, min=0.0, help="Backbone learning rate = lr x this.",
                                            rich_help_panel=FINETUNE),
     train_bn: bool = _flag("--train-bn", "Update BatchNorm statistics (frozen by default).", FINETUNE),
-    cache_bottom: bool = _flag("--cache-bottom", "Fine-tune the unfrozen top on cached activations of the frozen bottom "
-                                                 "(with --unfreeze top-blocks:N): ~6x faster epochs.", FINETUNE),
+    cache_bottom: bool = _flag("--cache-bottom", "Fine-tune the unfrozen top on cached activations of the frozen "
+                                                 "bottom (with --unfreeze top-blocks:N): ~6x faster epochs.", FINETUNE),
     head_epochs: int = typer.Option(100, min=1, help="Epochs of the first stage (probe, early-stopped).",
                                     rich_help_panel=FINETUNE),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",

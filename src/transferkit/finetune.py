@@ -286,26 +286,48 @@ def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone
 
 
 def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_size: int, eval_size: int,
-                  device: torch.device, precision: str, batch_size: int = 32) -> tuple[float, float]:
+                  device: torch.device, precision: str, batch_size: int = 32,
+                  cached: bool = False) -> tuple[float, float, float | None]:
     """Images per second of a training step (forward, backward through what trains, optimiser) at `train_size` and
     of evaluation at `eval_size`, on random pixels, once warm: the network's own limit, on which a plan
-    for a time limit is built. Runs on a copy; `net` is left as it was."""
+    for a time limit is built. `cached`: the trained top on cached activations of the frozen bottom (`topcache`),
+    and then also the bottom's own rate (what caching runs at; else None). Runs on a copy; `net` is left as it
+    was."""
     trial = copy.deepcopy(net).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for group in parameter_groups(trial, mode, unfreeze, 0.0, 0.0)
                                  for p in group["params"]], lr=0.0)
-    pixels = torch.randint(0, 256, (batch_size, train_size, train_size, 3), dtype=torch.uint8, device=device)
     targets = torch.zeros(batch_size, dtype=torch.long, device=device)
+    bottom = None
+    if cached:
+        from transferkit.topcache import Bottom, first_trained_unit
+
+        trial.cached_from = first_trained_unit(trial.backbone, set(trainable_names(trial.backbone, unfreeze)))
+        bottom = Bottom(trial.features, trial.cached_from)
+
+    def inputs(size: int) -> tuple[torch.Tensor, ...]:
+        pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
+        if bottom is None:
+            return (pixels,)
+        with torch.inference_mode():
+            activation, pooled = bottom(pixels)
+        return activation.clone().contiguous(memory_format=torch.channels_last), pooled.clone()
+
+    pixels = inputs(train_size)
 
     def train_step() -> None:
         with autocast(device, precision):
-            loss = nn.functional.cross_entropy(trial(pixels).float(), targets)
+            loss = nn.functional.cross_entropy(trial(*pixels).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     def eval_step() -> None:
         with torch.inference_mode(), autocast(device, precision):
-            trial(eval_pixels)
+            trial(*eval_pixels)
+
+    def bottom_step() -> None:
+        with torch.inference_mode():
+            bottom(raw)
 
     def seconds(step: Callable[[], None], warm_up: int = 2, timed: int = 3) -> float:
         """Seconds per step once warm: the first calls pay for kernel selection and allocation (one warm-up step
@@ -324,8 +346,12 @@ def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_
     set_train_mode(trial, mode, train_bn)
     train_rate = batch_size / seconds(train_step)
     trial.eval()
-    eval_pixels = torch.randint(0, 256, (batch_size, eval_size, eval_size, 3), dtype=torch.uint8, device=device)
-    return train_rate, batch_size / seconds(eval_step)
+    eval_pixels = inputs(eval_size)
+    eval_rate = batch_size / seconds(eval_step)
+    if bottom is None:
+        return train_rate, eval_rate, None
+    raw = torch.randint(0, 256, (batch_size, train_size, train_size, 3), dtype=torch.uint8, device=device)
+    return train_rate, eval_rate, batch_size / seconds(bottom_step)
 
 
 def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], device: torch.device, precision: str,

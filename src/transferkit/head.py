@@ -182,7 +182,8 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
             if has_val:
                 row["val_loss"], row["val_accuracy"] = _evaluate(head, vx, vy)
                 # lower is better; equal accuracies are ranked by loss
-                score = (row["val_loss"],) if options.monitored == "val_loss" else (-row["val_accuracy"], row["val_loss"])
+                score = ((row["val_loss"],) if options.monitored == "val_loss"
+                         else (-row["val_accuracy"], row["val_loss"]))
                 if score < best[0]:
                     best = (score, epoch, copy.deepcopy(head.state_dict()))
             history.append(row)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.augment import AugmentedImages, Unreadable, decode_size, mix_seed, train_transform
-from transferkit.backbone import Backbone, block_units, unit_pool
+from transferkit.backbone import Backbone, PixelFeatures, block_units, unit_pool
 from transferkit.data import Preprocessing, iter_prepared, make_preparer
 from transferkit.errors import DataError
 from transferkit.progress import progress_bar
@@ -63,20 +63,17 @@ def _unit_modules(model: nn.Module) -> list[list[str]]:
 
 
 class Bottom(nn.Module):
-    """uint8 NHWC pixels -> (the activation entering unit `first`, the pooled features of the units before it)."""
+    """uint8 NHWC pixels -> (the activation entering unit `first`, the pooled features of the units before it), for
+    the backbone `features` runs."""
 
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, first: int):
+    def __init__(self, features: PixelFeatures, first: int):
         super().__init__()
-        self.model, self.first = model, first
-        mean = torch.tensor(preprocessing.mean).view(1, -1, 1, 1)
-        std = torch.tensor(preprocessing.std).view(1, -1, 1, 1)
-        self.register_buffer("scale", 1 / (255 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        self.features, self.first = features, first
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
+        x = self.features.normalize(pixels)
         pooled = []
-        for unit in block_units(self.model)[:self.first]:
+        for unit in block_units(self.features.model)[:self.first]:
             x = unit(x)
             pooled.append(unit_pool(x))
         return x, torch.cat(pooled, dim=1)
@@ -120,7 +117,8 @@ class _Writer:
         return self.rows >= self.count
 
     def _arrays(self, mode: str) -> tuple[np.memmap, np.memmap]:
-        return (np.memmap(self.folder / f"{self.name}.f16", np.float16, mode, shape=(self.count, *self.activation_shape)),
+        return (np.memmap(self.folder / f"{self.name}.f16", np.float16, mode,
+                          shape=(self.count, *self.activation_shape)),
                 np.memmap(self.folder / f"{self.name}.pooled.f32", np.float32, mode,
                           shape=(self.count, self.pooled_width)))
 
@@ -213,7 +211,7 @@ def cache_bottom(model: nn.Module, backbone: Backbone, first: int, train_paths: 
     evaluation size), cached under `cache_dir`/activations. None, with a warning, when not even one view fits."""
     train_pre = Preprocessing(**{**backbone.preprocessing.to_dict(),
                                  "input_size": (backbone.train_size, backbone.train_size)})
-    bottom = Bottom(model, backbone.preprocessing, first).eval()
+    bottom = Bottom(PixelFeatures(model, backbone.preprocessing), first).eval()
     with torch.inference_mode():
         act, taps = bottom(torch.zeros(1, backbone.train_size, backbone.train_size, 3, dtype=torch.uint8))
     shape, width = tuple(act.shape[1:]), taps.shape[1]

@@ -36,6 +36,7 @@ from transferkit.plots import plot_lr_finding
 from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, absolute_path, default_run_dir, load_checkpoint,
                               save_checkpoint, staging_dir, write_atomically)
 from transferkit.text import plural
+from transferkit.topcache import MAX_VIEWS
 
 log = logging.getLogger("transferkit")
 SKIPPED_LISTED = 20  # skipped files listed when a class is left without training images
@@ -380,7 +381,7 @@ def _bottom_source(net: Network, backbone: Backbone, config: TrainConfig, prepar
                    progress: bool | None) -> CachedSource | None:
     """`--cache-bottom`: the training views and validation crops as cached activations of the frozen bottom (None
     when the disk has no room for them: training then reads images)."""
-    from transferkit.topcache import MAX_VIEWS, CachedViews, cache_bottom, evaluate_cached, first_trained_unit
+    from transferkit.topcache import CachedViews, cache_bottom, evaluate_cached, first_trained_unit
 
     if distributed.current().distributed:
         raise DataError("--cache-bottom runs in one process; run it without torchrun or --nproc.")
@@ -492,14 +493,15 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
     native = native_size([Path(p) for p in prepared.paths["train"]])
     top_blocks = min(TOP_BLOCKS, len(backbone_blocks(net.backbone)) - 1)
 
-    def measure(unfreeze: str, train_size: int, eval_size: int) -> tuple[float, float]:
+    def measure(unfreeze: str, train_size: int, eval_size: int, cached: bool) -> tuple[float, float, float | None]:
         return measure_speed(net, "finetune", unfreeze, config.train_bn, train_size, eval_size, device, precision,
-                             config.batch_size)
+                             config.batch_size, cached)
 
     def plan(seconds_left: float):
         return plan_finetune(seconds_left, sizes["train"], sizes.get("val", 0),
                              sizes.get("val", 0) + sizes.get("test", 0), native, backbone.train_size, probe_val,
-                             measure, config.train_size, config.image_size, config.lr, top_blocks)
+                             measure, config.train_size, config.image_size, config.lr, top_blocks,
+                             MAX_VIEWS if config.use_cache else 0)
 
     return plan
 
@@ -544,7 +546,7 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
     finetune_backbone.train_size = plan.train_size
     finetune_config = replace(config, mode="finetune", epochs=plan.epochs, lr=plan.lr, unfreeze=plan.unfreeze,
                               backbone_lr_mult=plan.backbone_lr_mult, train_size=plan.train_size,
-                              image_size=plan.eval_size)
+                              image_size=plan.eval_size, cache_bottom=plan.cache_bottom)
     eval_images = sum(len(probe.prepared.paths.get(name, [])) for name in ("val", "test"))
     finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tensorboard, staged, checkpoint,
                             clock, final_seconds(eval_images, plan.eval_images_per_second))
