@@ -324,7 +324,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                 checkpoint: dict, clock: Clock, reserve_seconds: float = 0.0,
                 start: Classifier | None = None) -> _Outcome:
     device = resolve_device(config.device)
-    precision = resolve_train_precision(config.precision, device)
+    precision = resolve_train_precision(config.precision, device, config.cache_bottom)
     if config.compile and device.type == "cpu" and precision == "bf16":
         # Inductor's CPU kernels for this network under bf16 autocast crash the process (torch 2.14, seen here).
         log.warning("--compile on a CPU trains in fp32: torch.compile with bf16 autocast crashes there")
@@ -487,15 +487,14 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
     """`plan(seconds_left)`: the fine-tuning plan for this data and machine (auto.plan_finetune with the speed
     measured here), or (None, why)."""
     device = resolve_device(config.device)
-    precision = resolve_train_precision(config.precision, device)
     net, _ = _network(backbone, config, len(prepared.classes))
     sizes = prepared.sizes
     native = native_size([Path(p) for p in prepared.paths["train"]])
     top_blocks = min(TOP_BLOCKS, len(backbone_blocks(net.backbone)) - 1)
 
     def measure(unfreeze: str, train_size: int, eval_size: int, cached: bool) -> tuple[float, float, float | None]:
-        return measure_speed(net, "finetune", unfreeze, config.train_bn, train_size, eval_size, device, precision,
-                             config.batch_size, cached)
+        return measure_speed(net, "finetune", unfreeze, config.train_bn, train_size, eval_size, device,
+                             resolve_train_precision(config.precision, device, cached), config.batch_size, cached)
 
     def plan(seconds_left: float):
         return plan_finetune(seconds_left, sizes["train"], sizes.get("val", 0),
