@@ -141,6 +141,20 @@ FAULTS = [
           ("test_probe_features.py",)),
     Fault("the feature cache ignores what features it holds", "src/transferkit/features.py",
           'key.update(format=BLOCKS_CACHE_FORMAT, features="blocks")', "pass", ("test_probe_features.py",)),
+    # issue 25, part 3: the fine-tuning recipe
+    Fault("mixup mixes the inputs, not the loss", "src/transferkit/finetune.py",
+          "loss = weight * loss + (1 - weight) * self.criterion(logits.float(), targets[partner])", "pass",
+          ("test_recipe.py",)),
+    Fault("mixup pairs every row with itself", "src/transferkit/recipe.py",
+          "partner = torch.from_numpy(rng.permutation(inputs[0].shape[0]))",
+          "partner = torch.arange(inputs[0].shape[0])", ("test_recipe.py",)),
+    Fault("the weight average is kept but never updated", "src/transferkit/recipe.py",
+          "averaged[name].lerp_(value, 1 - decay)", "pass", ("test_recipe.py",)),
+    Fault("the weight average is updated but not kept", "src/transferkit/finetune.py",
+          "return self.training.net if self.average is None else self.average.module", "return self.training.net",
+          ("test_recipe.py",)),
+    Fault("stochastic depth on the frozen blocks too", "src/transferkit/recipe.py",
+          "and any(p.requires_grad for p in m.parameters())]", "]", ("test_recipe.py",)),
 ]
 
 

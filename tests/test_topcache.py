@@ -108,7 +108,8 @@ def test_cache_bottom_needs_a_frozen_bottom(tmp_path):
 @pytest.mark.parametrize("stop_at", ["caching", "training"])
 def test_a_killed_cached_top_run_resumes_to_the_same_end(split_folder, tmp_path, cache_dir, stop_at):
     args = [str(split_folder), "--mode", "finetune", "--unfreeze", "top-blocks:6", "--cache-bottom", "--epochs", "4",
-            "--image-size", "96", "--workers", "2", "--batch-size", "12", "--cache-dir", str(cache_dir)]
+            "--image-size", "96", "--workers", "2", "--batch-size", "12", "--cache-dir", str(cache_dir),
+            "--mixup", "0.4", "--ema", "0.99", "--drop-path", "0.2"]
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "transferkit", "train", *args, "--out", str(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -131,7 +132,7 @@ def test_a_killed_cached_top_run_resumes_to_the_same_end(split_folder, tmp_path,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     whole = transferkit.train(split_folder, out=tmp_path / "whole", cache_dir=str(fresh_cache(tmp_path / "fresh")),
-                              progress=False, epochs=4, **TOP, **FAST)
+                              progress=False, epochs=4, mixup=0.4, ema=0.99, drop_path=0.2, **TOP, **FAST)
     assert _losses(_history(killed)) == _losses(_history(whole.run_dir))
     assert json.loads((killed / "metrics.json").read_text())["val"]["accuracy"] == whole.val_accuracy
     np.testing.assert_array_equal(_head(killed), _head(whole.run_dir))

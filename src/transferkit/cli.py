@@ -325,6 +325,15 @@ def train(
     train_bn: bool = _flag("--train-bn", "Update BatchNorm statistics (frozen by default).", FINETUNE),
     cache_bottom: bool = _flag("--cache-bottom", "Fine-tune the unfrozen top on cached activations of the frozen "
                                                  "bottom (with --unfreeze top-blocks:N): ~6x faster epochs.", FINETUNE),
+    mixup: Optional[float] = typer.Option(None, min=0.0, max=10.0, metavar="ALPHA", rich_help_panel=FINETUNE,
+                                          help="Mixup of the images (or cached activations), Beta(ALPHA, ALPHA); 0: "
+                                               "off \\[default: by the size of the training split]."),
+    ema: Optional[float] = typer.Option(None, min=0.0, max=0.99999, metavar="DECAY", rich_help_panel=FINETUNE,
+                                        help="Keep an average of the weights with this decay per step; 0: off "
+                                             "\\[default: by the size of the training split]."),
+    drop_path: Optional[float] = typer.Option(None, min=0.0, max=0.9, metavar="RATE", rich_help_panel=FINETUNE,
+                                              help="Stochastic depth of the trained blocks; 0: off \\[default: by "
+                                                   "the size of the training split]."),
     head_epochs: int = typer.Option(100, min=1, help="Epochs of the first stage (probe, early-stopped).",
                                     rich_help_panel=FINETUNE),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",
@@ -384,7 +393,7 @@ def train(
     options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
                    time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
-                   cache_bottom=cache_bottom,
+                   cache_bottom=cache_bottom, mixup=mixup, ema=ema, drop_path=drop_path,
                    head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,

@@ -13,6 +13,7 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS
 from transferkit.errors import DataError
 from transferkit.features import check_precision, resolve_device
 from transferkit.head import HEAD_KINDS, FitOptions
+from transferkit.recipe import Recipe, recipe_for
 
 MODES = ("auto", "probe", "head", "finetune", "scratch")
 # Options that name a choice: accepted in any case ("MLP", "SGD").
@@ -57,7 +58,10 @@ BOUNDS = {"epochs": Bound(True, 1), "head_epochs": Bound(True, 1), "batch_size":
           "weight_decay": Bound(False, 0), "dropout": Bound(False, 0, 0.99), "label_smoothing": Bound(False, 0, 0.99),
           "momentum": Bound(False, 0, 0.999), "lr_gamma": Bound(False, 0), "warmup_epochs": Bound(False, 0),
           "grad_clip": Bound(False, 0), "backbone_lr_mult": Bound(False, 0), "val_percent": Bound(False, 0, 99),
-          "test_percent": Bound(False, 0, 99)}
+          "test_percent": Bound(False, 0, 99), "mixup": Bound(False, 0, 10), "ema": Bound(False, 0, 0.99999),
+          "drop_path": Bound(False, 0, 0.9)}
+# The regularisation of the image stages (`recipe`): None picks it by the size of the training split.
+RECIPE_OPTIONS = ("mixup", "ema", "drop_path")
 
 
 # Options of the epoch-by-epoch loop that L-BFGS has no use for: given to a probe without an optimizer, they are an
@@ -104,6 +108,9 @@ class TrainConfig(FitOptions):
     backbone_lr_mult: float = 0.1
     train_bn: bool = False
     cache_bottom: bool = False
+    mixup: float | None = None
+    ema: float | None = None
+    drop_path: float | None = None
     head_epochs: int = 100
     val_percent: float = 10.0
     test_percent: float = 10.0
@@ -169,4 +176,16 @@ class TrainConfig(FitOptions):
         if config.cache_bottom and not config.use_cache:
             raise DataError(f"{option_name('cache_bottom')} keeps the activations in the feature cache; drop "
                             f"use_cache=False (--no-cache).")
+        given = [name for name in RECIPE_OPTIONS if getattr(config, name) is not None]
+        if given and config.mode == "probe":
+            raise DataError(f"{option_name(given[0])} regularises training on images (modes finetune, head, scratch "
+                            f"and auto's fine-tuning), not the probe on cached features: drop it, or choose one of "
+                            f"those modes.")
         return config
+
+    def recipe(self, train_images: int) -> Recipe:
+        """The regularisation of an image stage on `train_images` photos: recipe_for's rule, with the options given
+        here in its place."""
+        chosen = recipe_for(train_images)
+        return replace(chosen, **{name: value for name in RECIPE_OPTIONS
+                                  if (value := getattr(self, name)) is not None})

@@ -34,6 +34,7 @@ from transferkit.distributed import Ranks
 from transferkit.features import check_precision, cpu_has_fast_bf16
 from transferkit.optim import make_optimizer, make_scheduler
 from transferkit.progress import progress_bar
+from transferkit.recipe import Recipe, WeightAverage, mix_batch, set_drop_path
 from transferkit.topcache import Bottom, first_trained_unit, top_forward
 
 if TYPE_CHECKING:
@@ -267,6 +268,7 @@ class ImageTraining:
     device: torch.device
     precision: str
     source: CachedSource | None = None
+    recipe: Recipe = Recipe()
 
 
 def parameter_groups(net: Network, mode: str, unfreeze: str, lr: float, backbone_lr_mult: float) -> list[dict]:
@@ -387,7 +389,10 @@ class _Stage:
         self.training = training
         net, options, device = training.net, training.options, training.device
         groups = parameter_groups(net, training.mode, options.unfreeze, options.lr, options.backbone_lr_mult)
+        set_drop_path(net.backbone, training.recipe.drop_path)
         net.to(device, memory_format=torch.channels_last)
+        self.average = WeightAverage(net, training.recipe.ema) if training.recipe.ema else None
+        self.mixing = np.random.default_rng(0)  # set_epoch seeds it anew for every epoch
         size, preprocessing = training.backbone.train_size, training.backbone.preprocessing
         if training.source is not None:
             dataset = training.source.dataset
@@ -429,9 +434,14 @@ class _Stage:
         if len(inputs) > 1:  # cached activations, NCHW: channels_last as the network runs
             inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
         targets = batch.targets.to(device, non_blocking=True)
+        mixup = self.training.recipe.mixup
+        if mixup:
+            inputs, partner, weight = mix_batch(inputs, mixup, self.mixing)
         with autocast(device, self.training.precision):
             logits = self.model(*inputs)
         loss = self.criterion(logits.float(), targets)
+        if mixup:
+            loss = weight * loss + (1 - weight) * self.criterion(logits.float(), targets[partner])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if options.grad_clip:
@@ -439,17 +449,33 @@ class _Stage:
             nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(net)
+        if mixup and weight < 0.5:  # right means the larger share of the mix
+            targets = targets[partner]
         return loss.item(), int((logits.argmax(1) == targets).sum().item())
 
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.mixing = np.random.default_rng(mix_seed(self.training.options.seed, epoch, 4))
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What is evaluated and kept: the weight average when the recipe keeps one, else the network itself."""
+        return self.training.net if self.average is None else self.average.module
+
     def state_dict(self) -> dict:
-        return {"model": self.training.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {"model": self.training.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        return state if self.average is None else {**state, "average": self.average.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.training.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
 
 def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targets: np.ndarray,
@@ -488,7 +514,7 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                 break
             epoch_started = time.perf_counter()
             bar.set_description(f"{training.mode} epoch {epoch}/{options.epochs}")
-            stage.sampler.set_epoch(epoch)
+            stage.set_epoch(epoch)
             torch.manual_seed(mix_seed(options.seed, epoch, 3))  # dropout masks
             set_train_mode(net, training.mode, options.train_bn)
             started, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
@@ -516,16 +542,17 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                    "lr": lr_of_last_batch, "seconds": round(seconds, 3),
                    "images_per_second": round(seen / seconds, 2)}
             if has_val:
-                probabilities, kept = (training.source.evaluate(net) if training.source is not None else
-                                       evaluate_images(net, training.backbone, val_paths, device, precision,
+                probabilities, kept = (training.source.evaluate(stage.evaluated) if training.source is not None else
+                                       evaluate_images(stage.evaluated, training.backbone, val_paths, device, precision,
                                                        eval_batch, options.workers, options.max_image_pixels))
                 row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
                 score = ((row["val_loss"],) if options.monitored == "val_loss"
                          else (-row["val_accuracy"], row["val_loss"]))
                 if score < best["score"]:
-                    best = {"score": score, "epoch": epoch, "model": copy.deepcopy(net.state_dict())}
+                    best = {"score": score, "epoch": epoch, "model": copy.deepcopy(stage.evaluated.state_dict())}
             else:
-                best = {"score": (0.0,), "epoch": epoch, "model": None}
+                best = {"score": (0.0,), "epoch": epoch,
+                        "model": None if stage.average is None else copy.deepcopy(stage.evaluated.state_dict())}
             history.append(row)
             if tensorboard is not None:
                 for key, value in row.items():

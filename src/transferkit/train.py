@@ -266,6 +266,8 @@ class _Outcome:
     advice: str | None = None
     probe_fit: dict = field(default_factory=dict)
     """What validation chose for the probe (features, weight decay), when L-BFGS fitted it."""
+    recipe: dict = field(default_factory=dict)
+    """The regularisation an image stage trained with (recipe.Recipe)."""
 
 
 def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
@@ -342,7 +344,9 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
         net.head.load_state_dict(first_stage["head"])
     earlier = first_stage["history"] if first_stage else []
     source = _bottom_source(net, backbone, config, prepared, progress) if config.cache_bottom else None
-    training = ImageTraining(net, config.mode, config, backbone, device, precision, source)
+    recipe = config.recipe(prepared.sizes["train"])
+    log.info("recipe: %s", recipe.describe())
+    training = ImageTraining(net, config.mode, config, backbone, device, precision, source, recipe)
     fit = fit_images(training, *prepared.split("train"), *prepared.split("val"), first_epoch_number=len(earlier) + 1,
                      history=earlier, resume_state=checkpoint.get("stage"),
                      save_checkpoint=(lambda state: _save(staged, {**checkpoint, "stage": state}, clock))
@@ -374,7 +378,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                                weights_id=f"{config.mode}:{state_digest(backbone_state)}")
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(),
-                    {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode)
+                    {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode,
+                    recipe=asdict(recipe))
 
 
 def _bottom_source(net: Network, backbone: Backbone, config: TrainConfig, prepared: Prepared,
@@ -652,7 +657,7 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             "from_run": arguments.get("from_run"),
             "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
-            "probe_fit": outcome.probe_fit,
+            "probe_fit": outcome.probe_fit, "recipe": outcome.recipe,
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
