@@ -3,6 +3,7 @@ stochastic depth touches only the trained blocks and never predictions, and the 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_mixup_blends_each_row_with_its_partner_in_one_proportion():
     pixels = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
     pooled = torch.randn(6, 5, dtype=torch.float16)
     (mixed_pixels, mixed_pooled), partner, weight = mix_batch([pixels, pooled], 0.4, np.random.default_rng(3))
-    assert sorted(partner.tolist()) == list(range(6)) and 0 < weight < 1
+    assert sorted(partner.tolist()) == list(range(6)) and (partner != torch.arange(6)).any() and 0 < weight < 1
     expected = weight * pixels.float() + (1 - weight) * pixels[partner].float()
     assert mixed_pixels.dtype == torch.uint8 and (mixed_pixels.float() - expected).abs().max() <= 0.5
     torch.testing.assert_close(mixed_pooled.float(), weight * pooled.float() + (1 - weight) * pooled[partner].float(),
@@ -102,3 +103,30 @@ def test_a_run_keeps_the_weight_average_and_records_its_recipe(split_folder, tmp
     assert averaged.val_accuracy >= 0.6
     recorded = json.loads((averaged.run_dir / "config.json").read_text())["recipe"]
     assert recorded == {"mixup": 0.0, "ema": 0.999, "drop_path": 0.0}
+
+
+def test_a_mixup_step_is_scored_against_both_targets(split_folder):
+    """The loss of a mixed batch is the blend of the losses against each row's own target and its partner's, in the
+    proportion the pixels were mixed (checked on the logits the network gives the same mixed pixels)."""
+    from transferkit.finetune import Batch, ImageTraining, Network, _Stage
+    from transferkit.head import HeadSpec
+
+    backbone = open_backbone(image_size=64)
+    net = Network(backbone.trainable_copy(), backbone, HeadSpec("linear", backbone.feature_width, 3).build())
+    options = TrainConfig(mode="finetune", unfreeze="top-blocks:1", epochs=1, lr=1e-3, batch_size=4, workers=0,
+                          image_size=64).resolved()
+    training = ImageTraining(net, "finetune", options, backbone, torch.device("cpu"), "fp32",
+                             recipe=Recipe(mixup=0.4))
+    paths = sorted(p for p in (split_folder / "train").rglob("*") if p.is_file())[:4]
+    stage = _Stage(training, paths, np.array([0, 1, 2, 0]), "constant")
+    stage.set_epoch(1)
+    pixels = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    targets = torch.tensor([0, 1, 2, 0])
+    (mixed,), partner, weight = mix_batch([pixels], 0.4, copy.deepcopy(stage.mixing))
+    net.eval()  # no dropout; the step leaves the mode as it is
+    with torch.no_grad():
+        logits = net(mixed)
+    cross_entropy = torch.nn.functional.cross_entropy
+    expected = weight * cross_entropy(logits, targets) + (1 - weight) * cross_entropy(logits, targets[partner])
+    loss, _ = stage.step(Batch(pixels, targets, []))
+    assert loss == pytest.approx(expected.item(), rel=1e-4)
