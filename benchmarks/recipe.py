@@ -77,8 +77,8 @@ def test_accuracy_with_flips(run: Path, test: Path, flipped: Path) -> tuple[floa
     paths = sorted(p for p in test.rglob("*") if p.is_file())
     mirrors = [flipped / p.relative_to(test).with_suffix(".png") for p in paths]
     targets = np.array([classifier.classes.index(p.parent.name) for p in paths])
-    plain, kept, _ = classifier.probabilities_of_files(paths, use_cache=False, progress=False)
-    mirrored, kept_mirrors, _ = classifier.probabilities_of_files(mirrors, use_cache=False, progress=False)
+    (plain, _), kept, _ = classifier.outputs_of_files(paths, use_cache=False, progress=False)
+    (mirrored, _), kept_mirrors, _ = classifier.outputs_of_files(mirrors, use_cache=False, progress=False)
     assert len(kept) == len(kept_mirrors) == len(paths)
     return float((plain.argmax(1) == targets).mean()), float(((plain + mirrored).argmax(1) == targets).mean())
 

@@ -126,7 +126,8 @@ def epoch_seconds(train_images: int, val_images: int, train_rate: float, eval_ra
 
 
 def final_seconds(eval_images: int, eval_rate: float) -> float:
-    """After training: the final evaluation of validation and test images, the run folder and the report."""
+    """After training: the final pass over every image (training features are what unknown images are compared
+    with; validation and test are evaluated), the run folder and the report."""
     return eval_images / (eval_rate * SPEED_MARGIN) + REPORT_SECONDS + STARTUP_SECONDS
 
 

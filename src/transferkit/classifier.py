@@ -15,9 +15,11 @@ from transferkit.backbone import DEFAULT_BACKBONE, Backbone, Preprocessing, back
 from transferkit.data import Skipped
 from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, extract_features, open_cache
+from transferkit.calibration import Calibration
 from transferkit.head import HeadSpec
+from transferkit.novelty import NoveltyModel
 from transferkit.runs import damaged_file, read_metrics, read_run_config
-from transferkit.runtime import ImageInput, Prediction, image_inputs, top_k_predictions
+from transferkit.runtime import ImageInput, Outputs, Prediction, image_inputs, rejection_threshold, top_k_predictions
 from transferkit.text import plural
 
 SHOWN_CLASSES = 8
@@ -40,15 +42,20 @@ class Classifier:
     """Backbone + trained head. `Classifier.load(run).predict(paths_or_images)` is the whole inference API."""
 
     def __init__(self, backbone: Backbone | Extractor, head: nn.Module, classes: list[str],
-                 config: dict | None = None, metrics: dict | None = None, **engine_options):
+                 config: dict | None = None, metrics: dict | None = None, novelty: NoveltyModel | None = None,
+                 source: str = "this classifier", **engine_options):
         """`backbone` is a Backbone (run with `Extractor(backbone, **engine_options)`) or a ready Extractor;
-        `metrics` are the run's (metrics.json), shown by the repr."""
+        `metrics` are the run's (metrics.json), shown by the repr; `novelty` scores how unlike the training images an
+        input is (None: predictions are never unknown); `config["calibration"]` holds the temperature."""
         self.extractor = backbone if isinstance(backbone, Extractor) else Extractor(backbone, **engine_options)
         self.backbone = self.extractor.backbone
         self.head = head.eval()
         self.classes = list(classes)
         self.config = config or {}
         self.metrics = metrics or {}
+        self.calibration = Calibration.from_dict(self.config.get("calibration")) if config else Calibration()
+        self.novelty = novelty
+        self.source = source
 
     def __repr__(self) -> str:
         return (f"Classifier(backbone={self.backbone.name!r}, mode={self.config.get('mode', '?')!r}, "
@@ -87,32 +94,48 @@ class Classifier:
             head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
         except RuntimeError as err:
             raise damaged_file(run / "model.safetensors", err) from None
-        return cls(backbone, head, config["labels"], config, read_metrics(run), **engine_options)
+        return cls(backbone, head, config["labels"], config, read_metrics(run), NoveltyModel.load(run), str(run),
+                   **engine_options)
 
-    def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
+    def probabilities_from_features(self, features: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities, divided by the run's temperature unless `calibrated=False` (the head's own)."""
+        temperature = self.calibration.temperature if calibrated else 1.0
         with torch.inference_mode():
-            return torch.softmax(self.head(torch.as_tensor(features, dtype=torch.float32)), dim=1).numpy()
+            logits = self.head(torch.as_tensor(features, dtype=torch.float32))
+            return torch.softmax(logits / temperature, dim=1).numpy()
 
-    def probabilities_of_files(self, paths: Sequence[Path], cache_dir: str | Path | None = None,
-                               use_cache: bool = True, batch_size: int | None = None, workers: int | None = None,
-                               progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
-        """Class probabilities of image files through the feature cache: (probabilities, kept indices, skipped)."""
+    def outputs_from_features(self, features: np.ndarray, calibrated: bool = True) -> Outputs:
+        """(class probabilities, scores of how unlike the training images each is, or None without statistics)."""
+        scores = self.novelty.scores(features) if self.novelty is not None else None
+        return self.probabilities_from_features(features, calibrated), scores
+
+    def outputs_of_files(self, paths: Sequence[Path], cache_dir: str | Path | None = None, use_cache: bool = True,
+                         batch_size: int | None = None, workers: int | None = None, progress: bool | None = None,
+                         calibrated: bool = True) -> tuple[Outputs, np.ndarray, list[Skipped]]:
+        """Calibrated class probabilities and unknown-scores of image files through the feature cache: ((probabilities,
+        scores or None), kept indices, skipped)."""
         cache = open_cache(cache_dir, use_cache)
         try:
             feature_set = extract_features(self.extractor, paths, cache, batch_size, workers, progress=progress)
         finally:
             if cache is not None:
                 cache.close()
-        return self.probabilities_from_features(feature_set.features), feature_set.kept, feature_set.skipped
+        return self.outputs_from_features(feature_set.features, calibrated), feature_set.kept, feature_set.skipped
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
-                workers: int | None = None, progress: bool | None = False) -> list[Prediction]:
-        """`progress`: None for a bar on a terminal and plain log lines elsewhere, as training has."""
-        def to_probabilities(pixels: np.ndarray) -> np.ndarray:
-            return self.probabilities_from_features(self.extractor.features(pixels))
+                workers: int | None = None, progress: bool | None = False, reject: bool = True,
+                accept: float | None = None, calibrated: bool = True) -> list[Prediction]:
+        """Top-k classes of each input, with its `ood_score` and an `unknown` verdict for inputs unlike the training
+        images. `reject=False`: never unknown; `accept`: the share of known images the threshold accepts (default
+        the run's, chosen at training); `calibrated=False`: the head's own probabilities, not the temperature-scaled
+        ones. `progress`: None for a bar on a terminal and plain log lines elsewhere, as training has."""
+        threshold = rejection_threshold(self.novelty, reject, accept, self.source)
 
-        return top_k_predictions(self.backbone.preprocessing, image_inputs(inputs), to_probabilities, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers, progress)
+        def to_outputs(pixels: np.ndarray) -> Outputs:
+            return self.outputs_from_features(self.extractor.features(pixels), calibrated)
+
+        return top_k_predictions(self.backbone.preprocessing, image_inputs(inputs), to_outputs, self.classes,
+                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold)
 
 
 def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -128,8 +151,8 @@ def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKB
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(1000)]
 
-    def to_probabilities(pixels: np.ndarray) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(extractor.logits(pixels)), dim=1).numpy()
+    def to_outputs(pixels: np.ndarray) -> Outputs:
+        return torch.softmax(torch.from_numpy(extractor.logits(pixels)), dim=1).numpy(), None
 
-    return top_k_predictions(extractor.backbone.preprocessing, image_inputs(inputs), to_probabilities, names, top_k,
+    return top_k_predictions(extractor.backbone.preprocessing, image_inputs(inputs), to_outputs, names, top_k,
                              batch_size)

@@ -13,6 +13,7 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS
 from transferkit.errors import DataError
 from transferkit.features import check_precision, resolve_device
 from transferkit.head import HEAD_KINDS, FitOptions
+from transferkit.novelty import check_accept
 from transferkit.recipe import Recipe, recipe_for
 
 MODES = ("auto", "probe", "head", "finetune", "scratch")
@@ -111,6 +112,8 @@ class TrainConfig(FitOptions):
     mixup: float | None = None
     ema: float | None = None
     drop_path: float | None = None
+    accept: float | None = None
+    """The share of validation images the "unknown" threshold accepts (None: novelty.DEFAULT_ACCEPT)."""
     head_epochs: int = 100
     val_percent: float = 10.0
     test_percent: float = 10.0
@@ -176,6 +179,7 @@ class TrainConfig(FitOptions):
         if config.cache_bottom and not config.use_cache:
             raise DataError(f"{option_name('cache_bottom')} keeps the activations in the feature cache; drop "
                             f"use_cache=False (--no-cache).")
+        check_accept(config.accept)
         given = [name for name in RECIPE_OPTIONS if getattr(config, name) is not None]
         if given and config.mode == "probe":
             raise DataError(f"{option_name(given[0])} regularises training on images (modes finetune, head, scratch "

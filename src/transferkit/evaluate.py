@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.calibration import expected_calibration_error
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
 from transferkit.runs import absolute_path, stored_paths, warn_missing_images
@@ -64,9 +65,25 @@ def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, class
 PREDICTIONS_FILE = "predictions.csv"
 
 
+def unknown_metrics(correct: np.ndarray, scores: np.ndarray, threshold: float, accept: float) -> dict:
+    """What rejecting images that score above `threshold` does to a split: the share called unknown and the accuracy
+    on the rest (against `accuracy`, over all)."""
+    known = scores <= threshold
+    return {"accept": accept, "threshold": threshold, "unknown_share": float(1 - known.mean()) if len(known) else None,
+            "accuracy_known": float(correct[known].mean()) if known.any() else None,
+            "accuracy": float(correct.mean()) if len(correct) else None}
+
+
+def calibration_metrics(probabilities: np.ndarray, raw_probabilities: np.ndarray, targets: np.ndarray) -> dict:
+    """Expected calibration error (15 bins) of the calibrated and of the model's own probabilities."""
+    return {"ece": expected_calibration_error(probabilities, targets),
+            "ece_uncalibrated": expected_calibration_error(raw_probabilities, targets)}
+
+
 @dataclass
 class Predictions:
-    """Per image of one split: its path, true class, predicted class and the probabilities of both."""
+    """Per image of one split: its path, true class, predicted class and the probabilities of both; the model's own
+    (uncalibrated) top probability and how unlike the training images it is, where known."""
 
     split: str
     paths: list[str]
@@ -74,13 +91,18 @@ class Predictions:
     predicted: np.ndarray
     confidence: np.ndarray
     label_probability: np.ndarray
+    raw_confidence: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
 
     @classmethod
-    def from_probabilities(cls, split: str, paths: list, targets: np.ndarray, probabilities: np.ndarray) -> Predictions:
+    def from_probabilities(cls, split: str, paths: list, targets: np.ndarray, probabilities: np.ndarray,
+                           raw_probabilities: np.ndarray | None = None,
+                           ood_score: np.ndarray | None = None) -> Predictions:
         predicted = probabilities.argmax(1) if len(targets) else np.empty(0, dtype=np.int64)
         rows = np.arange(len(targets))
+        raw = None if raw_probabilities is None else raw_probabilities[rows, predicted]
         return cls(split, [str(p) for p in paths], np.asarray(targets), predicted, probabilities[rows, predicted],
-                   probabilities[rows, targets])
+                   probabilities[rows, targets], raw, ood_score)
 
     @property
     def correct(self) -> np.ndarray:
@@ -95,12 +117,17 @@ class Predictions:
 def predictions_csv(predictions: list[Predictions], classes: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["split", "path", "label", "predicted", "probability", "label_probability"])
+    writer.writerow(["split", "path", "label", "predicted", "probability", "label_probability", "raw_probability",
+                     "ood_score"])
     for part in predictions:
-        for path, target, predicted, confidence, label_probability in zip(
-                part.paths, part.targets, part.predicted, part.confidence, part.label_probability):
+        blank = [None] * len(part.paths)
+        for path, target, predicted, confidence, label_probability, raw, score in zip(
+                part.paths, part.targets, part.predicted, part.confidence, part.label_probability,
+                blank if part.raw_confidence is None else part.raw_confidence,
+                blank if part.ood_score is None else part.ood_score):
             writer.writerow([part.split, absolute_path(path), classes[target], classes[predicted],
-                             f"{confidence:.6g}", f"{label_probability:.6g}"])
+                             f"{confidence:.6g}", f"{label_probability:.6g}", "" if raw is None else f"{raw:.6g}",
+                             "" if score is None else f"{score:.6g}"])
     return buffer.getvalue()
 
 
@@ -114,18 +141,27 @@ def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
     with path.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             part = columns.setdefault(row["split"], {k: [] for k in ("paths", "targets", "predicted", "confidence",
-                                                                      "label_probability")})
+                                                                      "label_probability", "raw", "score")})
             part["paths"].append(row["path"])
             part["targets"].append(index[row["label"]])
             part["predicted"].append(index[row["predicted"]])
             part["confidence"].append(float(row["probability"]))
             part["label_probability"].append(float(row["label_probability"]))
+            part["raw"].append(float(row.get("raw_probability") or "nan"))  # blank or absent in older runs
+            part["score"].append(float(row.get("ood_score") or "nan"))
     for part in columns.values():
         part["paths"] = stored_paths(path.parent, part["paths"])
     warn_missing_images(path.parent, [p for part in columns.values() for p in part["paths"]])
     return {split: Predictions(split, part["paths"], np.array(part["targets"], dtype=np.int64),
                                np.array(part["predicted"], dtype=np.int64), np.array(part["confidence"]),
-                               np.array(part["label_probability"])) for split, part in columns.items()}
+                               np.array(part["label_probability"]), _column(part["raw"]), _column(part["score"]))
+            for split, part in columns.items()}
+
+
+def _column(values: list[float]) -> np.ndarray | None:
+    """A column of numbers, or None when the run did not write it."""
+    array = np.array(values)
+    return None if not len(array) or np.isnan(array).all() else array
 
 
 def group_accuracy(targets: np.ndarray, predicted: np.ndarray, classes: list[str],

@@ -356,10 +356,12 @@ def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_
 
 
 def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], device: torch.device, precision: str,
-                    batch_size: int, workers: int | None, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities at the evaluation preprocessing: (probabilities of the readable images, their indices)."""
+                    batch_size: int, workers: int | None,
+                    max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities (the head's own) and the backbone features the head saw, at the evaluation preprocessing:
+    (probabilities, features, indices of the readable images)."""
     net.eval()
-    probabilities, kept = [], []
+    probabilities, features, kept = [], [], []
     prepare = make_preparer(backbone.preprocessing, max_pixels)
     with torch.inference_mode(), autocast(device, precision):
         for batch in iter_prepared(paths, prepare, batch_size, workers or default_workers()):
@@ -367,11 +369,13 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
             if not good:
                 continue
             pixels = torch.from_numpy(np.stack([x for _, x in good])).to(device)
-            probabilities.append(torch.softmax(net(pixels).float(), dim=1).cpu().numpy())
+            seen = net.features(pixels)
+            probabilities.append(torch.softmax(net.head(seen).float(), dim=1).cpu().numpy())
+            features.append(seen.float().cpu().numpy())
             kept += [i for i, _ in good]
     classes = net.head[-1].out_features
     return (np.concatenate(probabilities) if probabilities else np.empty((0, classes), np.float32),
-            np.array(kept, dtype=np.int64))
+            np.concatenate(features) if features else np.empty((0, 0), np.float32), np.array(kept, dtype=np.int64))
 
 
 def _loss_and_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
@@ -542,9 +546,12 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                    "lr": lr_of_last_batch, "seconds": round(seconds, 3),
                    "images_per_second": round(seen / seconds, 2)}
             if has_val:
-                probabilities, kept = (training.source.evaluate(stage.evaluated) if training.source is not None else
-                                       evaluate_images(stage.evaluated, training.backbone, val_paths, device, precision,
-                                                       eval_batch, options.workers, options.max_image_pixels))
+                if training.source is not None:
+                    probabilities, kept = training.source.evaluate(stage.evaluated)
+                else:
+                    probabilities, _, kept = evaluate_images(stage.evaluated, training.backbone, val_paths, device,
+                                                             precision, eval_batch, options.workers,
+                                                             options.max_image_pixels)
                 row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
                 score = ((row["val_loss"],) if options.monitored == "val_loss"
                          else (-row["val_accuracy"], row["val_loss"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,17 @@ from PIL import Image
 
 from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
 from transferkit.errors import DataError, RunError
+from transferkit.novelty import NoveltyModel, check_accept
 from transferkit.progress import progress_bar
+
+log = logging.getLogger("transferkit")
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 """A path, an http(s) URL, an encoded image's bytes, a PIL image or a numpy array of uint8 pixels."""
 EXPORT_MANIFEST = "export.json"
 EXPORT_FILES = ("labels.txt", "preprocessing.json", EXPORT_MANIFEST)
+Outputs = tuple[np.ndarray, "np.ndarray | None"]
+"""What a model gives a batch of pixels: class probabilities, and how unlike its training images each is (or None)."""
 
 
 @dataclass
@@ -36,10 +42,21 @@ class Prediction:
     ids: list[int]
     probabilities: list[float]
     error: str | None = None
+    ood_score: float | None = None
+    """How unlike the model's training images the input is (`novelty`); None when the model keeps no such score."""
+    unknown: bool | None = None
+    """True when `ood_score` is above the model's threshold: "none of these", `label` is then only the nearest class.
+    None when not judged (no score, or rejection turned off)."""
 
     @property
     def label(self) -> str | None:
+        """The most likely class (the nearest one when the input is unknown)."""
         return self.labels[0] if self.labels else None
+
+    @property
+    def answer(self) -> str | None:
+        """"unknown" for an input unlike the training images, else the most likely class."""
+        return "unknown" if self.unknown else self.label
 
     @property
     def probability(self) -> float | None:
@@ -50,6 +67,8 @@ class Prediction:
             return f"Prediction({self.source!r}, error={self.error!r})"
         answers = ", ".join(f"{label} {probability:.3f}" for label, probability in zip(self.labels,
                                                                                     self.probabilities))
+        if self.unknown:
+            return f"Prediction({self.source!r}: unknown, score {self.ood_score:.3f}; nearest {answers})"
         return f"Prediction({self.source!r}: {answers})"
 
     def ranked(self) -> list[tuple[int, str, int, float]]:
@@ -57,22 +76,47 @@ class Prediction:
         return [(rank, *answer) for rank, answer in enumerate(zip(self.labels, self.ids, self.probabilities), 1)]
 
     def to_dict(self) -> dict:
-        return {"input": self.source, "error": self.error,
+        return {"input": self.source, "error": self.error, "unknown": self.unknown, "ood_score": self.ood_score,
                 "predictions": [{"rank": rank, "label": label, "id": i, "probability": probability}
                                 for rank, label, i, probability in self.ranked()]}
 
 
-def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[str], top_k: int) -> Prediction:
+def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[str], top_k: int,
+                      ood_score: float | None = None, threshold: float | None = None) -> Prediction:
+    """The top-k answer; `unknown` when the score is above `threshold` (not judged when either is None)."""
     order = np.argsort(-probabilities, kind="stable")[:top_k]
-    return Prediction(source, [labels[j] for j in order], order.tolist(), probabilities[order].astype(float).tolist())
+    score = None if ood_score is None else float(ood_score)
+    unknown = None if score is None or threshold is None else bool(score > threshold)
+    return Prediction(source, [labels[j] for j in order], order.tolist(), probabilities[order].astype(float).tolist(),
+                      ood_score=score, unknown=unknown)
+
+
+def rejection_threshold(novelty: NoveltyModel | None, reject: bool, accept: float | None, model: str) -> float | None:
+    """The score above which `model`'s predictions say unknown: None with `reject` off, or when the model keeps no
+    statistics (said once per model; asking for an `accept` share of such a model is an error)."""
+    check_accept(accept)
+    if novelty is None:
+        if accept is not None:
+            raise RunError(f"{model} keeps no statistics of its training images (written before transferkit scored "
+                           f"unknown images), so --accept cannot apply; retrain it (and export it again).")
+        if reject and model not in _TOLD_NO_SCORE:
+            _TOLD_NO_SCORE.add(model)
+            log.warning("%s was written before transferkit scored unknown images: its predictions never say "
+                        "unknown; retrain it (and export it again) to get that", model)
+        return None
+    return novelty.threshold(accept) if reject else None
+
+
+_TOLD_NO_SCORE: set[str] = set()
 
 
 def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput],
-                      to_probabilities: Callable[[np.ndarray], np.ndarray], labels: Sequence[str], top_k: int,
-                      batch_size: int = 32, workers: int | None = None,
-                      progress: bool | None = False) -> list[Prediction]:
+                      to_outputs: Callable[[np.ndarray], Outputs], labels: Sequence[str], top_k: int,
+                      batch_size: int = 32, workers: int | None = None, progress: bool | None = False,
+                      threshold: float | None = None) -> list[Prediction]:
     """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise.
-    `progress` as for `progress_bar` (off by default: a server predicts a few images at a time)."""
+    `threshold`: scores above it are unknown. `progress` as for `progress_bar` (off by default: a server predicts a
+    few images at a time)."""
     results: list[Prediction | None] = [None] * len(inputs)
     bar = progress_bar(len(inputs), "Predicting", "img", progress)
     for batch in iter_prepared(inputs, make_preparer(preprocessing), batch_size, workers or default_workers()):
@@ -81,9 +125,10 @@ def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput]
             if p.pixels is None:
                 results[i] = Prediction(_source_name(inputs[i], i), [], [], [], p.error)
         if good:
-            probabilities = to_probabilities(np.stack([p.pixels for _, p in good]))
-            for (i, _), row in zip(good, probabilities):
-                results[i] = ranked_prediction(_source_name(inputs[i], i), row, labels, top_k)
+            probabilities, scores = to_outputs(np.stack([p.pixels for _, p in good]))
+            for position, ((i, _), row) in enumerate(zip(good, probabilities)):
+                results[i] = ranked_prediction(_source_name(inputs[i], i), row, labels, top_k,
+                                               None if scores is None else scores[position], threshold)
         bar.update(len(batch))
     bar.close()
     return results
@@ -129,7 +174,9 @@ def is_export(folder: str | Path) -> bool:
 
 
 class ExportedClassifier:
-    """A classifier written by `transferkit export --format onnx`: uint8 NHWC pixels in, class probabilities out."""
+    """A classifier written by `transferkit export --format onnx`: uint8 NHWC pixels in, calibrated class
+    probabilities out, and (from exports that keep novelty.npz) the features that score how unlike the training
+    images an input is."""
 
     def __init__(self, folder: str | Path, model_file: str | None = None, threads: int | None = None):
         folder = Path(folder)
@@ -148,21 +195,36 @@ class ExportedClassifier:
         self.model_path = folder / (model_file or self.manifest["model"])
         self.session = onnx_session(str(self.model_path), threads=threads)
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [output.name for output in self.session.get_outputs()]
+        self.novelty = NoveltyModel.load(folder) if "features" in outputs else None
 
     @classmethod
     def load(cls, folder: str | Path, **options) -> ExportedClassifier:
         return cls(folder, **options)
 
+    def outputs(self, pixels: np.ndarray) -> Outputs:
+        """uint8 (N, H, W, 3) pixels, as `Preprocessing.pixels` makes them -> float32 (N, classes) calibrated
+        probabilities, and (N,) scores of how unlike the training images each is (None without novelty.npz)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if self.novelty is None:
+            return self.session.run(["probabilities"], {self.input_name: pixels})[0], None
+        probabilities, features = self.session.run(["probabilities", "features"], {self.input_name: pixels})
+        return probabilities, self.novelty.scores(features)
+
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) pixels, as `Preprocessing.pixels` makes them -> float32 (N, classes)."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+        return self.outputs(pixels)[0]
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
-                workers: int | None = None, progress: bool | None = False) -> list[Prediction]:
-        return top_k_predictions(self.preprocessing, image_inputs(inputs), self.probabilities, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers, progress)
+                workers: int | None = None, progress: bool | None = False, reject: bool = True,
+                accept: float | None = None) -> list[Prediction]:
+        """As `Classifier.predict`: `reject=False` never says unknown; `accept` overrides the share of known images
+        the threshold accepts."""
+        threshold = rejection_threshold(self.novelty, reject, accept, str(self.folder))
+        return top_k_predictions(self.preprocessing, image_inputs(inputs), self.outputs, self.classes,
+                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold)
 
     def describe(self) -> dict:
         return {"labels": self.classes, "backbone": self.manifest.get("backbone"),
                 "metrics": self.manifest.get("metrics"), "format": "onnx", "model": self.model_path.name,
-                "preprocessing": self.preprocessing.to_dict()}
+                "preprocessing": self.preprocessing.to_dict(), "calibration": self.manifest.get("calibration"),
+                "unknown": self.novelty.describe() if self.novelty else None}

@@ -25,12 +25,15 @@ from transferkit.config import TrainConfig, probe_optimizer
 from transferkit.data import Skipped, default_workers, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
-from transferkit.evaluate import PREDICTIONS_FILE, Predictions, classification_metrics, predictions_csv, read_groups
+from transferkit.calibration import Calibration, fit_temperature
+from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, calibration_metrics, classification_metrics,
+                                  predictions_csv, read_groups, unknown_metrics)
 from transferkit.features import Extractor, cache_root, extract_features, open_cache, resolve_device
 from transferkit.finetune import (CachedSource, ImageTraining, Network, backbone_blocks, check_images, evaluate_images,
                                   fit_images, lr_range_test_images, measure_speed, resolve_train_precision,
                                   trainable_names)
 from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
+from transferkit.novelty import NOVELTY_FILE, NoveltyModel, fit_novelty
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
 from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, absolute_path, default_run_dir, load_checkpoint,
@@ -238,16 +241,70 @@ def _fit_probe(prepared: Prepared, features: dict[str, np.ndarray], spec: HeadSp
     return fit
 
 
-def _evaluated(prepared: Prepared, probabilities: dict[str, np.ndarray],
-               group_map: dict | None) -> tuple[dict, list[Predictions]]:
-    """Metrics and per-image predictions of the validation and test splits."""
+@dataclass
+class _Judged:
+    """A finished model's probabilities made honest: calibrated on validation, each image scored for how unlike the
+    training images it is."""
+
+    calibration: Calibration
+    novelty: NoveltyModel | None
+    raw: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+
+
+def _judge(outcome: _Outcome, accept: float | None, seed: int) -> _Judged:
+    _, val_targets = outcome.prepared.split("val")
+    raw = outcome.probabilities
+    if "val" in raw and len(val_targets):
+        calibration = fit_temperature(raw["val"], val_targets)
+    else:
+        calibration = Calibration(note="not calibrated: no validation split; the probabilities are the model's own")
+    if calibration.fitted_on:
+        log.info("calibration: the probabilities are divided by a temperature of %.3f (fitted on %s)",
+                 calibration.temperature, calibration.fitted_on)
+    else:
+        log.warning("%s", calibration.note)
+    novelty = None
+    if len(outcome.features.get("train", [])):
+        novelty = fit_novelty(outcome.features["train"], outcome.features.get("val"), accept, outcome.final_width,
+                              seed)
+        (log.warning if novelty.accept is None else log.info)("unknown images: %s", novelty.describe())
+    scores = {name: novelty.scores(outcome.features[name]) for name in raw
+              if novelty is not None and name in outcome.features}
+    return _Judged(calibration, novelty, raw, {name: calibration.apply(p) for name, p in raw.items()}, scores)
+
+
+def _evaluated(prepared: Prepared, judged: _Judged, group_map: dict | None) -> tuple[dict, list[Predictions]]:
+    """Metrics (calibration and unknown images included) and per-image predictions of the validation and test
+    splits."""
     metrics, predictions = {}, []
+    threshold = judged.novelty.threshold() if judged.novelty is not None else None
     for name in ("val", "test"):
-        if name in probabilities and len(probabilities[name]):
+        if name in judged.probabilities and len(judged.probabilities[name]):
             paths, targets = prepared.split(name)
-            metrics[name] = classification_metrics(targets, probabilities[name], prepared.classes, group_map)
-            predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities[name]))
+            probabilities, scores = judged.probabilities[name], judged.scores.get(name)
+            metrics[name] = {**classification_metrics(targets, probabilities, prepared.classes, group_map),
+                             **calibration_metrics(probabilities, judged.raw[name], targets)}
+            if scores is not None and threshold is not None:
+                metrics[name]["unknown"] = unknown_metrics(probabilities.argmax(1) == targets, scores, threshold,
+                                                           judged.novelty.accept)
+            predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities, judged.raw[name],
+                                                              scores))
     return metrics, predictions
+
+
+def _log_judgement(metrics: dict) -> None:
+    """One line on how honest the probabilities are, on the test split (else validation)."""
+    split = "test" if "test" in metrics else "val" if "val" in metrics else None
+    if split is None:
+        return
+    part = metrics[split]
+    unknown = part.get("unknown")
+    rejected = (f"; {unknown['unknown_share']:.1%} called unknown, accuracy on the rest {unknown['accuracy_known']:.3f}"
+                f" (all: {part['accuracy']:.3f})" if unknown and unknown["accuracy_known"] is not None else "")
+    log.info("%s: expected calibration error %.3f (uncalibrated %.3f)%s", split, part["ece"],
+             part["ece_uncalibrated"], rejected)
 
 
 @dataclass
@@ -268,6 +325,10 @@ class _Outcome:
     """What validation chose for the probe (features, weight decay), when L-BFGS fitted it."""
     recipe: dict = field(default_factory=dict)
     """The regularisation an image stage trained with (recipe.Recipe)."""
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    """The kept model's features of each split (train, val, test): what unknown images are told apart by."""
+    final_width: int | None = None
+    """How many of the features' last columns are the final block's (novelty's part); None: all of them."""
 
 
 def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
@@ -292,7 +353,12 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
         tensors.update({f"backbone.{k}": v.contiguous() for k, v in backbone.model.state_dict().items()})
         backbone_config.update(stored_in_run=True, started_from=start.config["backbone"]["started_from"])
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
-                    backbone.preprocessing.to_dict(), extractor.describe(), probe_fit=fit.chosen)
+                    backbone.preprocessing.to_dict(), extractor.describe(), probe_fit=fit.chosen,
+                    features=features, final_width=_final_width(backbone))
+
+
+def _final_width(backbone: Backbone) -> int | None:
+    return backbone.block_widths[-1] if backbone.feature_kind == "blocks" else None
 
 
 def _prepare_images(dataset, backbone, config: TrainConfig, progress,
@@ -356,19 +422,20 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     train_paths = prepared.paths["train"]
     prepared.skipped += [Skipped(train_paths[i], f"became unreadable during training: {reason}")
                          for i, reason in sorted(fit.unreadable.items())]
-    probabilities = {}
-    for name in ("val", "test"):
+    probabilities, features = {}, {}
+    for name in ("train", "val", "test"):  # the training images' features: what unknown images are compared with
         paths, targets = prepared.split(name)
         if paths:
-            probabilities[name], kept = evaluate_images(net, backbone, paths, device, precision, 32, config.workers,
-                                                        config.max_image_pixels)
-            if len(kept) != len(paths):
+            probabilities[name], features[name], kept = evaluate_images(net, backbone, paths, device, precision, 32,
+                                                                        config.workers, config.max_image_pixels)
+            if len(kept) != len(paths) and name != "train":  # unreadable training images are reported by fit
                 log.warning("%d %s images became unreadable during training; they are left out of the metrics",
                             len(paths) - len(kept), name)
                 lost = sorted(set(range(len(paths))) - set(kept.tolist()))
                 prepared.skipped += [Skipped(str(paths[i]), "became unreadable during training") for i in lost]
                 prepared.paths[name] = [str(paths[i]) for i in kept]
                 prepared.targets[name] = targets[kept].tolist()
+    probabilities.pop("train", None)
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in net.head.state_dict().items()}
     backbone_config = backbone.to_config()
     if config.mode != "head" or _trained_backbone(start):
@@ -379,7 +446,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(),
                     {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode,
-                    recipe=asdict(recipe))
+                    recipe=asdict(recipe), features=features, final_width=_final_width(backbone))
 
 
 def _bottom_source(net: Network, backbone: Backbone, config: TrainConfig, prepared: Prepared,
@@ -503,7 +570,7 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
 
     def plan(seconds_left: float):
         return plan_finetune(seconds_left, sizes["train"], sizes.get("val", 0),
-                             sizes.get("val", 0) + sizes.get("test", 0), native, backbone.train_size, probe_val,
+                             sum(sizes.values()), native, backbone.train_size, probe_val,
                              measure, config.train_size, config.image_size, config.lr, top_blocks,
                              MAX_VIEWS if config.use_cache else 0)
 
@@ -551,7 +618,7 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
     finetune_config = replace(config, mode="finetune", epochs=plan.epochs, lr=plan.lr, unfreeze=plan.unfreeze,
                               backbone_lr_mult=plan.backbone_lr_mult, train_size=plan.train_size,
                               image_size=plan.eval_size, cache_bottom=plan.cache_bottom)
-    eval_images = sum(len(probe.prepared.paths.get(name, [])) for name in ("val", "test"))
+    eval_images = sum(probe.prepared.sizes.values())  # after training: train features (novelty), val and test
     finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tensorboard, staged, checkpoint,
                             clock, final_seconds(eval_images, plan.eval_images_per_second))
     finetuned_val = _val_accuracy(finetuned)
@@ -575,7 +642,7 @@ def _finetune_advice(arguments: dict, config: TrainConfig, backbone, probe: _Out
         return None
     plan, _ = _finetune_planner(backbone, config, probe.prepared, probe_val)(NO_LIMIT)
     per_epoch = plan.seconds / plan.epochs  # the plan's own epoch length, not derived again from its speeds
-    eval_images = sum(probe.prepared.sizes.get(name, 0) for name in ("val", "test"))
+    eval_images = sum(probe.prepared.sizes.values())
     seconds = clock.elapsed() + 2 * MIN_EPOCHS * per_epoch + final_seconds(eval_images, plan.eval_images_per_second)
     minutes = math.ceil(seconds / 60)
     return (f"fine-tuning would likely pay here (the probe's validation accuracy is {probe_val:.3f}): "
@@ -648,7 +715,9 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             if tensorboard is not None:
                 tensorboard.close()
         prepared = outcome.prepared
-        metrics, predictions = _evaluated(prepared, outcome.probabilities, group_map)
+        judged = _judge(outcome, config.accept, config.seed)
+        metrics, predictions = _evaluated(prepared, judged, group_map)
+        _log_judgement(metrics)
         if prepared.skipped:
             log.warning("skipped %d of %d files that could not be used (listed in %s)", len(prepared.skipped),
                         sum(prepared.sizes.values()) + len(prepared.skipped), run_dir / "skipped.txt")
@@ -658,6 +727,10 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             "backbone": outcome.backbone_config, "preprocessing": outcome.preprocessing,
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
             "probe_fit": outcome.probe_fit, "recipe": outcome.recipe,
+            "calibration": judged.calibration.to_dict(),
+            "unknown": ({"accept": judged.novelty.accept, "threshold": judged.novelty.threshold(),
+                         "scored_on": judged.novelty.scored_on, "references": len(judged.novelty.references),
+                         "neighbours": judged.novelty.neighbours} if judged.novelty is not None else None),
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
@@ -666,6 +739,8 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
         staged.write_bytes("model.safetensors", safetensors.torch.save(outcome.tensors,
                                                                        metadata={"format": "transferkit"}))
         staged.write_json("config.json", run_config)
+        if judged.novelty is not None:
+            staged.write_bytes(NOVELTY_FILE, judged.novelty.to_bytes())
         staged.write_text("labels.txt", "\n".join(prepared.classes) + "\n")
         staged.write_text("history.csv", _history_csv(outcome.history))
         staged.write_json("metrics.json", metrics)
