@@ -336,6 +336,9 @@ def train(
                                                    "the size of the training split]."),
     head_epochs: int = typer.Option(100, min=1, help="Epochs of the first stage (probe, early-stopped).",
                                     rich_help_panel=FINETUNE),
+    accept: Optional[float] = typer.Option(None, metavar="SHARE", rich_help_panel=OUTPUT,
+                                           help="Predictions say unknown for images further from the training images "
+                                                "than this share of validation images \\[default: 0.95]."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",
                                            rich_help_panel=OUTPUT),
     overwrite: bool = _flag("--overwrite", "Replace --out if it already holds a run (or an interrupted one).",
@@ -393,7 +396,7 @@ def train(
     options = dict(backbone=backbone, weights=str(weights) if weights else None, image_size=image_size,
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
                    time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
-                   cache_bottom=cache_bottom, mixup=mixup, ema=ema, drop_path=drop_path,
+                   cache_bottom=cache_bottom, mixup=mixup, ema=ema, drop_path=drop_path, accept=accept,
                    head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
@@ -466,27 +469,57 @@ def evaluate(
 
 
 def _print_predictions(predictions, fmt: str) -> None:
+    """Top-k rows per input; an unknown input's first row says `unknown` (its score, then the nearest classes)."""
+    scored = any(p.ood_score is not None for p in predictions)
     if fmt == "json":
         out.print_json(json.dumps([p.to_dict() for p in predictions]))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["input", "rank", "label", "id", "probability", "error"])
+        writer.writerow(["input", "rank", "label", "id", "probability", "unknown", "ood_score", "error"])
         for p in predictions:
             if p.error:
-                writer.writerow([p.source, "", "", "", "", p.error])
+                writer.writerow([p.source, "", "", "", "", "", "", p.error])
+            verdict = ["" if p.unknown is None else str(p.unknown).lower(),
+                       "" if p.ood_score is None else f"{p.ood_score:.6f}"]
             for r, label, i, prob in p.ranked():
-                writer.writerow([p.source, r, label, i, f"{prob:.6f}", ""])
+                writer.writerow([p.source, r, label, i, f"{prob:.6f}", *verdict, ""])
     else:
-        table = Table("input", "rank", "id", "label", "probability")
+        table = Table("input", "rank", "id", "label", "probability", *(["unknown score"] if scored else []))
         table.columns[0].overflow = "fold"
         for p in predictions:
             if p.error:
                 table.add_row(escape(p.source), "-", "-", f"[red]unreadable: {escape(p.error)}[/]", "-",
-                              end_section=True)
+                              *(["-"] if scored else []), end_section=True)
+                continue
+            score = [] if not scored else ["-" if p.ood_score is None else f"{p.ood_score:.3f}"]
+            if p.unknown:
+                table.add_row(escape(p.source), "-", "-", "[bold]unknown[/] (nearest below)", "-", *score)
             for r, label, i, prob in p.ranked():
-                table.add_row(escape(p.source) if r == 1 else "", str(r), str(i), escape(label), f"{prob:.4f}",
-                              end_section=r == len(p.labels))
+                first = r == 1 and not p.unknown
+                table.add_row(escape(p.source) if first else "", str(r), str(i), escape(label), f"{prob:.4f}",
+                              *(score if first else [""] * len(score)), end_section=r == len(p.labels))
         out.print(table)
+
+
+def _ood_report(predictions, run: str) -> None:
+    """How well the score tells the given outsiders from the run's own held-out images: AUROC and the share of
+    outsiders accepted as known."""
+    import numpy as np
+
+    from transferkit.errors import DataError
+    from transferkit.novelty import NoveltyModel, auroc
+
+    scores = np.array([p.ood_score for p in predictions if p.ood_score is not None])
+    novelty = NoveltyModel.load(run)
+    if novelty is None or not len(scores):
+        raise DataError(f"{run} keeps no statistics of its training images (written before transferkit scored "
+                        f"unknown images); retrain it to measure outsiders.")
+    accepted = [p for p in predictions if p.unknown is False]
+    judged = [p for p in predictions if p.unknown is not None]
+    false_accept = f"{len(accepted) / len(judged):.1%} ({len(accepted)} of {len(judged)})" if judged else "not judged"
+    out.print(f"outsiders: {len(scores)} images; AUROC {auroc(novelty.reference_scores, scores):.3f} against the "
+              f"run's {len(novelty.reference_scores)} {novelty.scored_on} images; accepted as known: {false_accept} "
+              f"({novelty.describe()})")
 
 
 @app.command(epilog="Example: transferkit predict runs/cats photo.jpg \"more/*.jpg\" https://example.com/cat.jpg")
@@ -504,11 +537,18 @@ def predict(
                                                         help="How to print the predictions."),
     as_json: bool = _flag("--json", "The same as --format json."),
     batch_size: int = typer.Option(32, min=1, help="Images per model call."),
+    no_reject: bool = _flag("--no-reject", "Never answer unknown: always the most likely classes."),
+    accept: Optional[float] = typer.Option(None, metavar="SHARE", help="Call unknown what is further from the "
+                                           "training images than this share of validation images \\[default: the "
+                                           "run's]."),
+    ood_report: bool = _flag("--ood-report", "The IMAGES are outsiders (none of the run's classes): print how well "
+                                             "they are told apart (AUROC, share accepted)."),
     cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
-    """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images."""
+    """Top-k predictions of a trained run (or of the backbone's ImageNet classifier) for images; images unlike the
+    run's training images are answered `unknown` (with their score and the nearest classes)."""
     from transferkit.data import list_images
     from transferkit.errors import DataError
     from transferkit.runtime import ExportedClassifier, is_export
@@ -528,14 +568,19 @@ def predict(
                                        device=device)
     elif is_export(inputs[0]):  # ONNX Runtime, Pillow and numpy only: no PyTorch needed
         predictions = ExportedClassifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size,
-                                                                 progress=None if len(paths) > 1 else False)
+                                                                 progress=None if len(paths) > 1 else False,
+                                                                 reject=not no_reject, accept=accept)
     else:
         from transferkit.classifier import Classifier
 
         classifier = Classifier.load(inputs[0], engine=engine, device=device, cache_dir=cache_dir)
         predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size,
-                                         progress=None if len(paths) > 1 else False)
+                                         progress=None if len(paths) > 1 else False, reject=not no_reject,
+                                         accept=accept)
     predictions = [replace(p, source="-") if path is stdin else p for p, path in zip(predictions, paths)]
+    if ood_report and not imagenet:
+        _ood_report(predictions, inputs[0])
+        return
     _print_predictions(predictions, "json" if as_json else fmt)
     failed = sum(p.error is not None for p in predictions)
     if failed:

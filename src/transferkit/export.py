@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from transferkit.onnx_engine import export_pixel_model, onnxruntime_installed, probe_pixels
+from transferkit.novelty import NOVELTY_FILE, NoveltyModel
 from transferkit.progress import progress_bar
 from transferkit.runtime import onnx_session as runtime_session
 
@@ -21,20 +22,27 @@ log = logging.getLogger("transferkit")
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_PROBABILITY_DIFFERENCE = 1e-4
+MAX_SCORE_DIFFERENCE = 1e-4
 PARITY_IMAGES = 64
 CALIBRATION_IMAGES = 128
 FEW_CALIBRATION_IMAGES = 50
 
 
 class ProbabilityModel(torch.nn.Module):
-    """uint8 NHWC pixels -> class probabilities: normalisation, backbone, head and softmax in one graph."""
+    """uint8 NHWC pixels -> calibrated class probabilities (the logits divided by the run's temperature):
+    normalisation, backbone, head and softmax in one graph; `with_features` also outputs the features, which the
+    runtime scores for how unlike the training images an input is."""
 
-    def __init__(self, pixel_model: torch.nn.Module, head: torch.nn.Module):
+    def __init__(self, pixel_model: torch.nn.Module, head: torch.nn.Module, temperature: float = 1.0,
+                 with_features: bool = False):
         super().__init__()
         self.features, self.head = pixel_model, head
+        self.temperature, self.with_features = temperature, with_features
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.features(pixels)), dim=1)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(pixels)
+        probabilities = torch.softmax(self.head(features) / self.temperature, dim=1)
+        return (probabilities, features) if self.with_features else probabilities
 
 
 @dataclass
@@ -93,15 +101,34 @@ def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
             np.array(kept, dtype=np.int64))
 
 
-def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate([run_model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, features or None) of `pixels`, from a model giving one or both a batch at a time."""
+    parts = [run_model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    parts = [tuple(part) if isinstance(part, (tuple, list)) else (part,) for part in parts]
+    features = np.concatenate([p[1] for p in parts]) if len(parts[0]) > 1 else None
+    return np.concatenate([p[0] for p in parts]), features
 
 
-def _parity(reference: np.ndarray, exported: np.ndarray, synthetic: bool) -> dict:
-    """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read."""
-    return {"images": int(len(reference)), "synthetic": synthetic,
-            "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
-            "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
+def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    return tuple(o.numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.numpy()
+
+
+def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None) -> dict:
+    """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read. With
+    `novelty`, the unknown verdicts (at the run's threshold) of both are compared too."""
+    (reference, reference_features), (exported, exported_features) = reference, exported
+    parity = {"images": int(len(reference)), "synthetic": synthetic,
+              "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
+              "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
+    threshold = novelty.threshold() if novelty is not None else None
+    if threshold is not None and exported_features is not None and len(reference):
+        reference_scores, exported_scores = novelty.scores(reference_features), novelty.scores(exported_features)
+        # An image scoring within rounding of the threshold may fall either side in either engine: not a disagreement.
+        clear = np.abs(reference_scores - threshold) > MAX_SCORE_DIFFERENCE
+        parity["unknown_agreement"] = float(np.mean((reference_scores[clear] > threshold)
+                                                    == (exported_scores[clear] > threshold))) if clear.any() else 1.0
+        parity["max_abs_score_difference"] = float(np.abs(reference_scores - exported_scores).max())
+    return parity
 
 
 def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None) -> None:
@@ -177,14 +204,16 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     run = Path(run)
     classifier = Classifier.load(run, engine="torch")
     config, classes, preprocessing = classifier.config, classifier.classes, classifier.backbone.preprocessing
-    model = ProbabilityModel(classifier.backbone.pixel_model(), classifier.head).cpu().float().eval()
+    novelty = classifier.novelty if format == "onnx" else None  # the torch-free runtime scores ONNX exports
+    model = ProbabilityModel(classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
+                             with_features=novelty is not None).cpu().float().eval()
     pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images), preprocessing,
                         "Reading validation/test images", progress)
     synthetic = not len(pixels)
     if synthetic:
         pixels = probe_pixels(*preprocessing.input_size, count=4).numpy()
     with torch.inference_mode():
-        reference = _run_batches(lambda batch: model(torch.from_numpy(batch)).numpy(), pixels)
+        reference = _run_batches(lambda batch: _numpy(model(torch.from_numpy(batch))), pixels)
     out = Path(out) if out else run / f"export-{format}{'-int8' if quantize else ''}"
     model_file = {"onnx": "model.onnx", "torchscript": "model.pt"}[format]
     quantization = None
@@ -192,9 +221,10 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
         # Traced on two images even when the run has one: on a batch of 1 the exporter fixes the batch size.
         example = torch.from_numpy(pixels[np.arange(2) % len(pixels)])
         if format == "onnx":
-            export_pixel_model(model, example, staged.path(model_file), output="probabilities", external_data=False)
+            outputs = ["probabilities", "features"] if novelty is not None else ["probabilities"]
+            export_pixel_model(model, example, staged.path(model_file), output=outputs, external_data=False)
             session = runtime_session.__wrapped__(str(staged.path(model_file)))
-            exported = _run_batches(lambda batch: session.run(None, {"pixels": batch})[0], pixels)
+            exported = _run_batches(lambda batch: session.run(None, {"pixels": batch})[:len(outputs)], pixels)
         else:
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -204,24 +234,31 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
                 loaded = torch.jit.load(str(staged.path(model_file)))
             with torch.inference_mode():
-                exported = _run_batches(lambda batch: loaded(torch.from_numpy(batch)).numpy(), pixels)
-        parity = _parity(reference, exported, synthetic)
-        if parity["top1_agreement"] != 1.0 or parity["max_abs_probability_difference"] > MAX_PROBABILITY_DIFFERENCE:
+                exported = _run_batches(lambda batch: _numpy(loaded(torch.from_numpy(batch))), pixels)
+        parity = _parity(reference, exported, synthetic, novelty)
+        if (parity["top1_agreement"] != 1.0 or parity["max_abs_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
+                or parity.get("unknown_agreement", 1.0) != 1.0):
             raise RunError(f"the {format} export disagrees with PyTorch on {parity['images']} images (top-1 "
                            f"agreement {parity['top1_agreement']:.3f}, max probability difference "
-                           f"{parity['max_abs_probability_difference']:.2g}); nothing was written.")
+                           f"{parity['max_abs_probability_difference']:.2g}, unknown verdicts agreeing "
+                           f"{parity.get('unknown_agreement', 1.0):.3f}); nothing was written.")
         if quantize:
             quantization = _quantize(run, config, classes, preprocessing, staged.path(model_file),
-                                     staged.path("model.int8.onnx"), progress)
+                                     staged.path("model.int8.onnx"), novelty, progress)
             model_file = "model.int8.onnx"
         staged.write_text("labels.txt", "\n".join(classes) + "\n")
+        if novelty is not None:
+            staged.write_bytes(NOVELTY_FILE, (run / NOVELTY_FILE).read_bytes())
         staged.write_json("preprocessing.json", {**preprocessing.to_dict(), "resize_size": preprocessing.resize_size,
                                                  "input": "uint8 RGB pixels, N x H x W x 3 (NHWC), resized so the "
                                                           "short side is resize_size, centre-cropped to input_size",
                                                  "normalisation": "inside the model"})
         staged.write_json("export.json", {
             "format": format, "model": model_file, "inputs": {"pixels": ["batch", *preprocessing.input_size, 3]},
-            "outputs": {"probabilities": ["batch", len(classes)]}, "backbone": config["backbone"]["name"],
+            "outputs": {"probabilities": ["batch", len(classes)],
+                        **({"features": ["batch", int(reference[1].shape[1])]} if novelty is not None else {})},
+            "calibration": config.get("calibration"), "unknown": config.get("unknown") if novelty else None,
+            "backbone": config["backbone"]["name"],
             "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in read_metrics(run).items()},
             "parity": parity, "quantization": quantization, "transferkit_version": __version__,
             "torch": torch.__version__})
@@ -229,8 +266,9 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
 
 
 def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: Path, int8: Path,
-              progress: bool | None) -> dict:
-    """Quantise, then measure both models on the validation split: accuracy change and size ratio."""
+              novelty: NoveltyModel | None, progress: bool | None) -> dict:
+    """Quantise, then measure both models on the validation split: accuracy change, size ratio and (with `novelty`)
+    how often their unknown verdicts agree."""
     from transferkit.errors import RunError
 
     calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES), preprocessing,
@@ -245,13 +283,17 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     _quantize_int8(fp32, int8, calibration, progress)
     val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000), preprocessing,
                                       "Measuring int8 accuracy", progress)
-    accuracy = {}
+    accuracy, verdicts = {}, {}
+    threshold = novelty.threshold() if novelty is not None else None
     for name, path in (("fp32", fp32), ("int8", int8)):
         session = runtime_session.__wrapped__(str(path))
-        probabilities = _run_batches(lambda batch: session.run(None, {"pixels": batch})[0], val_pixels)
+        probabilities, features = _run_batches(lambda batch: session.run(None, {"pixels": batch}), val_pixels)
         accuracy[name] = float(np.mean(probabilities.argmax(1) == val_targets)) if len(val_targets) else None
+        if threshold is not None and len(val_targets):
+            verdicts[name] = novelty.scores(features) > threshold
     change = None if accuracy["fp32"] is None else accuracy["int8"] - accuracy["fp32"]
+    agreement = float(np.mean(verdicts["fp32"] == verdicts["int8"])) if verdicts else None
     return {"calibration_images": int(len(calibration)), "validation_images": int(len(val_targets)),
             "accuracy_fp32": accuracy["fp32"], "accuracy_int8": accuracy["int8"], "accuracy_change": change,
             "size_fp32_bytes": fp32.stat().st_size, "size_int8_bytes": int8.stat().st_size,
-            "size_ratio": int8.stat().st_size / fp32.stat().st_size}
+            "size_ratio": int8.stat().st_size / fp32.stat().st_size, "unknown_agreement": agreement}

@@ -67,9 +67,10 @@ def recorded_failure(backbone: Backbone, root: Path) -> str | None:
     return None if info.get("ok") else info.get("reason", "unknown reason")
 
 
-def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Path, output: str = "features",
-                       external_data: bool = True) -> None:
-    """torch.export-based ONNX export with a dynamic batch dimension; the exporter's chatter is silenced."""
+def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Path,
+                       output: str | list[str] = "features", external_data: bool = True) -> None:
+    """torch.export-based ONNX export with a dynamic batch dimension (`output`: the output's name, or a list of names
+    for a model with several); the exporter's chatter is silenced."""
     exporter_logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in exporter_logs]
     for logger in exporter_logs:
@@ -78,7 +79,8 @@ def export_pixel_model(module: torch.nn.Module, example: torch.Tensor, path: Pat
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["pixels"],
-                              output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              output_names=[output] if isinstance(output, str) else output,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},),
                               verbose=False, external_data=external_data)
     finally:
         for logger, level in zip(exporter_logs, levels):

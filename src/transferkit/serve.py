@@ -22,7 +22,7 @@ import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
 from transferkit.errors import DataError
-from transferkit.runtime import ExportedClassifier, is_export, ranked_prediction
+from transferkit.runtime import ExportedClassifier, Outputs, is_export, ranked_prediction, rejection_threshold
 
 DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
 PAGE = Path(__file__).with_name("templates") / "serve.html"
@@ -43,13 +43,15 @@ class ServeConfig:
 
 @dataclass
 class ServedModel:
-    """What the server needs of a classifier: its labels, preprocessing and a pixels -> probabilities function."""
+    """What the server needs of a classifier: its labels, preprocessing, a pixels -> (probabilities, unknown-scores)
+    function and the score above which an image is unknown (None: never)."""
 
     name: str
     classes: list[str]
     preprocessing: Preprocessing
-    probabilities: Callable[[np.ndarray], np.ndarray]
+    outputs: Callable[[np.ndarray], Outputs]
     info: dict
+    threshold: float | None = None
 
 
 def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None) -> ServedModel:
@@ -57,27 +59,31 @@ def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Pa
     path = Path(path)
     if is_export(path):
         exported = ExportedClassifier(path, threads=threads)
-        return ServedModel(path.name, exported.classes, exported.preprocessing, exported.probabilities,
-                           exported.describe())
+        return ServedModel(path.name, exported.classes, exported.preprocessing, exported.outputs,
+                           exported.describe(), rejection_threshold(exported.novelty, True, None, str(path)))
     from transferkit.classifier import Classifier
     from transferkit.runs import read_metrics
 
     classifier = Classifier.load(path, cache_dir=cache_dir)
     metrics = read_metrics(path)
 
-    def probabilities(pixels: np.ndarray) -> np.ndarray:
-        return classifier.probabilities_from_features(classifier.extractor.features(pixels))
+    def outputs(pixels: np.ndarray) -> Outputs:
+        return classifier.outputs_from_features(classifier.extractor.features(pixels))
 
     info = {"labels": classifier.classes, "backbone": classifier.config["backbone"]["name"],
             "metrics": {split: values.get("accuracy") for split, values in metrics.items()}, "format": "run",
-            "preprocessing": classifier.backbone.preprocessing.to_dict()}
-    return ServedModel(path.name, classifier.classes, classifier.backbone.preprocessing, probabilities, info)
+            "preprocessing": classifier.backbone.preprocessing.to_dict(),
+            "calibration": classifier.config.get("calibration"),
+            "unknown": classifier.novelty.describe() if classifier.novelty else None}
+    return ServedModel(path.name, classifier.classes, classifier.backbone.preprocessing, outputs, info,
+                       rejection_threshold(classifier.novelty, True, None, str(path)))
 
 
 class MicroBatcher:
-    """Runs `model` on the images of all requests waiting together, up to `max_batch` at a time."""
+    """Runs `model` on the images of all requests waiting together, up to `max_batch` at a time; each request gets its
+    rows of what the model returns (an array, or a tuple of arrays or None)."""
 
-    def __init__(self, model: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float):
+    def __init__(self, model: Callable[[np.ndarray], np.ndarray | tuple], max_batch: int, max_wait_s: float):
         self.model, self.max_batch, self.max_wait_s = model, max(1, max_batch), max(0.0, max_wait_s)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-infer")
@@ -119,8 +125,8 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                probabilities = await loop.run_in_executor(self.executor, self.model,
-                                                           np.concatenate([pixels for pixels, _ in live]))
+                outputs = await loop.run_in_executor(self.executor, self.model,
+                                                     np.concatenate([pixels for pixels, _ in live]))
                 self.batches += 1
                 self.images += sum(len(pixels) for pixels, _ in live)
             except Exception as err:  # noqa: BLE001 - one failed batch answers its requests, the server goes on
@@ -131,8 +137,14 @@ class MicroBatcher:
             start = 0
             for pixels, future in live:
                 if not future.done():
-                    future.set_result(probabilities[start:start + len(pixels)])
+                    future.set_result(_rows(outputs, start, start + len(pixels)))
                 start += len(pixels)
+
+
+def _rows(outputs: np.ndarray | tuple, start: int, stop: int) -> np.ndarray | tuple:
+    if isinstance(outputs, tuple):
+        return tuple(None if part is None else part[start:stop] for part in outputs)
+    return outputs[start:stop]
 
 
 def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
@@ -146,7 +158,7 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
 
     decoder = ThreadPoolExecutor(max_workers=config.threads or default_workers(),
                                  thread_name_prefix="transferkit-decode")
-    batcher = MicroBatcher(model.probabilities, config.max_batch, config.max_wait_ms / 1000)
+    batcher = MicroBatcher(model.outputs, config.max_batch, config.max_wait_ms / 1000)
     draft = (2 * model.preprocessing.resize_size,) * 2
 
     @asynccontextmanager
@@ -201,15 +213,19 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
         except ImageDecodeError as err:
             raise HTTPException(DECODE_STATUS.get(err.kind, 400), f"cannot use this image: {err}") from None
 
-    async def classify(pixels: np.ndarray) -> np.ndarray:
+    async def classify(pixels: np.ndarray) -> Outputs:
         try:
             return await asyncio.wait_for(batcher(pixels), config.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(503, "the model did not answer in time; retry later.") from None
 
-    def answer(name: str, probabilities: np.ndarray, top_k: int) -> dict:
-        prediction = ranked_prediction(name, probabilities, model.classes, min(top_k, len(model.classes)))
-        return {"predictions": prediction.to_dict()["predictions"]}
+    def answer(name: str, outputs: Outputs, row: int, top_k: int, reject: bool) -> dict:
+        probabilities, scores = outputs
+        prediction = ranked_prediction(name, probabilities[row], model.classes, min(top_k, len(model.classes)),
+                                       None if scores is None else scores[row], model.threshold if reject else None)
+        answered = prediction.to_dict()
+        return {"unknown": answered["unknown"], "ood_score": answered["ood_score"],
+                "predictions": answered["predictions"]}
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -221,21 +237,23 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
                 "served": {"images": batcher.images, "model_calls": batcher.batches}}
 
     @app.post("/v1/predict")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
-        """One image, as a multipart 'file' field or as the raw body: the top-k classes."""
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000), reject: bool = Query(True)) -> dict:
+        """One image, as a multipart 'file' field or as the raw body: the top-k classes, how unlike the training
+        images it is (`ood_score`) and whether that makes it `unknown` (`reject=false`: never)."""
         started = time.perf_counter()
         name, data = (await uploads(request))[0]
         pixels = await decode(data)
         decoded = time.perf_counter()
-        probabilities = await classify(pixels[None])
+        outputs = await classify(pixels[None])
         done = time.perf_counter()
-        return {"input": name, **answer(name, probabilities[0], top_k),
+        return {"input": name, **answer(name, outputs, 0, top_k, reject),
                 "timing_ms": {"decode": round(1000 * (decoded - started), 2),
                               "inference": round(1000 * (done - decoded), 2),
                               "total": round(1000 * (done - started), 2)}}
 
     @app.post("/v1/predict/batch")
-    async def predict_batch(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
+    async def predict_batch(request: Request, top_k: int = Query(5, ge=1, le=1000),
+                            reject: bool = Query(True)) -> dict:
         """Several images as multipart files: one result each, with an error (and its status) for bad ones."""
         started = time.perf_counter()
         files = await uploads(request)
@@ -248,9 +266,10 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
             except HTTPException as err:
                 results[position] = {"input": name, "error": err.detail, "status": err.status_code}
         if good:
-            probabilities = await classify(np.stack(pixels))
-            for position, row in zip(good, probabilities):
-                results[position] = {"input": files[position][0], **answer(files[position][0], row, top_k)}
+            outputs = await classify(np.stack(pixels))
+            for row, position in enumerate(good):
+                results[position] = {"input": files[position][0],
+                                     **answer(files[position][0], outputs, row, top_k, reject)}
         return {"results": results, "timing_ms": {"total": round(1000 * (time.perf_counter() - started), 2)}}
 
     @app.get("/", response_class=HTMLResponse)
