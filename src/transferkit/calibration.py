@@ -35,25 +35,26 @@ def logits_of(probabilities: np.ndarray) -> np.ndarray:
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float | None:
     """The gap between confidence and accuracy, averaged over `bins` equal-width bins of the top probability and
     weighted by how many images fall in each (None for no images)."""
-    table = reliability(probabilities, targets, bins)
-    total = table["count"].sum()
-    if not total:
+    if not len(probabilities):
         return None
+    return binned_error(reliability(probabilities.max(axis=1), probabilities.argmax(axis=1) == targets, bins))
+
+
+def binned_error(table: dict[str, np.ndarray]) -> float:
+    """The expected calibration error of a `reliability` table."""
     gaps = np.abs(table["accuracy"] - table["confidence"]) * table["count"]
-    return float(np.nansum(gaps) / total)
+    return float(np.nansum(gaps) / max(table["count"].sum(), 1))
 
 
-def reliability(probabilities: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
-    """Per confidence bin: its edges, image count, mean confidence and accuracy (NaN in empty bins): the reliability
-    diagram's data."""
-    confidence = probabilities.max(axis=1) if len(probabilities) else np.empty(0)
-    correct = (probabilities.argmax(axis=1) == targets) if len(probabilities) else np.empty(0, bool)
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Per bin of the top probability: its edges, image count, mean confidence and accuracy (NaN in empty bins): the
+    reliability diagram's data."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     count = np.bincount(which, minlength=bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_confidence = np.bincount(which, confidence, minlength=bins) / count
-        accuracy = np.bincount(which, correct.astype(np.float64), minlength=bins) / count
+        accuracy = np.bincount(which, np.asarray(correct, dtype=np.float64), minlength=bins) / count
     return {"edges": edges, "count": count, "confidence": mean_confidence, "accuracy": accuracy}
 
 

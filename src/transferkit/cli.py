@@ -439,13 +439,17 @@ def evaluate(
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
     as_json: bool = _flag("--json", "Print all metrics as JSON."),
+    no_reject: bool = _flag("--no-reject", "Leave out what calling unfamiliar images unknown would do."),
+    accept: Optional[float] = typer.Option(None, metavar="SHARE", help="The share of validation images the unknown "
+                                           "threshold accepts \\[default: the run's]."),
 ) -> None:
-    """Accuracy, top-5, per-class precision/recall/F1, confusion matrix (and accuracy per group of classes)."""
+    """Accuracy, top-5, per-class precision/recall/F1, confusion matrix (and accuracy per group of classes), the
+    calibration error, and the accuracy on the images not called unknown."""
     from transferkit.evaluate import evaluate as evaluate_run
 
     _setup_logging()
     report = evaluate_run(run, data, split=split, groups=groups, cache_dir=cache_dir, use_cache=not no_cache,
-                          engine=engine, device=device)
+                          engine=engine, device=device, reject=not no_reject, accept=accept)
     if report.skipped:
         logging.getLogger("transferkit").warning("skipped %d files that could not be used", len(report.skipped))
     if as_json:
@@ -466,6 +470,14 @@ def evaluate(
     for group, g in m.get("groups", {}).items():
         accuracy = "n/a" if g["accuracy"] is None else f"{g['accuracy']:.3f}"
         out.print(f"group {escape(group)}: accuracy {accuracy} ({plural(g['n'], 'image')})")
+    if m.get("ece") is not None:
+        out.print(f"expected calibration error {m['ece']:.3f} (the model's own probabilities: "
+                  f"{m['ece_uncalibrated']:.3f})")
+    unknown = m.get("unknown")
+    if unknown and unknown["unknown_share"] is not None:
+        rest = "n/a" if unknown["accuracy_known"] is None else f"{unknown['accuracy_known']:.3f}"
+        out.print(f"unknown (accepting {unknown['accept']:.0%} of validation images): {unknown['unknown_share']:.1%} "
+                  f"of these images; accuracy on the rest {rest} (on all: {unknown['accuracy']:.3f})")
 
 
 def _print_predictions(predictions, fmt: str) -> None:

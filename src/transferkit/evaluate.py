@@ -15,6 +15,7 @@ from transferkit.calibration import expected_calibration_error
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
 from transferkit.runs import absolute_path, stored_paths, warn_missing_images
+from transferkit.runtime import rejection_threshold
 from transferkit.text import plural
 
 
@@ -201,8 +202,11 @@ class EvaluationReport:
 
 def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int | None = None,
-             workers: int | None = None, progress: bool | None = None, **engine_options) -> EvaluationReport:
-    """Evaluate a trained run on labelled DATA.
+             workers: int | None = None, progress: bool | None = None, reject: bool = True,
+             accept: float | None = None, **engine_options) -> EvaluationReport:
+    """Evaluate a trained run on labelled DATA: accuracy and the rest with calibrated probabilities, the expected
+    calibration error before and after calibration, and (`reject`) what calling unknown images unknown costs and
+    buys (`metrics["unknown"]`: the share rejected, the accuracy on the rest), at the run's share (or `accept`).
 
     split: "auto" scores data the run was not trained on whole, and the run's own training data on its test split
     (else validation, else every image); or name one of train / val / test / all. A folder without its own splits is
@@ -226,14 +230,21 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     unknown = sorted({s.label for s in samples} - set(classifier.classes))
     if unknown:
         raise DataError(f"{data} has classes the model was not trained on: {', '.join(unknown[:10])}.")
-    probabilities, kept, skipped = classifier.probabilities_of_files(
-        [s.path for s in samples], cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
-        workers=workers, progress=progress)
+    paths = [s.path for s in samples]
+    (raw, scores), kept, skipped = classifier.outputs_of_files(paths, cache_dir=cache_dir, use_cache=use_cache,
+                                                               batch_size=batch_size, workers=workers,
+                                                               progress=progress, calibrated=False)
+    probabilities = classifier.calibration.apply(raw)
     index = {name: i for i, name in enumerate(classifier.classes)}
     targets = np.array([index[samples[i].label] for i in kept], dtype=np.int64)
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
-    metrics = classification_metrics(targets, probabilities, classifier.classes, group_map)
-    predictions = Predictions.from_probabilities(split, [samples[i].path for i in kept], targets, probabilities)
+    metrics = {**classification_metrics(targets, probabilities, classifier.classes, group_map),
+               **calibration_metrics(probabilities, raw, targets)}
+    threshold = rejection_threshold(classifier.novelty, reject, accept, str(run))
+    if scores is not None and threshold is not None:
+        metrics["unknown"] = unknown_metrics(probabilities.argmax(1) == targets, scores, threshold,
+                                             classifier.novelty.accept if accept is None else accept)
+    predictions = Predictions.from_probabilities(split, [paths[i] for i in kept], targets, probabilities, raw, scores)
     return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped, predictions,
                             _scored(data, split, len(samples), own))
 

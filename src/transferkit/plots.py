@@ -147,6 +147,57 @@ def plot_group_accuracy(groups: dict[str, dict], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_reliability(raw_confidence: np.ndarray, confidence: np.ndarray, correct: np.ndarray, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin of the top probability, for the model's own and the
+    calibrated probabilities; a calibrated model follows the diagonal."""
+    from transferkit.calibration import ECE_BINS, binned_error, reliability
+
+    figure = _figure(6.4, 4.6)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="tab:gray", linestyle=":", label="perfect calibration")
+    for values, name, style in ((raw_confidence, "the model's own", "o--"), (confidence, "calibrated", "s-")):
+        table = reliability(values, correct, ECE_BINS)
+        used = table["count"] > 0
+        axes.plot(table["confidence"][used], table["accuracy"][used], style,
+                  label=f"{name} (ECE {binned_error(table):.3f})")
+    axes.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (top probability, mean per bin)",
+             ylabel="accuracy in the bin", title="Reliability: is the confidence what it claims?")
+    axes.legend(loc="upper left")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def coverage_curve(ranking: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(share answered, accuracy on the answered) when images are answered in `ranking`'s order, most trusted
+    first."""
+    ordered = np.asarray(correct, dtype=np.float64)[ranking]
+    answered = np.arange(1, len(ordered) + 1)
+    return answered / len(ordered), np.cumsum(ordered) / answered
+
+
+def plot_risk_coverage(correct: np.ndarray, ood_score: np.ndarray, confidence: np.ndarray, threshold: float | None,
+                       path: Path) -> Path:
+    """Accuracy against the share of images answered, abstaining on the most unfamiliar images first (the unknown
+    score) or on the least confident (top probability); a dot marks the run's threshold."""
+    figure = _figure(6.4, 4.4)
+    axes = figure.add_subplot()
+    for ranking, name, style in ((np.argsort(ood_score, kind="stable"), "unknown score", "-"),
+                                 (np.argsort(-confidence, kind="stable"), "top probability", "--")):
+        coverage, accuracy = coverage_curve(ranking, correct)
+        axes.plot(coverage, accuracy, style, label=f"abstain by {name}")
+    if threshold is not None:
+        known = ood_score <= threshold
+        if known.any():
+            axes.plot([known.mean()], [np.mean(np.asarray(correct)[known])], "o", color="tab:red",
+                      label=f"the run's threshold ({known.mean():.0%} answered)")
+    axes.axhline(np.mean(correct), color="tab:gray", linestyle=":", label=f"answer all ({np.mean(correct):.3f})")
+    axes.set(xlim=(0, 1.02), xlabel="share of images answered (coverage)", ylabel="accuracy on the answered",
+             title="Risk-coverage: what abstaining buys")
+    axes.legend(loc="lower left")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def _short(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[:limit - 1] + "…"
 

@@ -211,6 +211,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
                 [_view(predictions.paths[i], preprocessing) for i in worst],
                 [f"{classes[predictions.predicted[i]]} {predictions.confidence[i]:.2f}\n"
                  f"(true: {classes[predictions.targets[i]]})" for i in worst], path, [WRONG] * len(worst)))
+        _add_honesty(pictures, predictions, chosen.metrics, preprocessing, classes, notes)
     elif chosen.split is not None:
         notes.append("This run has no per-image predictions (trained before predictions.csv was written); "
                      "pass --data to evaluate it afresh.")
@@ -232,6 +233,31 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
                    model=_model_summary(run, config, assets, cache_dir))
     write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return out
+
+
+def _add_honesty(pictures: _Pictures, predictions: Predictions, metrics: dict | None, preprocessing,
+                 classes: list[str], notes: list[str]) -> None:
+    """The reliability diagram, the risk-coverage curve and the most unfamiliar images of the split, where the run
+    kept what they need (runs from before calibration and unknown scores did not: a note says so)."""
+    from transferkit import plots
+
+    if predictions.raw_confidence is not None:
+        pictures.add("reliability", "Reliability before and after calibration", lambda path: plots.plot_reliability(
+            predictions.raw_confidence, predictions.confidence, predictions.correct, path))
+    if predictions.ood_score is None:
+        notes.append("This run keeps no unknown scores (trained before transferkit scored unknown images): no "
+                     "risk-coverage curve. Retrain it to get one.")
+        return
+    unknown = (metrics or {}).get("unknown") or {}
+    pictures.add("risk_coverage", "Risk-coverage: accuracy against the share answered",
+                 lambda path: plots.plot_risk_coverage(predictions.correct, predictions.ood_score,
+                                                       predictions.confidence, unknown.get("threshold"), path))
+    strangest = np.argsort(-predictions.ood_score, kind="stable")[:TOP_LOSSES]
+    pictures.add("unknown", "The most unfamiliar images of the split", lambda path: plots.plot_image_grid(
+        [_view(predictions.paths[i], preprocessing) for i in strangest],
+        [f"score {predictions.ood_score[i]:.2f}\n{_prediction_title(predictions, i, classes)}" for i in strangest],
+        path, [WRONG if unknown.get("threshold") is not None and predictions.ood_score[i] > unknown["threshold"]
+               else RIGHT for i in strangest]))
 
 
 def _prediction_title(predictions: Predictions, i: int, classes: list[str]) -> str:
