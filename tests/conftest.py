@@ -90,15 +90,20 @@ def cache_dir(tmp_path: Path) -> Path:
     return fresh_cache(tmp_path / "cache")
 
 
+def shared_dataset(name: str) -> Path:
+    """A real photo set in ../shared. CI sets TRANSFERKIT_REQUIRE_SHARED, so there a missing folder fails the test
+    instead of skipping it."""
+    folder = SHARED / "datasets" / name
+    if not folder.is_dir():
+        if os.environ.get("TRANSFERKIT_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{folder} is missing: CI needs ../shared beside the repository")
+        pytest.skip(f"real-data test: {folder} is absent (it ships beside the repository in CI)")
+    return folder
+
+
 @pytest.fixture
 def hymenoptera() -> Path:
-    """The real photos in ../shared. CI sets TRANSFERKIT_REQUIRE_SHARED, so there a missing folder fails the test
-    instead of skipping it."""
-    if not HYMENOPTERA.is_dir():
-        if os.environ.get("TRANSFERKIT_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{HYMENOPTERA} is missing: CI needs ../shared beside the repository")
-        pytest.skip(f"real-data test: {HYMENOPTERA} is absent (it ships beside the repository in CI)")
-    return HYMENOPTERA
+    return shared_dataset("hymenoptera")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,8 @@ def _images(run: Path) -> list[Path]:
 
 def test_onnx_export_matches_pytorch_at_any_batch_size(trained):
     run, folder = trained
-    assert {p.name for p in folder.iterdir()} == {"model.onnx", "labels.txt", "preprocessing.json", "export.json"}
+    assert {p.name for p in folder.iterdir()} == {"model.onnx", "labels.txt", "preprocessing.json", "export.json",
+                                                  "novelty.npz"}
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["parity"]["images"] == len(_images(run))  # checked on the run's own images, not synthetic ones
     assert manifest["inputs"]["pixels"] == ["batch", 96, 96, 3]

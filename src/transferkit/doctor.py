@@ -22,6 +22,7 @@ from PIL import Image
 
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
                              load_dataset, read_file, read_file_and_stat)
+from transferkit.novelty import NEIGHBOURS, neighbour_distance, unit_rows
 from transferkit.text import plural
 
 TINY_SIDE = 32
@@ -50,7 +51,6 @@ OOF_WEIGHT_DECAY = 2e-3  # the out-of-fold regression's penalty: 1e-3 x the squa
 # digits blocks 0.92 / 0.73 and 0.93 / 0.76, final 0.87 / 0.72 and 0.89 / 0.74; hymenoptera blocks 0.94 / 0.75 and
 # 1.00 / 0.55, final 1.00 / 0.85 and 1.00 / 0.45.
 LABEL_FEATURES = "blocks"
-NEIGHBOURS = 10
 OUTLIER_Z = 5.0
 MIN_IMAGES_FOR_OUTLIERS = 20
 COMPARE_BLOCK = 512
@@ -319,7 +319,7 @@ def _compare_all(paths: list[str], splits: list[str], features: np.ndarray, hash
     for i, text in enumerate(hashes):
         if text is not None:
             signs[i] = imagehash.hex_to_hash(text).hash.ravel() * 2.0 - 1.0
-    unit = (features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    unit = unit_rows(features)
     neighbours = min(NEIGHBOURS, len(unit) - 1)
     distance = np.zeros(len(unit))
     duplicates = []
@@ -338,11 +338,8 @@ def _compare_all(paths: list[str], splits: list[str], features: np.ndarray, hash
                                       f"{differ[row, column]:.0f} of {bits} hash bits differ)"
                                       + (f"; {splits[i]} vs {splits[column]}" if leak else ""),
                                       float(max(similar[row, column], 1 - differ[row, column] / bits)), paths[column]))
-        if neighbours > 0:
-            cosine = unit[rows] @ unit.T
-            cosine[np.arange(len(cosine)), np.arange(start, start + len(cosine))] = -np.inf  # not its own neighbour
-            nearest = np.partition(cosine, -neighbours, axis=1)[:, -neighbours:]
-            distance[rows] = 1 - nearest.mean(1)
+        if neighbours > 0:  # the same score that calls a trained model's inputs unknown
+            distance[rows] = neighbour_distance(unit[rows], unit, neighbours, first_self=start)
         bar.update(len(similar))
     bar.close()
     outliers = []
