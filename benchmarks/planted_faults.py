@@ -155,6 +155,25 @@ FAULTS = [
           ("test_recipe.py",)),
     Fault("stochastic depth on the frozen blocks too", "src/transferkit/recipe.py",
           "and any(p.requires_grad for p in m.parameters())]", "]", ("test_recipe.py",)),
+    # issue 26: calibrated confidence and unknown images
+    Fault("the unknown threshold ignored", "src/transferkit/runtime.py",
+          "unknown = None if score is None or threshold is None else bool(score > threshold)",
+          "unknown = None if score is None or threshold is None else False", ("test_unknown.py",)),
+    Fault("the threshold taken from the wrong end", "src/transferkit/novelty.py",
+          "float(np.quantile(self.reference_scores, accept))", "float(np.quantile(self.reference_scores, 1 - accept))",
+          ("test_unknown.py",)),
+    Fault("a training image is its own nearest neighbour", "src/transferkit/novelty.py",
+          "cosine[rows, first_self + start + rows] = -np.inf", "pass", ("test_unknown.py", "test_doctor.py")),
+    Fault("calibration not applied in Classifier.predict", "src/transferkit/classifier.py",
+          "temperature = self.calibration.temperature if calibrated else 1.0", "temperature = 1.0",
+          ("test_unknown.py",)),
+    Fault("calibration not applied in the export", "src/transferkit/export.py",
+          "torch.softmax(self.head(features) / self.temperature, dim=1)", "torch.softmax(self.head(features), dim=1)",
+          ("test_unknown.py",)),
+    Fault("the run's stored probabilities left uncalibrated", "src/transferkit/train.py",
+          "{name: calibration.apply(p) for name, p in raw.items()}", "dict(raw)", ("test_unknown.py",)),
+    Fault("the server never says unknown", "src/transferkit/serve.py",
+          "model.threshold if reject else None", "None", ("test_unknown.py",)),
 ]
 
 

@@ -73,7 +73,8 @@ PRINTING = {("train", "--json"): "test_cli.py::test_train_json_summary",
             ("download", "--list"): "test_download.py::test_registry_and_cli",
             ("predict", "--json"): "test_newcomer_cli.py::test_predict_json_flag_and_report_no_cache",
             ("download", "--json"): "test_newcomer_cli.py::test_download_json",
-            ("runs", "--json"): "test_newcomer_cli.py::test_runs_lists_runs"}
+            ("runs", "--json"): "test_newcomer_cli.py::test_runs_lists_runs",
+            ("predict", "--ood-report"): "test_unknown.py::test_cli_predict_evaluate_and_report_say_unknown"}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,7 +21,7 @@ from transferkit.data import list_images
 from transferkit.demo import write_digits
 from transferkit.errors import DataError, RunError
 from transferkit.export import export_run
-from transferkit.novelty import NOVELTY_FILE, auroc, fit_novelty
+from transferkit.novelty import NOVELTY_FILE, auroc, fit_novelty, neighbour_distance
 
 from conftest import fresh_cache, make_image_folder, shared_dataset
 from test_serve import _start_server
@@ -223,6 +222,8 @@ def test_novelty_without_validation_scores_each_training_image_against_the_other
     train = (rng.normal(size=(50, 8)) + 3).astype(np.float32)  # features of one kind: all in one direction
     model = fit_novelty(train, None, None, None)
     assert model.scored_on == "train" and model.accept is None and model.threshold() is None
-    assert len(model.reference_scores) == 50 and np.all(model.reference_scores > 0)  # never its own neighbour
+    unit = train / np.linalg.norm(train, axis=1, keepdims=True)
+    alone = [neighbour_distance(unit[i:i + 1], np.delete(unit, i, axis=0))[0] for i in range(50)]
+    assert np.allclose(model.reference_scores, np.sort(alone), atol=1e-3)  # each against the others, never itself
     far = model.scores(-train[:5])
     assert np.all(far > model.reference_scores.max())
