@@ -220,10 +220,16 @@ def test_the_page_says_it_does_not_know(honest, honest_server, browser):
 def test_novelty_without_validation_scores_each_training_image_against_the_others():
     rng = np.random.default_rng(0)
     train = (rng.normal(size=(50, 8)) + 3).astype(np.float32)  # features of one kind: all in one direction
-    model = fit_novelty(train, None, None, None)
-    assert model.scored_on == "train" and model.accept is None and model.threshold() is None
+    logits = np.zeros((50, 3))
+    logits[:, 0] = 6 + rng.normal(size=50)  # a head sure of class 0
     unit = train / np.linalg.norm(train, axis=1, keepdims=True)
     alone = [neighbour_distance(unit[i:i + 1], np.delete(unit, i, axis=0))[0] for i in range(50)]
-    assert np.allclose(model.reference_scores, np.sort(alone), atol=1e-3)  # each against the others, never itself
-    far = model.scores(-train[:5])
+    assert np.allclose(neighbour_distance(unit, unit, first_self=0), alone, atol=1e-6)  # never its own neighbour
+    model = fit_novelty(train, logits, None, None, None, None)
+    assert model.scored_on == "train" and model.accept is None and model.threshold() is None
+    assert model.scales["distance"][0] == pytest.approx(np.mean(alone), abs=1e-3)
+    assert abs(model.reference_scores.mean()) < 1e-3  # each part standardised on the images it was scored on
+    far = model.scores(-train[:5], logits[:5])
     assert np.all(far > model.reference_scores.max())
+    unsure = model.scores(train[:5], np.zeros((5, 3)))  # familiar features, but the head likes no class
+    assert np.all(unsure > model.scores(train[:5], logits[:5]))

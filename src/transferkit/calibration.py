@@ -18,6 +18,11 @@ MIN_CALIBRATION_IMAGES = 20
 them follows those few images, so none is fitted (the same bound as training's small-validation warning)."""
 TEMPERATURE_RANGE = (0.05, 20.0)
 """The search range: wide enough for the over-confident fine-tuned runs measured (1.3-2.5) and for probes."""
+PRIOR_SIGMA = 1.0
+"""The temperature is fitted as the most probable one (MAP) under a log-normal prior centred on 1 with this spread of
+log T, not by log loss alone. Without it a validation split the model gets all right drives the fit to the lower
+bound (hymenoptera, 56 validation images, none wrong: temperature 0.06, and test ECE 0.032 -> 0.047); with 400+
+validation images the prior moves the temperature by under 2 %."""
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -87,8 +92,9 @@ class Calibration:
 
 
 def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> Calibration:
-    """The temperature that minimises the log loss of `probabilities` (uncalibrated, of the validation split), by a
-    bounded scalar search over its logarithm; temperature 1 with a note when there are too few images."""
+    """The temperature that minimises the log loss of `probabilities` (uncalibrated, of the validation split) plus
+    the prior's pull towards 1 (`PRIOR_SIGMA`), by a bounded scalar search over its logarithm; temperature 1 with a
+    note when there are too few images."""
     if len(targets) < MIN_CALIBRATION_IMAGES:
         return Calibration(note=f"not calibrated: {len(targets)} validation images, fewer than "
                                 f"{MIN_CALIBRATION_IMAGES}; the probabilities are the model's own")
@@ -96,6 +102,10 @@ def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> Calibrati
 
     logits = logits_of(probabilities)
     low, high = np.log(TEMPERATURE_RANGE)
-    found = minimize_scalar(lambda log_t: _log_loss(logits, targets, float(np.exp(log_t))), bounds=(low, high),
-                            method="bounded", options={"xatol": 1e-4})
+    prior = 1 / (2 * PRIOR_SIGMA ** 2 * len(targets))  # per image, as the mean log loss is
+
+    def objective(log_t: float) -> float:
+        return _log_loss(logits, targets, float(np.exp(log_t))) + prior * log_t ** 2
+
+    found = minimize_scalar(objective, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
     return Calibration(float(np.exp(found.x)), f"val ({len(targets)} images)")

@@ -99,15 +99,16 @@ class Classifier:
 
     def probabilities_from_features(self, features: np.ndarray, calibrated: bool = True) -> np.ndarray:
         """Class probabilities, divided by the run's temperature unless `calibrated=False` (the head's own)."""
+        return self.outputs_from_features(features, calibrated, scored=False)[0]
+
+    def outputs_from_features(self, features: np.ndarray, calibrated: bool = True, scored: bool = True) -> Outputs:
+        """(class probabilities, scores of how unlike the training images each is, or None without statistics)."""
         temperature = self.calibration.temperature if calibrated else 1.0
         with torch.inference_mode():
             logits = self.head(torch.as_tensor(features, dtype=torch.float32))
-            return torch.softmax(logits / temperature, dim=1).numpy()
-
-    def outputs_from_features(self, features: np.ndarray, calibrated: bool = True) -> Outputs:
-        """(class probabilities, scores of how unlike the training images each is, or None without statistics)."""
-        scores = self.novelty.scores(features) if self.novelty is not None else None
-        return self.probabilities_from_features(features, calibrated), scores
+            probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+        scores = self.novelty.scores(features, logits.numpy()) if scored and self.novelty is not None else None
+        return probabilities, scores
 
     def outputs_of_files(self, paths: Sequence[Path], cache_dir: str | Path | None = None, use_cache: bool = True,
                          batch_size: int | None = None, workers: int | None = None, progress: bool | None = None,

@@ -30,8 +30,8 @@ FEW_CALIBRATION_IMAGES = 50
 
 class ProbabilityModel(torch.nn.Module):
     """uint8 NHWC pixels -> calibrated class probabilities (the logits divided by the run's temperature):
-    normalisation, backbone, head and softmax in one graph; `with_features` also outputs the features, which the
-    runtime scores for how unlike the training images an input is."""
+    normalisation, backbone, head and softmax in one graph; `with_features` also outputs the features and the
+    logits, which the runtime scores for how unlike the training images an input is."""
 
     def __init__(self, pixel_model: torch.nn.Module, head: torch.nn.Module, temperature: float = 1.0,
                  with_features: bool = False):
@@ -39,10 +39,11 @@ class ProbabilityModel(torch.nn.Module):
         self.features, self.head = pixel_model, head
         self.temperature, self.with_features = temperature, with_features
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.features(pixels)
-        probabilities = torch.softmax(self.head(features) / self.temperature, dim=1)
-        return (probabilities, features) if self.with_features else probabilities
+        logits = self.head(features)
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        return (probabilities, features, logits) if self.with_features else probabilities
 
 
 @dataclass
@@ -101,12 +102,12 @@ def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
             np.array(kept, dtype=np.int64))
 
 
-def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities, features or None) of `pixels`, from a model giving one or both a batch at a time."""
+def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, ...]:
+    """The outputs of `pixels` (probabilities, and features and logits for a model that gives them), from a model
+    run a batch at a time."""
     parts = [run_model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
     parts = [tuple(part) if isinstance(part, (tuple, list)) else (part,) for part in parts]
-    features = np.concatenate([p[1] for p in parts]) if len(parts[0]) > 1 else None
-    return np.concatenate([p[0] for p in parts]), features
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
 
 
 def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -116,13 +117,13 @@ def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray | tup
 def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None) -> dict:
     """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read. With
     `novelty`, the unknown verdicts (at the run's threshold) of both are compared too."""
-    (reference, reference_features), (exported, exported_features) = reference, exported
+    (reference, *reference_extra), (exported, *exported_extra) = reference, exported
     parity = {"images": int(len(reference)), "synthetic": synthetic,
               "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
               "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
     threshold = novelty.threshold() if novelty is not None else None
-    if threshold is not None and exported_features is not None and len(reference):
-        reference_scores, exported_scores = novelty.scores(reference_features), novelty.scores(exported_features)
+    if threshold is not None and exported_extra and len(reference):
+        reference_scores, exported_scores = novelty.scores(*reference_extra), novelty.scores(*exported_extra)
         # An image scoring within rounding of the threshold may fall either side in either engine: not a disagreement.
         clear = np.abs(reference_scores - threshold) > MAX_SCORE_DIFFERENCE
         parity["unknown_agreement"] = float(np.mean((reference_scores[clear] > threshold)
@@ -221,7 +222,7 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
         # Traced on two images even when the run has one: on a batch of 1 the exporter fixes the batch size.
         example = torch.from_numpy(pixels[np.arange(2) % len(pixels)])
         if format == "onnx":
-            outputs = ["probabilities", "features"] if novelty is not None else ["probabilities"]
+            outputs = ["probabilities", "features", "logits"] if novelty is not None else ["probabilities"]
             export_pixel_model(model, example, staged.path(model_file), output=outputs, external_data=False)
             session = runtime_session.__wrapped__(str(staged.path(model_file)))
             exported = _run_batches(lambda batch: session.run(None, {"pixels": batch})[:len(outputs)], pixels)
@@ -256,7 +257,8 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
         staged.write_json("export.json", {
             "format": format, "model": model_file, "inputs": {"pixels": ["batch", *preprocessing.input_size, 3]},
             "outputs": {"probabilities": ["batch", len(classes)],
-                        **({"features": ["batch", int(reference[1].shape[1])]} if novelty is not None else {})},
+                        **({"features": ["batch", int(reference[1].shape[1])], "logits": ["batch", len(classes)]}
+                           if novelty is not None else {})},
             "calibration": config.get("calibration"), "unknown": config.get("unknown") if novelty else None,
             "backbone": config["backbone"]["name"],
             "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in read_metrics(run).items()},
@@ -287,10 +289,10 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     threshold = novelty.threshold() if novelty is not None else None
     for name, path in (("fp32", fp32), ("int8", int8)):
         session = runtime_session.__wrapped__(str(path))
-        probabilities, features = _run_batches(lambda batch: session.run(None, {"pixels": batch}), val_pixels)
+        probabilities, *extra = _run_batches(lambda batch: session.run(None, {"pixels": batch}), val_pixels)
         accuracy[name] = float(np.mean(probabilities.argmax(1) == val_targets)) if len(val_targets) else None
         if threshold is not None and len(val_targets):
-            verdicts[name] = novelty.scores(features) > threshold
+            verdicts[name] = novelty.scores(*extra) > threshold
     change = None if accuracy["fp32"] is None else accuracy["int8"] - accuracy["fp32"]
     agreement = float(np.mean(verdicts["fp32"] == verdicts["int8"])) if verdicts else None
     return {"calibration_images": int(len(calibration)), "validation_images": int(len(val_targets)),

@@ -175,8 +175,8 @@ def is_export(folder: str | Path) -> bool:
 
 class ExportedClassifier:
     """A classifier written by `transferkit export --format onnx`: uint8 NHWC pixels in, calibrated class
-    probabilities out, and (from exports that keep novelty.npz) the features that score how unlike the training
-    images an input is."""
+    probabilities out, and (from exports that keep novelty.npz) the features and logits that score how unlike the
+    training images an input is."""
 
     def __init__(self, folder: str | Path, model_file: str | None = None, threads: int | None = None):
         folder = Path(folder)
@@ -195,8 +195,8 @@ class ExportedClassifier:
         self.model_path = folder / (model_file or self.manifest["model"])
         self.session = onnx_session(str(self.model_path), threads=threads)
         self.input_name = self.session.get_inputs()[0].name
-        outputs = [output.name for output in self.session.get_outputs()]
-        self.novelty = NoveltyModel.load(folder) if "features" in outputs else None
+        outputs = {output.name for output in self.session.get_outputs()}
+        self.novelty = NoveltyModel.load(folder) if {"features", "logits"} <= outputs else None
 
     @classmethod
     def load(cls, folder: str | Path, **options) -> ExportedClassifier:
@@ -208,8 +208,9 @@ class ExportedClassifier:
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         if self.novelty is None:
             return self.session.run(["probabilities"], {self.input_name: pixels})[0], None
-        probabilities, features = self.session.run(["probabilities", "features"], {self.input_name: pixels})
-        return probabilities, self.novelty.scores(features)
+        probabilities, features, logits = self.session.run(["probabilities", "features", "logits"],
+                                                           {self.input_name: pixels})
+        return probabilities, self.novelty.scores(features, logits)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         return self.outputs(pixels)[0]

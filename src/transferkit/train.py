@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+from torch import nn
 
 from transferkit import __version__, distributed
 from transferkit.augment import decode_size
@@ -20,12 +22,12 @@ from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, 
                               probe_size_for)
 from transferkit.backbone import Backbone, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
+from transferkit.calibration import Calibration, fit_temperature
 from transferkit.classifier import Classifier, accuracies, class_names
 from transferkit.config import TrainConfig, probe_optimizer
 from transferkit.data import Skipped, default_workers, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
-from transferkit.calibration import Calibration, fit_temperature
 from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, calibration_metrics, classification_metrics,
                                   predictions_csv, read_groups, unknown_metrics)
 from transferkit.features import Extractor, cache_root, extract_features, open_cache, resolve_device
@@ -265,14 +267,24 @@ def _judge(outcome: _Outcome, accept: float | None, seed: int) -> _Judged:
                  calibration.temperature, calibration.fitted_on)
     else:
         log.warning("%s", calibration.note)
-    novelty = None
-    if len(outcome.features.get("train", [])):
-        novelty = fit_novelty(outcome.features["train"], outcome.features.get("val"), accept, outcome.final_width,
-                              seed)
+    novelty, features = None, outcome.features
+    logits = _logits(outcome.head, features)
+    if len(features.get("train", [])):
+        novelty = fit_novelty(features["train"], logits["train"], features.get("val"), logits.get("val"), accept,
+                              outcome.final_width, seed)
         (log.warning if novelty.accept is None else log.info)("unknown images: %s", novelty.describe())
-    scores = {name: novelty.scores(outcome.features[name]) for name in raw
-              if novelty is not None and name in outcome.features}
+    scores = {name: novelty.scores(features[name], logits[name]) for name in raw
+              if novelty is not None and name in features}
     return _Judged(calibration, novelty, raw, {name: calibration.apply(p) for name, p in raw.items()}, scores)
+
+
+def _logits(head: nn.Module | None, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The kept head's logits of each split's features (computed on a CPU copy: the features are on the CPU)."""
+    if head is None or not features:
+        return {}
+    head = copy.deepcopy(head).cpu().float().eval()
+    with torch.inference_mode():
+        return {name: head(torch.as_tensor(values, dtype=torch.float32)).numpy() for name, values in features.items()}
 
 
 def _evaluated(prepared: Prepared, judged: _Judged, group_map: dict | None) -> tuple[dict, list[Predictions]]:
@@ -329,6 +341,8 @@ class _Outcome:
     """The kept model's features of each split (train, val, test): what unknown images are told apart by."""
     final_width: int | None = None
     """How many of the features' last columns are the final block's (novelty's part); None: all of them."""
+    head: nn.Module | None = None
+    """The kept head, which turns `features` into logits."""
 
 
 def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
@@ -354,7 +368,7 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
         backbone_config.update(stored_in_run=True, started_from=start.config["backbone"]["started_from"])
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(), extractor.describe(), probe_fit=fit.chosen,
-                    features=features, final_width=_final_width(backbone))
+                    features=features, final_width=_final_width(backbone), head=fit.head)
 
 
 def _final_width(backbone: Backbone) -> int | None:
@@ -446,7 +460,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     return _Outcome(prepared, probabilities, fit.history, fit.best_epoch, tensors, spec, backbone_config,
                     backbone.preprocessing.to_dict(),
                     {"engine": "torch", "precision": precision, "device": str(device)}, mode=config.mode,
-                    recipe=asdict(recipe), features=features, final_width=_final_width(backbone))
+                    recipe=asdict(recipe), features=features, final_width=_final_width(backbone), head=net.head)
 
 
 def _bottom_source(net: Network, backbone: Backbone, config: TrainConfig, prepared: Prepared,
