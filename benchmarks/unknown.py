@@ -67,7 +67,7 @@ def far_outsiders(work: Path) -> None:
     classifier = Classifier.load(run)
     val = run_predictions(run, "val")
     default = classifier.novelty.threshold()
-    at95 = np.quantile(val.ood_score, 0.95)
+    at95, at99 = np.quantile(val.ood_score, 0.95), np.quantile(val.ood_score, 0.99)
     top95 = np.quantile(-val.confidence, 0.95)  # "unknown" = top probability under the 5th percentile
     digits = write_digits(work / "digits")
     sets = {"flowers100": sample(list_images([str(SHARED / "flowers100")]), OUTSIDERS["flowers100"]),
@@ -79,22 +79,25 @@ def far_outsiders(work: Path) -> None:
         everything_scores.append(scores)
         everything_top.append(top)
         print(f"  {name} ({len(paths)}): unknown score AUROC {auroc(val.ood_score, scores):.3f}, accepted at 95 % "
-              f"of validation {np.mean(scores <= at95):.1%}, unknown at the default threshold "
-              f"{np.mean(scores > default):.1%} | top probability AUROC {auroc(-val.confidence, -top):.3f}, "
-              f"accepted at 95 % {np.mean(-top <= top95):.1%}")
+              f"of validation {np.mean(scores <= at95):.1%} (at 99 %: {np.mean(scores <= at99):.1%}), unknown at "
+              f"the default threshold {np.mean(scores > default):.1%} | top probability AUROC "
+              f"{auroc(-val.confidence, -top):.3f}, accepted at 95 % {np.mean(-top <= top95):.1%}")
     scores, top = np.concatenate(everything_scores), np.concatenate(everything_top)
     print(f"  all outsiders ({len(scores)}): unknown score AUROC {auroc(val.ood_score, scores):.3f}, accepted at 95 % "
-          f"{np.mean(scores <= at95):.1%}, unknown at the default {np.mean(scores > default):.1%} | top probability "
+          f"{np.mean(scores <= at95):.1%} (at 99 %: {np.mean(scores <= at99):.1%}), unknown at the default "
+          f"{np.mean(scores > default):.1%} | top probability "
           f"AUROC {auroc(-val.confidence, -top):.3f}, accepted at 95 % {np.mean(-top <= top95):.1%}")
-    started = time.perf_counter()
     paths = sets["flowers100"]
-    classifier.predict(paths)
-    with_score = time.perf_counter() - started
-    novelty, classifier.novelty = classifier.novelty, None
-    started = time.perf_counter()
-    classifier.predict(paths, reject=False)
-    without = time.perf_counter() - started
+    novelty = classifier.novelty
+    seconds = {True: [], False: []}
+    classifier.predict(paths[:64])  # warm up: the ONNX session, the page cache
+    for scored_now in (False, True, False, True):  # alternated, the fastest of two each: the order does not count
+        classifier.novelty = novelty if scored_now else None
+        started = time.perf_counter()
+        classifier.predict(paths, reject=scored_now)
+        seconds[scored_now].append(time.perf_counter() - started)
     classifier.novelty = novelty
+    with_score, without = min(seconds[True]), min(seconds[False])
     print(f"  Classifier.predict on {len(paths)} images: {with_score:.1f} s with the score, {without:.1f} s without "
           f"(+{with_score / without - 1:.1%})")
 
