@@ -65,8 +65,8 @@ def test_two_processes_match_one(split_folder, tmp_path):
     assert abs(summary["val_accuracy"] - single.val_accuracy) <= 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache1", "cache2", "double", "layout", "single"]
     assert sorted(p.name for p in (tmp_path / "double").iterdir()) == [
-        "config.json", "history.csv", "labels.txt", "metrics.json", "model.safetensors", "predictions.csv",
-        "report.html", "report_files", "skipped.txt"]
+        "config.json", "history.csv", "labels.txt", "metrics.json", "model.safetensors", "novelty.npz",
+        "predictions.csv", "report.html", "report_files", "skipped.txt"]
     val = sorted((split_folder / "val").glob("*/*.jpg"))
     predicted = transferkit.Classifier.load(tmp_path / "double").predict(val)
     assert sum(p.label == path.parent.name for p, path in zip(predicted, val)) >= 0.9 * len(val)

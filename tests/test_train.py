@@ -24,8 +24,8 @@ def test_train_writes_a_complete_run(split_folder, tmp_path, cache_dir):
     result = _train(split_folder, tmp_path, cache_dir, report=True)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "history.csv", "labels.txt", "metrics.json",
-                                                     "model.safetensors", "predictions.csv", "report.html",
-                                                     "report_files", "skipped.txt"]
+                                                     "model.safetensors", "novelty.npz", "predictions.csv",
+                                                     "report.html", "report_files", "skipped.txt"]
     assert result.val_accuracy >= 0.9
     config = json.loads((run / "config.json").read_text())
     assert config["labels"] == ["circles", "squares", "stripes"] == (run / "labels.txt").read_text().split()

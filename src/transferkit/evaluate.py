@@ -76,9 +76,12 @@ def unknown_metrics(correct: np.ndarray, scores: np.ndarray, threshold: float, a
 
 
 def calibration_metrics(probabilities: np.ndarray, raw_probabilities: np.ndarray, targets: np.ndarray) -> dict:
-    """Expected calibration error (15 bins) of the calibrated and of the model's own probabilities."""
+    """Expected calibration error (15 bins) of the calibrated and of the model's own probabilities, and the log loss
+    of the model's own (the metrics' "loss" is the calibrated one's)."""
+    own = raw_probabilities[np.arange(len(targets)), targets] if len(targets) else np.empty(0)
     return {"ece": expected_calibration_error(probabilities, targets),
-            "ece_uncalibrated": expected_calibration_error(raw_probabilities, targets)}
+            "ece_uncalibrated": expected_calibration_error(raw_probabilities, targets),
+            "loss_uncalibrated": float(-np.mean(np.log(np.clip(own, 1e-7, 1.0)))) if len(targets) else None}
 
 
 @dataclass
