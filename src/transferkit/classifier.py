@@ -17,9 +17,9 @@ from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.calibration import Calibration
 from transferkit.head import HeadSpec
-from transferkit.novelty import NoveltyModel
+from transferkit.novelty import NoveltyModel, rejection_threshold
 from transferkit.runs import damaged_file, read_metrics, read_run_config
-from transferkit.runtime import ImageInput, Outputs, Prediction, image_inputs, rejection_threshold, top_k_predictions
+from transferkit.runtime import ImageInput, Outputs, Prediction, image_inputs, top_k_predictions
 from transferkit.text import plural
 
 SHOWN_CLASSES = 8

@@ -513,16 +513,15 @@ def _print_predictions(predictions, fmt: str) -> None:
         out.print(table)
 
 
-def _ood_report(predictions, run: str) -> None:
+def _ood_report(predictions, novelty, run: str) -> None:
     """How well the score tells the given outsiders from the run's own held-out images: AUROC and the share of
     outsiders accepted as known."""
     import numpy as np
 
     from transferkit.errors import DataError
-    from transferkit.novelty import NoveltyModel, auroc
+    from transferkit.novelty import auroc
 
     scores = np.array([p.ood_score for p in predictions if p.ood_score is not None])
-    novelty = NoveltyModel.load(run)
     if novelty is None or not len(scores):
         raise DataError(f"{run} keeps no statistics of its training images (written before transferkit scored "
                         f"unknown images); retrain it to measure outsiders.")
@@ -578,21 +577,19 @@ def predict(
 
         predictions = predict_imagenet(paths, backbone, str(weights) if weights else None, top_k, batch_size,
                                        device=device)
-    elif is_export(inputs[0]):  # ONNX Runtime, Pillow and numpy only: no PyTorch needed
-        predictions = ExportedClassifier.load(inputs[0]).predict(paths, top_k=top_k, batch_size=batch_size,
-                                                                 progress=None if len(paths) > 1 else False,
-                                                                 reject=not no_reject, accept=accept)
     else:
-        from transferkit.classifier import Classifier
+        if is_export(inputs[0]):  # ONNX Runtime, Pillow and numpy only: no PyTorch needed
+            model = ExportedClassifier.load(inputs[0])
+        else:
+            from transferkit.classifier import Classifier
 
-        classifier = Classifier.load(inputs[0], engine=engine, device=device, cache_dir=cache_dir)
-        predictions = classifier.predict(paths, top_k=top_k, batch_size=batch_size,
-                                         progress=None if len(paths) > 1 else False, reject=not no_reject,
-                                         accept=accept)
+            model = Classifier.load(inputs[0], engine=engine, device=device, cache_dir=cache_dir)
+        predictions = model.predict(paths, top_k=top_k, batch_size=batch_size,
+                                    progress=None if len(paths) > 1 else False, reject=not no_reject, accept=accept)
+        if ood_report:
+            _ood_report(predictions, model.novelty, inputs[0])
+            return
     predictions = [replace(p, source="-") if path is stdin else p for p, path in zip(predictions, paths)]
-    if ood_report and not imagenet:
-        _ood_report(predictions, inputs[0])
-        return
     _print_predictions(predictions, "json" if as_json else fmt)
     failed = sum(p.error is not None for p in predictions)
     if failed:

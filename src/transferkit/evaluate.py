@@ -14,8 +14,8 @@ import numpy as np
 from transferkit.calibration import expected_calibration_error
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
+from transferkit.novelty import rejection_threshold
 from transferkit.runs import absolute_path, stored_paths, warn_missing_images
-from transferkit.runtime import rejection_threshold
 from transferkit.text import plural
 
 

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from transferkit.errors import DataError, RunError
+
+log = logging.getLogger("transferkit")
 
 NEIGHBOURS = 10
 DEFAULT_ACCEPT = 0.95
@@ -79,6 +82,26 @@ def neighbour_distance(queries: np.ndarray, references: np.ndarray, neighbours: 
 def check_accept(accept: float | None) -> None:
     if accept is not None and not 0 < accept < 1:
         raise DataError(f"--accept is the share of known images to accept, between 0 and 1 (e.g. 0.95), not {accept}.")
+
+
+def rejection_threshold(novelty: NoveltyModel | None, reject: bool, accept: float | None, model: str) -> float | None:
+    """The score above which `model`'s predictions say unknown: None with `reject` off, or when the model keeps no
+    statistics (said once per model; asking for an `accept` share of such a model is an error)."""
+    check_accept(accept)
+    if novelty is None:
+        if accept is not None:
+            raise RunError(f"{model} keeps no statistics of its training images (written before transferkit scored "
+                           f"unknown images), so --accept cannot apply; retrain it (and export it again).")
+        if reject and model not in _TOLD_NO_SCORE:
+            _TOLD_NO_SCORE.add(model)
+            log.warning("%s was written before transferkit scored unknown images: its predictions never say "
+                        "unknown; retrain it (and export it again) to get that", model)
+        return None
+    return novelty.threshold(accept) if reject else None
+
+
+_TOLD_NO_SCORE: set[str] = set()
+"""The models whose missing statistics this process has already reported."""
 
 
 def energy(logits: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,8 @@ from PIL import Image
 
 from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
 from transferkit.errors import DataError, RunError
-from transferkit.novelty import NoveltyModel, check_accept
+from transferkit.novelty import NoveltyModel, rejection_threshold
 from transferkit.progress import progress_bar
-
-log = logging.getLogger("transferkit")
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 """A path, an http(s) URL, an encoded image's bytes, a PIL image or a numpy array of uint8 pixels."""
@@ -89,25 +86,6 @@ def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[s
     unknown = None if score is None or threshold is None else bool(score > threshold)
     return Prediction(source, [labels[j] for j in order], order.tolist(), probabilities[order].astype(float).tolist(),
                       ood_score=score, unknown=unknown)
-
-
-def rejection_threshold(novelty: NoveltyModel | None, reject: bool, accept: float | None, model: str) -> float | None:
-    """The score above which `model`'s predictions say unknown: None with `reject` off, or when the model keeps no
-    statistics (said once per model; asking for an `accept` share of such a model is an error)."""
-    check_accept(accept)
-    if novelty is None:
-        if accept is not None:
-            raise RunError(f"{model} keeps no statistics of its training images (written before transferkit scored "
-                           f"unknown images), so --accept cannot apply; retrain it (and export it again).")
-        if reject and model not in _TOLD_NO_SCORE:
-            _TOLD_NO_SCORE.add(model)
-            log.warning("%s was written before transferkit scored unknown images: its predictions never say "
-                        "unknown; retrain it (and export it again) to get that", model)
-        return None
-    return novelty.threshold(accept) if reject else None
-
-
-_TOLD_NO_SCORE: set[str] = set()
 
 
 def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput],

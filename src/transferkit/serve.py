@@ -22,7 +22,8 @@ import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
 from transferkit.errors import DataError
-from transferkit.runtime import ExportedClassifier, Outputs, is_export, ranked_prediction, rejection_threshold
+from transferkit.novelty import rejection_threshold
+from transferkit.runtime import ExportedClassifier, Outputs, is_export, ranked_prediction
 
 DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
 PAGE = Path(__file__).with_name("templates") / "serve.html"
