@@ -356,15 +356,18 @@ def measure_speed(net: Network, mode: str, unfreeze: str, train_bn: bool, train_
 
 
 def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], device: torch.device, precision: str,
-                    batch_size: int, workers: int | None,
-                    max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    batch_size: int, workers: int | None, max_pixels: int, desc: str = "Evaluating",
+                    progress: bool | None = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class probabilities (the head's own) and the backbone features the head saw, at the evaluation preprocessing:
-    (probabilities, features, indices of the readable images)."""
+    (probabilities, features, indices of the readable images). `progress` as for `progress_bar` (off by default:
+    validation after each epoch has the epoch's own line)."""
     net.eval()
     probabilities, features, kept = [], [], []
     prepare = make_preparer(backbone.preprocessing, max_pixels)
+    bar = progress_bar(len(paths), desc, "img", progress)
     with torch.inference_mode(), autocast(device, precision):
         for batch in iter_prepared(paths, prepare, batch_size, workers or default_workers()):
+            bar.update(len(batch))
             good = [(i, p.pixels) for i, p in batch if p.pixels is not None]
             if not good:
                 continue
@@ -373,6 +376,7 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
             probabilities.append(torch.softmax(net.head(seen).float(), dim=1).cpu().numpy())
             features.append(seen.float().cpu().numpy())
             kept += [i for i, _ in good]
+    bar.close()
     classes = net.head[-1].out_features
     return (np.concatenate(probabilities) if probabilities else np.empty((0, classes), np.float32),
             np.concatenate(features) if features else np.empty((0, 0), np.float32), np.array(kept, dtype=np.int64))

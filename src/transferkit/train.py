@@ -440,8 +440,9 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
     for name in ("train", "val", "test"):  # the training images' features: what unknown images are compared with
         paths, targets = prepared.split(name)
         if paths:
-            probabilities[name], features[name], kept = evaluate_images(net, backbone, paths, device, precision, 32,
-                                                                        config.workers, config.max_image_pixels)
+            probabilities[name], features[name], kept = evaluate_images(
+                net, backbone, paths, device, precision, 32, config.workers, config.max_image_pixels,
+                f"Final pass ({name})", progress)
             if len(kept) != len(paths) and name != "train":  # unreadable training images are reported by fit
                 log.warning("%d %s images became unreadable during training; they are left out of the metrics",
                             len(paths) - len(kept), name)
