@@ -151,6 +151,13 @@ def test_runs_and_exports_from_before_keep_working(honest, tmp_path, caplog):
     page = transferkit.report(old_run)
     assert "keeps no unknown scores" in page.read_text()
 
+    damaged = tmp_path / "damaged"
+    shutil.copytree(honest["run"], damaged)
+    for broken in (b"garbage", (honest["run"] / NOVELTY_FILE).read_bytes()[:100]):  # not an npz; a truncated one
+        (damaged / NOVELTY_FILE).write_bytes(broken)
+        with pytest.raises(RunError, match="cannot be read.*delete the file"):
+            Classifier.load(damaged)
+
     old_export = tmp_path / "old-export"
     shutil.copytree(honest["export"], old_export)
     (old_export / NOVELTY_FILE).unlink()

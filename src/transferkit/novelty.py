@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,7 @@ class NoveltyModel:
                 meta = json.loads(str(stored["meta"]))
                 return cls(stored["references"], stored["reference_scores"], meta["scored_on"], meta["accept"],
                            meta["final_width"], meta["scales"], meta["neighbours"])
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated or not an npz
             raise RunError(f"{path} cannot be read ({type(err).__name__}: {err}); retrain the run or delete the "
                            f"file to predict without unknown verdicts.") from None
 
