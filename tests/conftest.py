@@ -128,3 +128,27 @@ def browser():
                   "--disable-sync", "--no-first-run"])
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def mosaics(tmp_path_factory) -> Path:
+    """labels.csv of 150 multi-label images: 2x2 mosaics of flowers100 photos, each cell a flower or plain background,
+    so an image carries 1-4 of the 5 flower types (benchmarks/multilabel_mosaics.py draws them, fixed seed)."""
+    import sys
+
+    source = shared_dataset("flowers100")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from multilabel_mosaics import build_mosaics
+
+    return build_mosaics(tmp_path_factory.mktemp("mosaics"), 150, seed=3, source=source)
+
+
+@pytest.fixture(scope="session")
+def mosaic_run(mosaics, tmp_path_factory) -> Path:
+    """A multi-label probe run on `mosaics` (no report), trained once per test session; tests must not change it."""
+    import transferkit
+
+    out = tmp_path_factory.mktemp("mosaic-run") / "run"
+    transferkit.train(mosaics, out=out, report=False, doctor=False, progress=False,
+                      cache_dir=str(tmp_path_factory.mktemp("mosaic-cache")))
+    return out

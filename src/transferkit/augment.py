@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from transferkit.backbone import Preprocessing
 from transferkit.data import ImageDecodeError, decode_image, read_file
 from transferkit.errors import DataError
+from transferkit.multilabel import target_of
 
 AUGMENTS = ("none", "light", "vgg", "strong")
 # fastai's aug_transforms crops at least 35% of the picture; timm's 8% suits ImageNet-scale training, not a few
@@ -99,4 +100,4 @@ class AugmentedImages(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, epoch, index, 2))
             pixels = np.asarray(self.transform(image), dtype=np.uint8)
-        return torch.from_numpy(pixels.copy()), int(self.targets[index])
+        return torch.from_numpy(pixels.copy()), target_of(self.targets, index)

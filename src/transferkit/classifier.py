@@ -17,9 +17,10 @@ from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.calibration import Calibration
 from transferkit.head import HeadSpec
+from transferkit.multilabel import stored_thresholds
 from transferkit.novelty import NoveltyModel, rejection_threshold
 from transferkit.runs import damaged_file, read_metrics, read_run_config
-from transferkit.runtime import ImageInput, Outputs, Prediction, image_inputs, top_k_predictions
+from transferkit.runtime import ImageInput, Outputs, Prediction, image_inputs, label_decisions, top_k_predictions
 from transferkit.text import plural
 
 SHOWN_CLASSES = 8
@@ -33,9 +34,15 @@ def class_names(classes: Sequence[str]) -> str:
 
 
 def accuracies(metrics: dict) -> str:
-    """`val accuracy 0.933 (15 images), test accuracy 0.900 (10 images)` from a run's metrics by split."""
-    return ", ".join(f"{split} accuracy {metrics[split]['accuracy']:.3f} ({plural(metrics[split]['n'], 'image')})"
-                     for split in ("val", "test") if split in metrics) or "no validation or test accuracy"
+    """`val accuracy 0.933 (15 images), test accuracy 0.900 (10 images)` from a run's metrics by split (multi-label
+    runs: their macro mAP)."""
+    def one(split: str) -> str:
+        part = metrics[split]
+        if part.get("multi_label"):
+            return f"{split} mAP {part['map_macro'] or 0.0:.3f} ({plural(part['n'], 'image')})"
+        return f"{split} accuracy {part['accuracy']:.3f} ({plural(part['n'], 'image')})"
+
+    return ", ".join(one(split) for split in ("val", "test") if split in metrics) or "no validation or test accuracy"
 
 
 class Classifier:
@@ -56,6 +63,10 @@ class Classifier:
         self.calibration = Calibration.from_dict(self.config.get("calibration")) if config else Calibration()
         self.novelty = novelty
         self.source = source
+        self.multi_label = bool(self.config.get("head", {}).get("multi_label"))
+        """One sigmoid per class: predictions are label sets decided by per-class `thresholds`."""
+        self.thresholds = (stored_thresholds(self.config.get("thresholds"), self.classes) if self.multi_label
+                           else None)
 
     def __repr__(self) -> str:
         return (f"Classifier(backbone={self.backbone.name!r}, mode={self.config.get('mode', '?')!r}, "
@@ -106,7 +117,8 @@ class Classifier:
         temperature = self.calibration.temperature if calibrated else 1.0
         with torch.inference_mode():
             logits = self.head(torch.as_tensor(features, dtype=torch.float32))
-            probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+            probabilities = (torch.sigmoid(logits) if self.multi_label else
+                             torch.softmax(logits / temperature, dim=1)).numpy()
         scores = self.novelty.scores(features, logits.numpy()) if scored and self.novelty is not None else None
         return probabilities, scores
 
@@ -125,18 +137,25 @@ class Classifier:
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
                 workers: int | None = None, progress: bool | None = False, reject: bool = True,
-                accept: float | None = None, calibrated: bool = True) -> list[Prediction]:
+                accept: float | None = None, calibrated: bool = True,
+                threshold: float | None = None) -> list[Prediction]:
         """Top-k classes of each input, with its `ood_score` and an `unknown` verdict for inputs unlike the training
         images. `reject=False`: never unknown; `accept`: the share of known images the threshold accepts (default
         the run's, chosen at training); `calibrated=False`: the head's own probabilities, not the temperature-scaled
-        ones. `progress`: None for a bar on a terminal and plain log lines elsewhere, as training has."""
-        threshold = rejection_threshold(self.novelty, reject, accept, self.source)
+        ones. `progress`: None for a bar on a terminal and plain log lines elsewhere, as training has.
+
+        Multi-label models: each prediction's `chosen` labels are those whose probability reaches their class's
+        threshold (chosen on validation; `threshold` gives one for every class), and `passed` says it for each of
+        the top-k."""
+        thresholds = label_decisions(self.multi_label, self.thresholds, self.classes, threshold)
+        threshold_unknown = rejection_threshold(self.novelty, reject, accept, self.source)
 
         def to_outputs(pixels: np.ndarray) -> Outputs:
             return self.outputs_from_features(self.extractor.features(pixels), calibrated)
 
         return top_k_predictions(self.backbone.preprocessing, image_inputs(inputs), to_outputs, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold)
+                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold_unknown,
+                                 thresholds)
 
 
 def predict_imagenet(inputs: Sequence[ImageInput], backbone: str = DEFAULT_BACKBONE, weights: str | None = None,

@@ -60,7 +60,7 @@ BOUNDS = {"epochs": Bound(True, 1), "head_epochs": Bound(True, 1), "batch_size":
           "momentum": Bound(False, 0, 0.999), "lr_gamma": Bound(False, 0), "warmup_epochs": Bound(False, 0),
           "grad_clip": Bound(False, 0), "backbone_lr_mult": Bound(False, 0), "val_percent": Bound(False, 0, 99),
           "test_percent": Bound(False, 0, 99), "mixup": Bound(False, 0, 10), "ema": Bound(False, 0, 0.99999),
-          "drop_path": Bound(False, 0, 0.9)}
+          "drop_path": Bound(False, 0, 0.9), "threshold": Bound(False, 0.001, 0.999)}
 # The regularisation of the image stages (`recipe`): None picks it by the size of the training split.
 RECIPE_OPTIONS = ("mixup", "ema", "drop_path")
 
@@ -114,6 +114,13 @@ class TrainConfig(FitOptions):
     drop_path: float | None = None
     accept: float | None = None
     """The share of validation images the "unknown" threshold accepts (None: novelty.DEFAULT_ACCEPT)."""
+    multi_label: bool | None = None
+    """Several labels an image, one sigmoid per class: None detects it from the data, True forces it, False reads one
+    label an image."""
+    label_sep: str | None = None
+    """The separator of several labels in a CSV's label field (None: detected)."""
+    threshold: float | None = None
+    """Multi-label: one decision threshold for every class instead of the per-class ones chosen on validation."""
     head_epochs: int = 100
     val_percent: float = 10.0
     test_percent: float = 10.0
@@ -180,6 +187,9 @@ class TrainConfig(FitOptions):
             raise DataError(f"{option_name('cache_bottom')} keeps the activations in the feature cache; drop "
                             f"use_cache=False (--no-cache).")
         check_accept(config.accept)
+        if config.label_sep is not None and (config.label_sep == "" or config.multi_label is False):
+            raise DataError(f"{option_name('label_sep')} separates several labels in a CSV field: give a character "
+                            "such as '|' or ' ', and not together with multi_label=False (--single-label).")
         given = [name for name in RECIPE_OPTIONS if getattr(config, name) is not None]
         if given and config.mode == "probe":
             raise DataError(f"{option_name(given[0])} regularises training on images (modes finetune, head, scratch "

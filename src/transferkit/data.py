@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transferkit.errors import DataError
+from transferkit.multilabel import TAG_COLUMNS, detect_separator, label_matrix, split_labels, unbalanced_quote
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
@@ -45,14 +46,22 @@ URL_TIMEOUT_S = 30.0
 # retrain.py's constant: the hash split stays compatible with TensorFlow's retrain.py.
 _MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
 log = logging.getLogger(__name__)
-_HEADER_WORDS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "label",
-                 "class", "category", "target", "y", "split"}
+_HEADER_WORDS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "image_name",
+                 "image_id", "label", "class", "category", "target", "y", "split", *TAG_COLUMNS}
+_SPLIT_WORDS = {"split", "subset", "fold"}
+ONE_HOT_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
 
 
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    label: str
+    label: str | tuple[str, ...]
+    """The class, or in multi-label data the tuple of the image's labels (possibly empty)."""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every label of the image (one for single-label data)."""
+        return self.label if isinstance(self.label, tuple) else (self.label,)
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,21 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[Sample]]
     skipped: list[Skipped] = field(default_factory=list)
+    multi_label: bool = False
+    """Each image has a set of labels (`Sample.label` a tuple): targets are an (images, classes) 0/1 matrix."""
+    label_sep: str | None = None
+    """The separator of the labels in the CSV's label field, as detected or given (None: one label a field)."""
 
     def targets(self, split: str) -> np.ndarray:
+        if self.multi_label:
+            return label_matrix([s.labels for s in self.splits[split]], self.classes)
         index = {name: i for i, name in enumerate(self.classes)}
         return np.array([index[s.label] for s in self.splits[split]], dtype=np.int64)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {name: dict(Counter(s.label for s in samples)) for name, samples in self.splits.items()}
+        """Images per class per split (in multi-label data an image counts for each of its labels)."""
+        return {name: dict(Counter(label for s in samples for label in s.labels))
+                for name, samples in self.splits.items()}
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -105,6 +122,10 @@ class _Listing:
     skipped: list[Skipped]
     empty_classes: list[str]
     split_column: dict[Path, str] = field(default_factory=dict)
+    multi_label: bool = False
+    label_sep: str | None = None
+    declared_classes: list[str] = field(default_factory=list)
+    """The classes a one-hot header names (some may have no image)."""
 
 
 def _is_hidden(name: str) -> bool:
@@ -244,22 +265,56 @@ def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
     return SPLIT_OF_NAME[value.strip().lower()]
 
 
-def _read_csv(csv_path: Path) -> _Listing:
+def _read_csv(csv_path: Path, multi_label: bool | None = None, label_sep: str | None = None) -> _Listing:
+    """A CSV's samples: rows of path,label[,split] (the label field may hold several labels: `label_sep`, else a
+    separator `multilabel.detect_separator` finds), or a header of path and class names with 0/1 one-hot columns
+    (and optionally a split column). `multi_label`: None detects it, True forces label sets, False one label an
+    image."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{csv_path} is not a UTF-8 text file ({err.reason}); save the CSV as UTF-8.") from err
     base = csv_path.parent
     rows = _csv_rows(text)
+    header = None
     if rows and len(rows[0][1]) >= 2 and _looks_like_header(rows[0][1], base):
-        rows = rows[1:]
+        header, rows = [cell.strip() for cell in rows[0][1]], rows[1:]
+    one_hot = _one_hot_columns(header) if multi_label is not False else {}
+    split_at = next((i for i, name in enumerate(header or []) if name.lower() in _SPLIT_WORDS), 2)
+    if one_hot:
+        fields = None
+        separator = None
+    else:
+        fields = [row[1].strip() for _, row in rows if len(row) >= 2]
+        separator = (None if multi_label is False else label_sep if label_sep else
+                     detect_separator(fields, header[1] if header else None, forced=multi_label is True))
+    multi = bool(one_hot) or separator is not None or multi_label is True
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     split_column: dict[Path, str] = {}
     for line, row in rows:
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            skipped.append(Skipped(f"{csv_path}:{line}", f"malformed row {row!r}: expected path,label"))
+        if len(row) < 2 or not row[0].strip() or (one_hot and len(row) < len(header)):
+            skipped.append(Skipped(f"{csv_path}:{line}", f"malformed row {row!r}: expected "
+                                                         f"{','.join(header) if one_hot else 'path,label'}"))
             continue
+        if one_hot:
+            label: str | tuple[str, ...] = _one_hot_labels(csv_path, line, row, one_hot)
+        elif not row[1].strip() and not multi:
+            if multi_label is False:
+                raise DataError(f"{csv_path} line {line}: the label field is empty, and every image needs one label "
+                                "here; label it, or drop --single-label if an image may have no label.")
+            skipped.append(Skipped(f"{csv_path}:{line}", "empty label: every image needs one (with --multi-label an "
+                                                          "empty field means an image with no label)"))
+            continue
+        elif multi:
+            label = split_labels(row[1], separator)
+            cut = unbalanced_quote(label)
+            if cut is not None:
+                raise DataError(f"{csv_path} line {line}: the label separator {separator!r} also occurs inside the "
+                                f"quoted label name around {cut!r}; give another separator (--label-sep) or "
+                                "rename the label.")
+        else:
+            label = row[1].strip()
         path = Path(row[0].strip())
         path = path if path.is_absolute() else base / path
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -268,13 +323,33 @@ def _read_csv(csv_path: Path) -> _Listing:
         if not path.exists() and not path.is_symlink():
             skipped.append(Skipped(str(path), f"file not found (line {line} of {csv_path.name})"))
             continue
-        samples.append(Sample(path, row[1].strip()))
-        split = _csv_split(csv_path, line, row[2]) if len(row) >= 3 else None
+        samples.append(Sample(path, label))
+        split = _csv_split(csv_path, line, row[split_at]) if len(row) > split_at else None
         if split is not None:
             split_column[path] = split
     if not samples:
         raise DataError(_no_images_in_csv(csv_path, rows, skipped))
-    return _Listing(samples, skipped, [], split_column)
+    return _Listing(samples, skipped, [], split_column, multi, separator, list(one_hot.values()))
+
+
+def _one_hot_columns(header: list[str] | None) -> dict[int, str]:
+    """Column index -> class name for a header of a path column followed by class names (no label column): a
+    one-hot CSV. Empty for any other header."""
+    if header is None or len(header) < 3 or header[1].lower() in _HEADER_WORDS:
+        return {}
+    return {i: name for i, name in enumerate(header) if i > 0 and name.lower() not in _SPLIT_WORDS}
+
+
+def _one_hot_labels(csv_path: Path, line: int, row: list[str], columns: dict[int, str]) -> tuple[str, ...]:
+    labels = []
+    for i, name in columns.items():
+        value = ONE_HOT_VALUES.get(row[i].strip())
+        if value is None:
+            raise DataError(f"{csv_path} line {line}, column {name!r}: {row[i].strip()!r} is not 0 or 1; one-hot "
+                            "columns hold 1 where the image has the class and 0 where it has not.")
+        if value:
+            labels.append(name)
+    return tuple(labels)
 
 
 def _no_images_in_csv(csv_path: Path, rows: list[tuple[int, list[str]]], skipped: list[Skipped]) -> str:
@@ -306,13 +381,16 @@ class _Source:
     """Samples per split ("train"/"val"/"test"), or under "all" when the source does not fix its splits."""
     skipped: list[Skipped]
     empty_classes: list[str]
+    multi_label: bool = False
+    label_sep: str | None = None
+    declared_classes: list[str] = field(default_factory=list)
 
     @property
     def fixes_splits(self) -> bool:
         return "all" not in self.samples
 
 
-def _read_source(source: Path) -> _Source:
+def _read_source(source: Path, multi_label: bool | None = None, label_sep: str | None = None) -> _Source:
     source = Path(source).expanduser()
     if not source.exists():
         raise DataError(f"{source} does not exist; give a folder of class subfolders, a folder with train/ "
@@ -320,13 +398,16 @@ def _read_source(source: Path) -> _Source:
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{source} is a file but not a .csv; give a folder of class subfolders or a CSV.")
-        listing = _read_csv(source)
-        if not listing.split_column:
-            return _Source({"all": listing.samples}, listing.skipped, [])
+        listing = _read_csv(source, multi_label, label_sep)
         by_split: dict[str, list[Sample]] = {}
         for sample in listing.samples:
-            by_split.setdefault(listing.split_column.get(sample.path, "train"), []).append(sample)
-        return _Source(by_split, listing.skipped, [])
+            split = listing.split_column.get(sample.path, "train") if listing.split_column else "all"
+            by_split.setdefault(split, []).append(sample)
+        return _Source(by_split, listing.skipped, [], listing.multi_label, listing.label_sep,
+                       listing.declared_classes)
+    if label_sep:
+        raise DataError(f"--label-sep separates the labels of a CSV's label field; {source} is a folder, where each "
+                        "image has its class folder's name. Give a CSV for several labels an image.")
     split_folders = _find_split_folders(source)
     if not split_folders:
         listing = _list_class_folders(source)
@@ -334,6 +415,11 @@ def _read_source(source: Path) -> _Source:
     listings = {split: _list_class_folders(folder) for split, folder in split_folders.items()}
     return _Source({split: listing.samples for split, listing in listings.items()},
                    [s for listing in listings.values() for s in listing.skipped], listings["train"].empty_classes)
+
+
+def _as_label_sets(samples: list[Sample]) -> list[Sample]:
+    """Single-label samples (a folder, or a CSV of one label a row) as label sets of one, for multi-label training."""
+    return [s if isinstance(s.label, tuple) else Sample(s.path, (s.label,)) for s in samples]
 
 
 def _sort_classes(labels: set[str]) -> list[str]:
@@ -348,15 +434,21 @@ def load_dataset(
     test: str | Path | None = None,
     val_percent: float = 10.0,
     test_percent: float = 10.0,
+    multi_label: bool | None = None,
+    label_sep: str | None = None,
 ) -> Dataset:
     """Read DATA (and explicit --val / --test sources) into train/val/test samples with one sorted class list.
 
     Splits that DATA does not provide itself are carved from it by `hash_split`. A train/ layout without val/
     gets a validation split carved from train; its missing test split is left out (the layout is the user's).
+
+    `multi_label`: None detects label sets (a CSV field with several labels, or one-hot columns); True forces them
+    (an image may then have no label); False reads one label an image. `label_sep`: the separator of a CSV's label
+    field (default: detected).
     """
     if not (0 <= val_percent < 100 and 0 <= test_percent < 100 and val_percent + test_percent < 100):
         raise DataError("--val-percent and --test-percent must be between 0 and 100 and leave images to train on.")
-    source = _read_source(Path(data))
+    source = _read_source(Path(data), multi_label, label_sep)
     skipped = list(source.skipped)
     if source.fixes_splits:
         splits = dict(source.samples)
@@ -373,9 +465,11 @@ def load_dataset(
         splits["train"], splits["val"] = carved.get("train", []), carved.get("val", [])
     for name, extra in (("val", val), ("test", test)):
         if extra is not None:
-            extra_source = _read_source(Path(extra))
+            extra_source = _read_source(Path(extra), multi_label, label_sep or source.label_sep)
             splits[name] = [s for samples in extra_source.samples.values() for s in samples]
             skipped += extra_source.skipped
+    if source.multi_label or multi_label:
+        return _label_sets(data, {k: _as_label_sets(v) for k, v in splits.items()}, skipped, source)
 
     empty = source.empty_classes
     if empty:
@@ -389,6 +483,27 @@ def load_dataset(
             raise DataError(f"the {name} split has classes with no training images: {', '.join(unknown[:10])}; "
                             "add training images for them or remove them from that split.")
     return Dataset(_sort_classes(train_labels), {k: v for k, v in splits.items() if v}, skipped)
+
+
+def _label_sets(data: str | Path, splits: dict[str, list[Sample]], skipped: list[Skipped], source: _Source) -> Dataset:
+    """A multi-label dataset: the classes are the labels that occur in training; one line says what was found, and a
+    warning names the classes that cannot be learnt (no training image has them: they are left out)."""
+    trained = Counter(label for s in splits.get("train", []) for label in s.labels)
+    if len(trained) < 2:
+        raise DataError(_too_few_classes(Path(data), set(trained)))
+    elsewhere = {label for name in ("val", "test") for s in splits.get(name, []) for label in s.labels}
+    unlearnable = sorted((elsewhere | set(source.declared_classes)) - set(trained))
+    if unlearnable:
+        log.warning("%d class(es) never occur in the training images and cannot be learnt; they are left out: %s",
+                    len(unlearnable), ", ".join(unlearnable[:10]) + (", ..." if len(unlearnable) > 10 else ""))
+    images = [s for part in splits.values() for s in part]
+    several, unlabelled = sum(len(s.labels) > 1 for s in images), sum(not s.labels for s in images)
+    how = ("one-hot columns" if source.declared_classes else
+           f"labels separated by {source.label_sep!r}" if source.label_sep else "--multi-label")
+    log.info("multi-label data (%s): %d classes, %d of %d images with several labels, %d with none; one sigmoid per "
+             "class", how, len(trained), several, len(images), unlabelled)
+    return Dataset(_sort_classes(set(trained)), {k: v for k, v in splits.items() if v}, skipped, True,
+                   source.label_sep)
 
 
 def _too_few_classes(data: Path, labels: set[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,12 @@ import numpy as np
 from transferkit.calibration import expected_calibration_error
 from transferkit.data import Skipped, load_dataset
 from transferkit.errors import DataError
+from transferkit.multilabel import decide, label_matrix, multilabel_metrics
 from transferkit.novelty import rejection_threshold
 from transferkit.runs import absolute_path, stored_paths, warn_missing_images
 from transferkit.text import plural
+
+log = logging.getLogger(__name__)
 
 
 def read_groups(path: str | Path) -> dict[str, list[str]]:
@@ -118,7 +122,65 @@ class Predictions:
         return wrong[np.argsort(self.label_probability[wrong], kind="stable")][:count]
 
 
-def predictions_csv(predictions: list[Predictions], classes: list[str]) -> str:
+@dataclass
+class LabelSetPredictions:
+    """A multi-label split's per-image answers: each image's true labels (0/1 per class), every class's probability,
+    and the per-class thresholds that turn them into label sets."""
+
+    split: str
+    paths: list[str]
+    targets: np.ndarray
+    probabilities: np.ndarray
+    thresholds: np.ndarray
+    ood_score: np.ndarray | None = None
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(images, classes) bool: the labels each image is given."""
+        return decide(self.probabilities, self.thresholds)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """Images whose every label is right."""
+        return (self.predicted == (self.targets > 0)).all(1)
+
+    def losses(self) -> np.ndarray:
+        """Each image's binary cross-entropy, summed over classes."""
+        p = np.clip(self.probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+        return -(self.targets * np.log(p) + (1 - self.targets) * np.log1p(-p)).sum(1)
+
+    def top_losses(self, count: int) -> np.ndarray:
+        """Indices of the worst images by loss, worst first."""
+        return np.argsort(-self.losses(), kind="stable")[:count]
+
+
+LABEL_JOIN = "|"
+"""How predictions.csv writes a set of labels in one field."""
+PROBABILITY_PREFIX = "probability:"
+"""A multi-label predictions.csv has a column of probabilities per class, named with this prefix."""
+
+
+def _label_set_rows(part: LabelSetPredictions, classes: list[str]) -> list[list]:
+    rows = []
+    blank = [None] * len(part.paths)
+    for path, truth, predicted, probabilities, score in zip(part.paths, part.targets, part.predicted,
+                                                            part.probabilities,
+                                                            blank if part.ood_score is None else part.ood_score):
+        rows.append([part.split, absolute_path(path), LABEL_JOIN.join(c for c, t in zip(classes, truth) if t > 0),
+                     LABEL_JOIN.join(c for c, chosen in zip(classes, predicted) if chosen),
+                     *(f"{p:.6g}" for p in probabilities), "" if score is None else f"{score:.6g}"])
+    return rows
+
+
+def predictions_csv(predictions: list[Predictions | LabelSetPredictions], classes: list[str]) -> str:
+    if any(isinstance(part, LabelSetPredictions) for part in predictions):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["split", "path", "labels", "predicted", *(PROBABILITY_PREFIX + c for c in classes),
+                         "ood_score"])
+        for part in predictions:
+            writer.writerows(_label_set_rows(part, classes))
+        return buffer.getvalue()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["split", "path", "label", "predicted", "probability", "label_probability", "raw_probability",
@@ -135,11 +197,14 @@ def predictions_csv(predictions: list[Predictions], classes: list[str]) -> str:
     return buffer.getvalue()
 
 
-def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
+def read_predictions(path: Path, classes: list[str],
+                     thresholds: np.ndarray | None = None) -> dict[str, Predictions | LabelSetPredictions]:
     """A run's predictions.csv by split; empty when the run has none (runs from before it was written). Its images
-    are re-read from their paths: a warning says when some are gone."""
+    are re-read from their paths: a warning says when some are gone. `thresholds`: a multi-label run's."""
     if not path.is_file():
         return {}
+    if thresholds is not None:
+        return _read_label_sets(path, classes, thresholds)
     index = {name: i for i, name in enumerate(classes)}
     columns: dict[str, dict[str, list]] = {}
     with path.open(newline="", encoding="utf-8") as handle:
@@ -160,6 +225,26 @@ def read_predictions(path: Path, classes: list[str]) -> dict[str, Predictions]:
                                np.array(part["predicted"], dtype=np.int64), np.array(part["confidence"]),
                                np.array(part["label_probability"]), _column(part["raw"]), _column(part["score"]))
             for split, part in columns.items()}
+
+
+def _read_label_sets(path: Path, classes: list[str], thresholds: np.ndarray) -> dict[str, LabelSetPredictions]:
+    parts: dict[str, dict[str, list]] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            part = parts.setdefault(row["split"], {"paths": [], "targets": [], "probabilities": [], "score": []})
+            labels = set(filter(None, row["labels"].split(LABEL_JOIN)))
+            part["paths"].append(row["path"])
+            part["targets"].append([float(c in labels) for c in classes])
+            part["probabilities"].append([float(row[PROBABILITY_PREFIX + c]) for c in classes])
+            part["score"].append(float(row.get("ood_score") or "nan"))
+    for part in parts.values():
+        part["paths"] = stored_paths(path.parent, part["paths"])
+    warn_missing_images(path.parent, [p for part in parts.values() for p in part["paths"]])
+    width = len(classes)
+    return {split: LabelSetPredictions(split, part["paths"], np.array(part["targets"], np.float32).reshape(-1, width),
+                                       np.array(part["probabilities"], np.float32).reshape(-1, width),
+                                       np.asarray(thresholds, np.float32), _column(part["score"]))
+            for split, part in parts.items()}
 
 
 def _column(values: list[float]) -> np.ndarray | None:
@@ -189,7 +274,7 @@ class EvaluationReport:
     split: str
     metrics: dict
     skipped: list[Skipped] = field(default_factory=list)
-    predictions: Predictions | None = None
+    predictions: Predictions | LabelSetPredictions | None = None
     scored: str = ""
     """Which images were scored, in words: "all 30 images of DATA (not the run's training data)"."""
 
@@ -220,7 +305,9 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     classifier = Classifier.load(run, cache_dir=cache_dir, **engine_options)
     data_config = classifier.config.get("data", {})
     dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
-                           test_percent=data_config.get("test_percent", 10.0))
+                           test_percent=data_config.get("test_percent", 10.0),
+                           multi_label=True if classifier.multi_label else None,
+                           label_sep=data_config.get("label_sep") if classifier.multi_label else None)
     own = _is_training_data(data, data_config.get("source"))
     if split == "auto":
         split = next((s for s in ("test", "val") if s in dataset.splits and own), "all")
@@ -230,26 +317,47 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
         samples = dataset.splits[split]
     else:
         raise DataError(f"{data} has no {split} split (it has: {', '.join(dataset.splits)}); pick another --split.")
-    unknown = sorted({s.label for s in samples} - set(classifier.classes))
-    if unknown:
+    unknown = sorted({label for s in samples for label in s.labels} - set(classifier.classes))
+    if unknown and classifier.multi_label:
+        log.warning("%s has labels the model was not trained on; they are left out of the metrics: %s", data,
+                    ", ".join(unknown[:10]))
+    elif unknown:
         raise DataError(f"{data} has classes the model was not trained on: {', '.join(unknown[:10])}.")
     paths = [s.path for s in samples]
     (raw, scores), kept, skipped = classifier.outputs_of_files(paths, cache_dir=cache_dir, use_cache=use_cache,
                                                                batch_size=batch_size, workers=workers,
                                                                progress=progress, calibrated=False)
     probabilities = classifier.calibration.apply(raw)
+    threshold = rejection_threshold(classifier.novelty, reject, accept, str(run))
+    if classifier.multi_label:
+        return _evaluate_label_sets(classifier, run, data, split, samples, paths, kept, probabilities, scores,
+                                    threshold, accept, dataset.skipped + skipped, own)
     index = {name: i for i, name in enumerate(classifier.classes)}
     targets = np.array([index[samples[i].label] for i in kept], dtype=np.int64)
     group_map = read_groups(groups) if isinstance(groups, (str, Path)) else groups
     metrics = {**classification_metrics(targets, probabilities, classifier.classes, group_map),
                **calibration_metrics(probabilities, raw, targets)}
-    threshold = rejection_threshold(classifier.novelty, reject, accept, str(run))
     if scores is not None and threshold is not None:
         metrics["unknown"] = unknown_metrics(probabilities.argmax(1) == targets, scores, threshold,
                                              classifier.novelty.accept if accept is None else accept)
     predictions = Predictions.from_probabilities(split, [paths[i] for i in kept], targets, probabilities, raw, scores)
     return EvaluationReport(Path(run), split, metrics, dataset.skipped + skipped, predictions,
                             _scored(data, split, len(samples), own))
+
+
+def _evaluate_label_sets(classifier, run, data, split: str, samples: list, paths: list, kept: np.ndarray,
+                         probabilities: np.ndarray, scores: np.ndarray | None, threshold: float | None,
+                         accept: float | None, skipped: list[Skipped], own: bool) -> EvaluationReport:
+    """`evaluate` of a multi-label run: mAP, per-class AP / P / R / F1 at the run's thresholds, exact match, Hamming
+    loss (and, as for one label an image, what rejecting unknown images does)."""
+    targets = label_matrix([samples[i].labels for i in kept], classifier.classes)
+    metrics = multilabel_metrics(targets, probabilities, classifier.thresholds, classifier.classes)
+    predictions = LabelSetPredictions(split, [str(paths[i]) for i in kept], targets, probabilities,
+                                      classifier.thresholds, scores)
+    if scores is not None and threshold is not None:
+        metrics["unknown"] = unknown_metrics(predictions.correct, scores, threshold,
+                                             classifier.novelty.accept if accept is None else accept)
+    return EvaluationReport(Path(run), split, metrics, skipped, predictions, _scored(data, split, len(samples), own))
 
 
 def _is_training_data(data: str | Path, source: str | None) -> bool:

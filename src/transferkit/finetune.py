@@ -32,6 +32,8 @@ from transferkit import distributed
 from transferkit.data import default_workers, iter_prepared, make_preparer
 from transferkit.distributed import Ranks
 from transferkit.features import check_precision, cpu_has_fast_bf16
+from transferkit.head import count_right, rank, val_score_key
+from transferkit.multilabel import is_multilabel, loss_and_map
 from transferkit.optim import make_optimizer, make_scheduler
 from transferkit.progress import progress_bar
 from transferkit.recipe import Recipe, WeightAverage, mix_batch, set_drop_path
@@ -50,11 +52,13 @@ class Network(nn.Module):
     With `cached_from` set (`--cache-bottom`), it is called with the cached output of the frozen bottom instead: the
     activation entering that block and the pooled features of the blocks before it (`topcache`)."""
 
-    def __init__(self, backbone_model: nn.Module, backbone: Backbone, head: nn.Module):
+    def __init__(self, backbone_model: nn.Module, backbone: Backbone, head: nn.Module, multi_label: bool = False):
         super().__init__()
         self.features = PixelFeatures(backbone_model, backbone.preprocessing, backbone.feature_kind)
         self.head = head
         self.cached_from: int | None = None
+        self.multi_label = multi_label
+        """One sigmoid per class: evaluation gives sigmoid probabilities, not a softmax."""
 
     @property
     def backbone(self) -> nn.Module:
@@ -183,7 +187,7 @@ def collate(items: list) -> Batch:
     inputs = [x for x, _ in items]
     stacked = (tuple(torch.stack(parts) for parts in zip(*inputs)) if isinstance(inputs[0], tuple)
                else torch.stack(inputs))
-    return Batch(stacked, torch.tensor([target for _, target in items]), unreadable)
+    return Batch(stacked, torch.as_tensor(np.array([target for _, target in items])), unreadable)
 
 
 def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, workers: int | None = None,
@@ -373,7 +377,9 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
                 continue
             pixels = torch.from_numpy(np.stack([x for _, x in good])).to(device)
             seen = net.features(pixels)
-            probabilities.append(torch.softmax(net.head(seen).float(), dim=1).cpu().numpy())
+            logits = net.head(seen).float()
+            probabilities.append((torch.sigmoid(logits) if net.multi_label else torch.softmax(logits, dim=1))
+                                 .cpu().numpy())
             features.append(seen.float().cpu().numpy())
             kept += [i for i, _ in good]
     bar.close()
@@ -383,6 +389,9 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
 
 
 def _loss_and_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(log loss, accuracy); for multi-label targets (binary cross-entropy, macro mAP)."""
+    if is_multilabel(targets):
+        return loss_and_map(probabilities, targets)
     picked = probabilities[np.arange(len(targets)), targets]
     return float(-np.log(np.clip(picked, 1e-12, None)).mean()), float((probabilities.argmax(1) == targets).mean())
 
@@ -392,7 +401,7 @@ class _Stage:
 
     def __init__(self, training: ImageTraining, paths: Sequence[Path], targets: np.ndarray, schedule: str):
         from transferkit.augment import decode_size
-        from transferkit.head import class_weights
+        from transferkit.head import class_weights, make_criterion, sampling_weights
 
         self.training = training
         net, options, device = training.net, training.options, training.device
@@ -410,8 +419,9 @@ class _Stage:
         num_classes = net.head[-1].out_features
         weights = class_weights(targets, num_classes)
         ranks = distributed.current()
+        sample_weights = sampling_weights(targets, weights, options.balance)
         self.sampler = EpochSampler(len(dataset), options.seed,
-                                    weights.numpy()[targets] if options.balance == "sampler" else None, ranks)
+                                    None if sample_weights is None else sample_weights.numpy(), ranks)
         # DDP averages gradients over ranks: each step is one of batch_size x world_size images.
         gpu = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(net, device_ids=gpu) if ranks.distributed else net
@@ -425,8 +435,8 @@ class _Stage:
                                  collate_fn=collate, persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
                                  generator=torch.Generator().manual_seed(options.seed))
-        self.criterion = nn.CrossEntropyLoss(weight=weights.to(device) if options.balance == "weights" else None,
-                                             label_smoothing=options.label_smoothing)
+        self.criterion = make_criterion(targets, weights.to(device) if options.balance == "weights" else None,
+                                        options.label_smoothing)
         self.optimizer = make_optimizer(groups, options.optimizer, options.lr, options.decay,
                                         options.momentum, options.nesterov)
         self.steps_per_epoch = math.ceil(len(self.sampler) / options.batch_size)
@@ -461,7 +471,7 @@ class _Stage:
             self.average.update(net)
         if mixup and weight < 0.5:  # right means the larger share of the mix
             targets = targets[partner]
-        return loss.item(), int((logits.argmax(1) == targets).sum().item())
+        return loss.item(), count_right(logits.detach().float(), targets)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -556,9 +566,9 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                     probabilities, _, kept = evaluate_images(stage.evaluated, training.backbone, val_paths, device,
                                                              precision, eval_batch, options.workers,
                                                              options.max_image_pixels)
-                row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(probabilities, val_targets[kept])
-                score = ((row["val_loss"],) if options.monitored == "val_loss"
-                         else (-row["val_accuracy"], row["val_loss"]))
+                multi = is_multilabel(val_targets)
+                row["val_loss"], row[val_score_key(multi)] = _loss_and_accuracy(probabilities, val_targets[kept])
+                score = rank(row, options.monitor, options.monitored, multi)
                 if score < best["score"]:
                     best = {"score": score, "epoch": epoch, "model": copy.deepcopy(stage.evaluated.state_dict())}
             else:
@@ -603,7 +613,8 @@ def lr_range_test_images(training: ImageTraining, paths: Sequence[Path], targets
 
 
 def _epoch_line(row: dict, epoch: int, epochs: int, seconds_left: float) -> str:
-    val = (f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
+    score = "val mAP" if "val_map" in row else "val accuracy"
+    val = (f", val loss {row['val_loss']:.4f}, {score} {row.get('val_map', row.get('val_accuracy')):.4f}"
            if "val_loss" in row else "")
     left = f"; ~{format_duration(seconds_left)} left (until {finish_time(seconds_left)})" if seconds_left else ""
     return (f"{row['stage']} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, accuracy "

@@ -12,6 +12,7 @@ from torch import nn
 
 from transferkit import distributed
 from transferkit.errors import DataError
+from transferkit.multilabel import bce_loss, is_multilabel, loss_and_map, positive_weights, sigmoid
 from transferkit.progress import progress_bar
 from transferkit.optim import LRFinding, check_choices, lr_range_test, make_optimizer, make_scheduler
 
@@ -26,6 +27,9 @@ BALANCES = ("none", "weights", "sampler")
 # the last block (0.974) against 0.967 with every block. The grid spans those choices by half decades.
 PROBE_WEIGHT_DECAYS = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 DEFAULT_PROBE_WEIGHT_DECAY = 1e-4  # without validation images to choose by
+MAX_POSITIVE_WEIGHT = 100.0
+"""--balance weights on multi-label data weighs each class's positives by negatives / positives, at most this much (a
+class with one positive in 10,000 images would otherwise weigh it 10,000 times)."""
 PROBE_PARTS = ("blocks", "last")
 
 
@@ -36,6 +40,8 @@ class HeadSpec:
     num_classes: int = 0
     dropout: float = 0.2
     hidden: int = 512
+    multi_label: bool = False
+    """One sigmoid per class (several labels an image) instead of one softmax over the classes."""
 
     def build(self) -> nn.Sequential:
         if self.kind == "linear":
@@ -103,17 +109,74 @@ class FitResult:
 
 
 def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (sklearn's 'balanced'): every class weighs the same in the loss."""
+    """Inverse-frequency weights (sklearn's 'balanced'): every class weighs the same in the loss. For multi-label
+    targets: each class's negatives / positives, binary cross-entropy's positive weight."""
+    if is_multilabel(targets):
+        return torch.from_numpy(positive_weights(targets)).clamp(max=MAX_POSITIVE_WEIGHT)
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(targets) / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def sampling_weights(targets: np.ndarray, weight: torch.Tensor, balance: str) -> torch.Tensor | None:
+    """Per image, how likely the class-balancing sampler draws it (None: every image once an epoch)."""
+    if balance != "sampler":
+        return None
+    if is_multilabel(targets):
+        raise DataError("--balance sampler draws images by their one class; for multi-label data use --balance "
+                        "weights (each class's positives weighted by its negatives / positives).")
+    return weight[torch.as_tensor(targets)].double()
+
+
+def as_targets(targets: np.ndarray) -> torch.Tensor:
+    """Class indices as int64, multi-label 0/1 matrices as float32."""
+    return torch.as_tensor(targets, dtype=torch.float32 if is_multilabel(targets) else torch.long)
+
+
+def make_criterion(targets: np.ndarray, weight: torch.Tensor | None, label_smoothing: float = 0.0):
+    """`loss(logits, targets)`: cross-entropy for class indices, binary cross-entropy (one sigmoid per class) for
+    multi-label targets; `weight` balances the classes (for multi-label: the positives' weight)."""
+    if is_multilabel(targets):
+        if label_smoothing:
+            raise DataError("label smoothing applies to one label an image; drop --label-smoothing for multi-label "
+                            "data.")
+        return lambda logits, y: bce_loss(logits, y, None if weight is None else weight.to(logits.device))
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def loss_and_score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy) of class-index targets; (binary cross-entropy, macro mAP) of multi-label targets."""
+    if y.ndim == 2:
+        return loss_and_map(sigmoid(logits.float().numpy()), y.numpy())
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def count_right(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Images whose answer is right: the top class, or for multi-label every label at 0.5."""
+    if y.ndim == 2:
+        return int(((logits >= 0) == (y > 0.5)).all(1).sum().item())
+    return int((logits.argmax(1) == y).sum().item())
+
+
+def val_score_key(multi_label: bool) -> str:
+    """The history column of the validation score: accuracy, or for multi-label the macro mAP."""
+    return "val_map" if multi_label else "val_accuracy"
+
+
+def rank(row: dict, monitor: str | None, default: str, multi_label: bool) -> tuple[float, ...]:
+    """How good an epoch's (or fit's) validation row is, lower first: by loss when `monitor` (else `default`) is
+    val_loss, else by the score (accuracy; for multi-label always the macro mAP unless val_loss is asked for by name)
+    with ties broken by loss."""
+    monitored = monitor or ("val_accuracy" if multi_label else default)
+    if monitored == "val_loss":
+        return (row["val_loss"],)
+    return (-row[val_score_key(multi_label)], row["val_loss"])
+
+
 def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     head.eval()
     with torch.inference_mode():
-        logits = head(x)
-        return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+        return loss_and_score(head(x), y)
 
 
 def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
@@ -129,14 +192,15 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
     """
     if options.optimizer == "lbfgs":
         return fit_linear_lbfgs(spec, train_x, train_y, val_x, val_y, options, progress, initial, last_block)
-    x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y, dtype=torch.long)
+    x, y = torch.as_tensor(train_x, dtype=torch.float32), as_targets(train_y)
     has_val = val_x is not None and len(val_x) > 0
     vx = torch.as_tensor(val_x, dtype=torch.float32) if has_val else None
-    vy = torch.as_tensor(val_y, dtype=torch.long) if has_val else None
+    vy = as_targets(val_y) if has_val else None
     weight = class_weights(train_y, spec.num_classes)
-    sample_weights = weight[y].double() if options.balance == "sampler" else None
-    criterion = nn.CrossEntropyLoss(weight=weight if options.balance == "weights" else None,
-                                    label_smoothing=options.label_smoothing)
+    sample_weights = sampling_weights(train_y, weight, options.balance)
+    criterion = make_criterion(train_y, weight if options.balance == "weights" else None, options.label_smoothing)
+    multi = is_multilabel(train_y)
+    score_key = val_score_key(multi)
     history: list[dict] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -174,20 +238,18 @@ def fit_head(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, val_x: np
                 lr_of_last_batch = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 total_loss += loss.item() * len(batch)
-                correct += (logits.argmax(1) == y[batch]).sum().item()
+                correct += count_right(logits.detach(), y[batch])
                 seen += len(batch)
             total_loss, correct, seen = distributed.sum_over_ranks(total_loss, correct, seen)
             row = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                    "lr": lr_of_last_batch}
             if has_val:
-                row["val_loss"], row["val_accuracy"] = _evaluate(head, vx, vy)
-                # lower is better; equal accuracies are ranked by loss
-                score = ((row["val_loss"],) if options.monitored == "val_loss"
-                         else (-row["val_accuracy"], row["val_loss"]))
+                row["val_loss"], row[score_key] = _evaluate(head, vx, vy)
+                score = rank(row, options.monitor, options.monitored, multi)
                 if score < best[0]:
                     best = (score, epoch, copy.deepcopy(head.state_dict()))
             history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get(score_key, math.nan):.3f}")
             bar.update()
             if has_val and epoch - best[1] >= options.patience:
                 break
@@ -213,7 +275,8 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
                class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
                start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100,
                basis: torch.Tensor | None | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a multinomial logistic regression: mean cross-entropy + weight_decay / 2 * |weight|^2 (the bias
+    """(weight, bias) of a multinomial logistic regression (for an (images, classes) 0/1 `y`: one logistic regression
+    per class, `multilabel.bce_loss`): mean cross-entropy + weight_decay / 2 * |weight|^2 (the bias
     unpenalised), minimised by scipy's L-BFGS from `start` (default zeros), at most `max_iter` iterations.
 
     scipy, not torch.optim: the first torch optimiser a process builds imports torch's compiler stack (1.2 s here),
@@ -226,7 +289,8 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
 
     if basis is True:
         basis = row_basis(x)
-    y = y.long()
+    multi = y.ndim == 2  # one sigmoid per class: binary cross-entropy (class_weight: the positives' weight)
+    y = y.float() if multi else y.long()
     class_weight = class_weight.float() if class_weight is not None else None
     features = (x.double() @ basis).float() if basis is not None else x.float()
     width = features.shape[1]
@@ -236,9 +300,10 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     def loss_and_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
         parameters = torch.from_numpy(flat.astype(np.float32)).requires_grad_(True)
         weight, bias = parameters[:num_classes * width].view(num_classes, width), parameters[num_classes * width:]
-        loss = (nn.functional.cross_entropy(features @ weight.T + bias, y, weight=class_weight,
-                                            label_smoothing=label_smoothing)
-                + 0.5 * weight_decay * weight.pow(2).sum())
+        logits = features @ weight.T + bias
+        fit = (bce_loss(logits, y, class_weight) if multi else
+               nn.functional.cross_entropy(logits, y, weight=class_weight, label_smoothing=label_smoothing))
+        loss = fit + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss.item(), parameters.grad.double().numpy()
 
@@ -270,11 +335,15 @@ def fit_linear_lbfgs(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, v
     """
     if spec.kind != "linear":
         raise DataError("the lbfgs optimizer fits a linear head; use --optimizer adamw (or sgd, ...) for an mlp head.")
-    x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y, dtype=torch.long)
+    x, y = torch.as_tensor(train_x, dtype=torch.float32), as_targets(train_y)
     has_val = val_x is not None and len(val_x) > 0
     vx = torch.as_tensor(val_x, dtype=torch.float32) if has_val else None
-    vy = torch.as_tensor(val_y, dtype=torch.long) if has_val else None
+    vy = as_targets(val_y) if has_val else None
     weight = class_weights(train_y, spec.num_classes) if options.balance != "none" else None
+    if options.label_smoothing and is_multilabel(train_y):
+        make_criterion(train_y, None, options.label_smoothing)  # refused in one line
+    multi = is_multilabel(train_y)
+    score_key = val_score_key(multi)
     parts = {"blocks": slice(0, x.shape[1])}
     if has_val and last_block and last_block < x.shape[1]:
         parts["last"] = slice(x.shape[1] - last_block, x.shape[1])
@@ -298,16 +367,15 @@ def fit_linear_lbfgs(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, v
             row = {"epoch": len(history) + 1, "features": part, "weight_decay": weight_decay,
                    "train_loss": train_loss, "train_accuracy": train_accuracy}
             if has_val:
-                row["val_loss"], row["val_accuracy"] = _evaluate(linear, part_vx, vy)
-                score = ((row["val_loss"],) if options.monitored == "val_loss"
-                         else (-row["val_accuracy"], row["val_loss"]))
+                row["val_loss"], row[score_key] = _evaluate(linear, part_vx, vy)
+                score = rank(row, options.monitor, options.monitored, multi)
             else:
                 score = (0.0,)
             if score < best[0]:
                 best = (score, row["epoch"], (columns, copy.deepcopy(linear.state_dict())),
                         {"features": part, "weight_decay": weight_decay})
             history.append(row)
-            bar.set_postfix(val_acc=f"{row.get('val_accuracy', math.nan):.3f}")
+            bar.set_postfix(val=f"{row.get(score_key, math.nan):.3f}")
             bar.update()
     bar.close()
     head = spec.build()
@@ -323,8 +391,8 @@ def fit_linear_lbfgs(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, v
 def lr_range_test_features(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, options: FitOptions,
                            progress: bool = False) -> LRFinding:
     """The learning-rate range test for a head on cached features (a fresh head, thrown away afterwards)."""
-    x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y, dtype=torch.long)
-    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    x, y = torch.as_tensor(train_x, dtype=torch.float32), as_targets(train_y)
+    criterion = make_criterion(train_y, None, options.label_smoothing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = spec.build().train()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from transferkit.data import Preprocessing, default_workers, iter_prepared, make_preparer
 from transferkit.errors import DataError, RunError
+from transferkit.multilabel import THRESHOLDS_FILE, stored_thresholds
 from transferkit.novelty import NoveltyModel, rejection_threshold
 from transferkit.progress import progress_bar
 
@@ -44,6 +45,12 @@ class Prediction:
     unknown: bool | None = None
     """True when `ood_score` is above the model's threshold: "none of these", `label` is then only the nearest class.
     None when not judged (no score, or rejection turned off)."""
+    chosen: list[str] | None = None
+    """Multi-label models: the labels whose probability reaches their class's threshold, most probable first (maybe
+    none). None for single-label models."""
+    chosen_probabilities: list[float] | None = None
+    passed: list[bool] | None = None
+    """Multi-label models: for each of the top-k `labels`, whether it reached its threshold."""
 
     @property
     def label(self) -> str | None:
@@ -51,9 +58,16 @@ class Prediction:
         return self.labels[0] if self.labels else None
 
     @property
+    def multi_label(self) -> bool:
+        return self.chosen is not None
+
+    @property
     def answer(self) -> str | None:
-        """"unknown" for an input unlike the training images, else the most likely class."""
-        return "unknown" if self.unknown else self.label
+        """"unknown" for an input unlike the training images, else the most likely class (multi-label: the label
+        set, joined by "|"; "" when no label passed its threshold)."""
+        if self.unknown:
+            return "unknown"
+        return "|".join(self.chosen) if self.chosen is not None else self.label
 
     @property
     def probability(self) -> float | None:
@@ -66,6 +80,9 @@ class Prediction:
                                                                                     self.probabilities))
         if self.unknown:
             return f"Prediction({self.source!r}: unknown, score {self.ood_score:.3f}; nearest {answers})"
+        if self.chosen is not None:
+            chosen = ", ".join(f"{label} {p:.3f}" for label, p in zip(self.chosen, self.chosen_probabilities))
+            return f"Prediction({self.source!r}: {{{chosen}}})"
         return f"Prediction({self.source!r}: {answers})"
 
     def ranked(self) -> list[tuple[int, str, int, float]]:
@@ -73,25 +90,55 @@ class Prediction:
         return [(rank, *answer) for rank, answer in enumerate(zip(self.labels, self.ids, self.probabilities), 1)]
 
     def to_dict(self) -> dict:
+        ranked = [{"rank": rank, "label": label, "id": i, "probability": probability}
+                  for rank, label, i, probability in self.ranked()]
+        if self.chosen is None:
+            return {"input": self.source, "error": self.error, "unknown": self.unknown, "ood_score": self.ood_score,
+                    "predictions": ranked}
+        for row, passed in zip(ranked, self.passed):
+            row["passed"] = passed
         return {"input": self.source, "error": self.error, "unknown": self.unknown, "ood_score": self.ood_score,
-                "predictions": [{"rank": rank, "label": label, "id": i, "probability": probability}
-                                for rank, label, i, probability in self.ranked()]}
+                "labels": [{"label": label, "probability": p} for label, p in zip(self.chosen,
+                                                                                  self.chosen_probabilities)],
+                "predictions": ranked}
 
 
 def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[str], top_k: int,
-                      ood_score: float | None = None, threshold: float | None = None) -> Prediction:
-    """The top-k answer; `unknown` when the score is above `threshold` (not judged when either is None)."""
+                      ood_score: float | None = None, threshold: float | None = None,
+                      thresholds: np.ndarray | None = None) -> Prediction:
+    """The top-k answer; `unknown` when the score is above `threshold` (not judged when either is None).
+    `thresholds` (multi-label models): each class's decision threshold; the answer is then every label that reaches
+    its own, and each top-k entry says whether it passed."""
     order = np.argsort(-probabilities, kind="stable")[:top_k]
     score = None if ood_score is None else float(ood_score)
     unknown = None if score is None or threshold is None else bool(score > threshold)
-    return Prediction(source, [labels[j] for j in order], order.tolist(), probabilities[order].astype(float).tolist(),
-                      ood_score=score, unknown=unknown)
+    prediction = Prediction(source, [labels[j] for j in order], order.tolist(),
+                            probabilities[order].astype(float).tolist(), ood_score=score, unknown=unknown)
+    if thresholds is not None:
+        passing = probabilities >= thresholds
+        chosen = [j for j in np.argsort(-probabilities, kind="stable") if passing[j]]
+        prediction.chosen = [labels[j] for j in chosen]
+        prediction.chosen_probabilities = probabilities[chosen].astype(float).tolist()
+        prediction.passed = [bool(passing[j]) for j in order]
+    return prediction
+
+
+def label_decisions(multi_label: bool, thresholds: np.ndarray | None, classes: list[str],
+                    override: float | None) -> np.ndarray | None:
+    """The per-class thresholds a prediction uses: a multi-label model's own, or `override` for every class; None
+    for a single-label model (which refuses an override in one line)."""
+    if not multi_label:
+        if override is not None:
+            raise DataError("--threshold decides the labels of a multi-label model; this model gives one class an "
+                            "image (drop --threshold).")
+        return None
+    return stored_thresholds(None, classes, override) if override is not None else thresholds
 
 
 def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput],
                       to_outputs: Callable[[np.ndarray], Outputs], labels: Sequence[str], top_k: int,
                       batch_size: int = 32, workers: int | None = None, progress: bool | None = False,
-                      threshold: float | None = None) -> list[Prediction]:
+                      threshold: float | None = None, thresholds: np.ndarray | None = None) -> list[Prediction]:
     """Batched top-k over paths or PIL images; unreadable inputs come back with `error` set, never raise.
     `threshold`: scores above it are unknown. `progress` as for `progress_bar` (off by default: a server predicts a
     few images at a time)."""
@@ -106,7 +153,7 @@ def top_k_predictions(preprocessing: Preprocessing, inputs: Sequence[ImageInput]
             probabilities, scores = to_outputs(np.stack([p.pixels for _, p in good]))
             for position, ((i, _), row) in enumerate(zip(good, probabilities)):
                 results[i] = ranked_prediction(_source_name(inputs[i], i), row, labels, top_k,
-                                               None if scores is None else scores[position], threshold)
+                                               None if scores is None else scores[position], threshold, thresholds)
         bar.update(len(batch))
     bar.close()
     return results
@@ -175,6 +222,10 @@ class ExportedClassifier:
         self.input_name = self.session.get_inputs()[0].name
         outputs = {output.name for output in self.session.get_outputs()}
         self.novelty = NoveltyModel.load(folder) if {"features", "logits"} <= outputs else None
+        self.multi_label = bool(self.manifest.get("multi_label"))
+        """One sigmoid per class (the graph's probabilities are sigmoids); labels decided by `thresholds`."""
+        self.thresholds = (stored_thresholds(json.loads((folder / THRESHOLDS_FILE).read_text(encoding="utf-8")),
+                                             self.classes) if self.multi_label else None)
 
     @classmethod
     def load(cls, folder: str | Path, **options) -> ExportedClassifier:
@@ -195,15 +246,19 @@ class ExportedClassifier:
 
     def predict(self, inputs: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32,
                 workers: int | None = None, progress: bool | None = False, reject: bool = True,
-                accept: float | None = None) -> list[Prediction]:
+                accept: float | None = None, threshold: float | None = None) -> list[Prediction]:
         """As `Classifier.predict`: `reject=False` never says unknown; `accept` overrides the share of known images
-        the threshold accepts."""
-        threshold = rejection_threshold(self.novelty, reject, accept, str(self.folder))
+        the threshold accepts; `threshold` (multi-label) decides every class at one threshold."""
+        thresholds = label_decisions(self.multi_label, self.thresholds, self.classes, threshold)
+        threshold_unknown = rejection_threshold(self.novelty, reject, accept, str(self.folder))
         return top_k_predictions(self.preprocessing, image_inputs(inputs), self.outputs, self.classes,
-                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold)
+                                 min(top_k, len(self.classes)), batch_size, workers, progress, threshold_unknown,
+                                 thresholds)
 
     def describe(self) -> dict:
         return {"labels": self.classes, "backbone": self.manifest.get("backbone"),
                 "metrics": self.manifest.get("metrics"), "format": "onnx", "model": self.model_path.name,
                 "preprocessing": self.preprocessing.to_dict(), "calibration": self.manifest.get("calibration"),
-                "unknown": self.novelty.describe() if self.novelty else None}
+                "unknown": self.novelty.describe() if self.novelty else None, "multi_label": self.multi_label,
+                "thresholds": (dict(zip(self.classes, self.thresholds.astype(float).tolist()))
+                               if self.thresholds is not None else None)}

@@ -35,6 +35,7 @@ from transferkit.augment import AugmentedImages, Unreadable, decode_size, mix_se
 from transferkit.backbone import Backbone, PixelFeatures, block_units, unit_pool
 from transferkit.data import Preprocessing, iter_prepared, make_preparer
 from transferkit.errors import DataError
+from transferkit.multilabel import target_of
 from transferkit.progress import progress_bar
 
 log = logging.getLogger("transferkit")
@@ -299,7 +300,7 @@ class CachedViews(Dataset):
         activation = torch.from_numpy(np.asarray(view.activations[index], dtype=np.float32))
         if np.random.default_rng(mix_seed(self.seed, epoch, index, 4)).random() < 0.5:
             activation = activation.flip(-1)
-        return (activation, torch.from_numpy(np.array(view.pooled[index]))), int(self.targets[index])
+        return (activation, torch.from_numpy(np.array(view.pooled[index]))), target_of(self.targets, index)
 
 
 def evaluate_cached(net: nn.Module, cached: CachedSet, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -22,19 +22,21 @@ from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, 
                               probe_size_for)
 from transferkit.backbone import Backbone, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
-from transferkit.calibration import Calibration, fit_temperature
+from transferkit.calibration import Calibration, fit_temperature, softmax
 from transferkit.classifier import Classifier, accuracies, class_names
 from transferkit.config import TrainConfig, probe_optimizer
 from transferkit.data import Skipped, default_workers, load_dataset
 from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
-from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, calibration_metrics, classification_metrics,
-                                  predictions_csv, read_groups, unknown_metrics)
+from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, calibration_metrics,
+                                  classification_metrics, predictions_csv, read_groups, unknown_metrics)
 from transferkit.features import Extractor, cache_root, extract_features, open_cache, resolve_device
 from transferkit.finetune import (CachedSource, ImageTraining, Network, backbone_blocks, check_images, evaluate_images,
                                   fit_images, lr_range_test_images, measure_speed, resolve_train_precision,
                                   trainable_names)
 from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
+from transferkit.multilabel import (DEFAULT_THRESHOLD, choose_thresholds, decide, loss_and_map, multilabel_metrics,
+                                    sigmoid)
 from transferkit.novelty import NOVELTY_FILE, NoveltyModel, fit_novelty
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
@@ -118,10 +120,12 @@ class Prepared:
 
     classes: list[str]
     paths: dict[str, list[str]]
-    targets: dict[str, list[int]]
+    targets: dict[str, list]
+    """Per split: class indices, or for multi-label data rows of 0/1 per class."""
     skipped: list[Skipped]
     features_computed: int = 0
     features_from_cache: int = 0
+    multi_label: bool = False
 
     def to_state(self) -> dict:
         return {**asdict(self), "skipped": [(s.path, s.reason) for s in self.skipped]}
@@ -131,7 +135,10 @@ class Prepared:
         return cls(**{**state, "skipped": [Skipped(path, reason) for path, reason in state["skipped"]]})
 
     def split(self, name: str) -> tuple[list[Path], np.ndarray]:
-        return [Path(p) for p in self.paths.get(name, [])], np.array(self.targets.get(name, []), dtype=np.int64)
+        paths = [Path(p) for p in self.paths.get(name, [])]
+        if self.multi_label:
+            return paths, np.array(self.targets.get(name, []), dtype=np.float32).reshape(-1, len(self.classes))
+        return paths, np.array(self.targets.get(name, []), dtype=np.int64)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -140,6 +147,9 @@ class Prepared:
     @property
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split."""
+        if self.multi_label:
+            return {name: dict(zip(self.classes, self.split(name)[1].sum(0).astype(int).tolist()))
+                    for name in self.targets}
         return {name: {label: targets.count(i) for i, label in enumerate(self.classes)}
                 for name, targets in self.targets.items()}
 
@@ -157,6 +167,13 @@ def _warn_small_validation(count: int) -> None:
 
 
 def _check_train_classes(prepared: Prepared) -> None:
+    if prepared.multi_label:
+        counts = prepared.class_counts["train"]
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            log.warning("no readable training image left has the label(s) %s: they cannot be learnt (see %s)",
+                        ", ".join(empty[:10]), "the skipped files")
+        return
     present = set(prepared.targets["train"])
     empty = [c for i, c in enumerate(prepared.classes) if i not in present]
     if empty:
@@ -200,7 +217,7 @@ def _extract(dataset, extractor: Extractor, config: TrainConfig,
         kept_paths[name] = [str(paths[i]) for i in indices]
         kept_targets[name] = targets[indices].tolist()
     prepared = Prepared(dataset.classes, kept_paths, kept_targets, dataset.skipped + feature_set.skipped,
-                        feature_set.computed, feature_set.from_cache)
+                        feature_set.computed, feature_set.from_cache, dataset.multi_label)
     return prepared, features
 
 
@@ -219,7 +236,7 @@ def _check_readable(dataset, backbone, config: TrainConfig, progress: bool | Non
         targets[name] = all_targets[rows].tolist()
         offset += len(dataset.splits[name])
     skipped = dataset.skipped + [Skipped(str(samples[i].path), reason) for i, reason in failures]
-    return Prepared(dataset.classes, paths, targets, skipped)
+    return Prepared(dataset.classes, paths, targets, skipped, multi_label=dataset.multi_label)
 
 
 def _probe_options(config: TrainConfig) -> FitOptions:
@@ -253,16 +270,43 @@ class _Judged:
     raw: dict[str, np.ndarray]
     probabilities: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
+    thresholds: np.ndarray | None = None
+    """Multi-label: each class's decision threshold (None for single-label runs)."""
+    thresholds_from: str | None = None
 
 
-def _judge(outcome: _Outcome, accept: float | None, seed: int) -> _Judged:
+def _thresholds(prepared: Prepared, raw: dict[str, np.ndarray], fixed: float | None) -> tuple[np.ndarray, str]:
+    """A multi-label run's per-class thresholds and where they come from: `fixed` for every class when given, else
+    each class's F1-best on validation (multilabel.choose_thresholds), else DEFAULT_THRESHOLD."""
+    _, val_targets = prepared.split("val")
+    classes = len(prepared.classes)
+    if fixed is not None:
+        return np.full(classes, fixed, dtype=np.float32), f"given: {fixed:g} for every class"
+    if "val" not in raw or not len(val_targets):
+        log.warning("multi-label thresholds: no validation split to choose them on; every class decides at %g",
+                    DEFAULT_THRESHOLD)
+        return np.full(classes, DEFAULT_THRESHOLD, dtype=np.float32), "default (no validation split)"
+    thresholds = choose_thresholds(raw["val"], val_targets)
+    log.info("multi-label thresholds: each class's F1-best on validation (%s), from %.2f to %.2f; --threshold "
+             "overrides", plural(len(val_targets), "image"), thresholds.min(), thresholds.max())
+    return thresholds, f"validation F1 ({len(val_targets)} images)"
+
+
+def _judge(outcome: _Outcome, accept: float | None, seed: int, fixed_threshold: float | None = None) -> _Judged:
     _, val_targets = outcome.prepared.split("val")
     raw = outcome.probabilities
-    if "val" in raw and len(val_targets):
+    thresholds, thresholds_from = None, None
+    if outcome.prepared.multi_label:
+        calibration = Calibration(note="multi-label: one sigmoid per class, decided by per-class thresholds; the "
+                                       "probabilities are the model's own")
+        thresholds, thresholds_from = _thresholds(outcome.prepared, raw, fixed_threshold)
+    elif "val" in raw and len(val_targets):
         calibration = fit_temperature(raw["val"], val_targets)
     else:
         calibration = Calibration(note="not calibrated: no validation split; the probabilities are the model's own")
-    if calibration.fitted_on:
+    if outcome.prepared.multi_label:
+        pass
+    elif calibration.fitted_on:
         log.info("calibration: the probabilities are divided by a temperature of %.3f (fitted on %s)",
                  calibration.temperature, calibration.fitted_on)
     else:
@@ -275,7 +319,8 @@ def _judge(outcome: _Outcome, accept: float | None, seed: int) -> _Judged:
         (log.warning if novelty.accept is None else log.info)("unknown images: %s", novelty.describe())
     scores = {name: novelty.scores(features[name], logits[name]) for name in raw
               if novelty is not None and name in features}
-    return _Judged(calibration, novelty, raw, {name: calibration.apply(p) for name, p in raw.items()}, scores)
+    return _Judged(calibration, novelty, raw, {name: calibration.apply(p) for name, p in raw.items()}, scores,
+                   thresholds, thresholds_from)
 
 
 def _logits(head: nn.Module | None, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -287,7 +332,8 @@ def _logits(head: nn.Module | None, features: dict[str, np.ndarray]) -> dict[str
         return {name: head(torch.as_tensor(values, dtype=torch.float32)).numpy() for name, values in features.items()}
 
 
-def _evaluated(prepared: Prepared, judged: _Judged, group_map: dict | None) -> tuple[dict, list[Predictions]]:
+def _evaluated(prepared: Prepared, judged: _Judged,
+               group_map: dict | None) -> tuple[dict, list[Predictions | LabelSetPredictions]]:
     """Metrics (calibration and unknown images included) and per-image predictions of the validation and test
     splits."""
     metrics, predictions = {}, []
@@ -296,13 +342,19 @@ def _evaluated(prepared: Prepared, judged: _Judged, group_map: dict | None) -> t
         if name in judged.probabilities and len(judged.probabilities[name]):
             paths, targets = prepared.split(name)
             probabilities, scores = judged.probabilities[name], judged.scores.get(name)
-            metrics[name] = {**classification_metrics(targets, probabilities, prepared.classes, group_map),
-                             **calibration_metrics(probabilities, judged.raw[name], targets)}
+            if prepared.multi_label:
+                metrics[name] = multilabel_metrics(targets, probabilities, judged.thresholds, prepared.classes)
+                correct = (decide(probabilities, judged.thresholds) == (targets > 0)).all(1)
+                predictions.append(LabelSetPredictions(name, [str(p) for p in paths], targets, probabilities,
+                                                       judged.thresholds, scores))
+            else:
+                metrics[name] = {**classification_metrics(targets, probabilities, prepared.classes, group_map),
+                                 **calibration_metrics(probabilities, judged.raw[name], targets)}
+                correct = probabilities.argmax(1) == targets
+                predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities,
+                                                                  judged.raw[name], scores))
             if scores is not None and threshold is not None:
-                metrics[name]["unknown"] = unknown_metrics(probabilities.argmax(1) == targets, scores, threshold,
-                                                           judged.novelty.accept)
-            predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities, judged.raw[name],
-                                                              scores))
+                metrics[name]["unknown"] = unknown_metrics(correct, scores, threshold, judged.novelty.accept)
     return metrics, predictions
 
 
@@ -312,6 +364,10 @@ def _log_judgement(metrics: dict) -> None:
     if split is None:
         return
     part = metrics[split]
+    if part.get("multi_label"):
+        log.info("%s: macro mAP %.3f, micro mAP %.3f, exact match %.3f, Hamming loss %.3f at the chosen thresholds",
+                 split, part["map_macro"] or 0.0, part["map_micro"] or 0.0, part["exact_match"], part["hamming_loss"])
+        return
     unknown = part.get("unknown")
     rejected = (f"; {unknown['unknown_share']:.1%} called unknown, accuracy on the rest {unknown['accuracy_known']:.3f}"
                 f" (all: {part['accuracy']:.3f})" if unknown and unknown["accuracy_known"] is not None else "")
@@ -350,7 +406,8 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
     extractor = Extractor(backbone, config.device, config.precision, config.engine, config.cache_dir)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
-    spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
+    spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden,
+                    prepared.multi_label)
     fit = _fit_probe(prepared, features, spec, options, progress, backbone, start.head.state_dict() if start else None)
     for row in fit.history:
         row["stage"] = "probe"
@@ -358,9 +415,8 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     tensorboard.add_scalar(key, value, row["epoch"])
-    classifier = Classifier(extractor, fit.head, prepared.classes)
-    probabilities = {name: classifier.probabilities_from_features(features[name]) for name in ("val", "test")
-                     if name in features}
+    logits = _logits(fit.head, {name: features[name] for name in ("val", "test") if name in features})
+    probabilities = {name: sigmoid(values) if spec.multi_label else softmax(values) for name, values in logits.items()}
     tensors = {f"head.{k}": v.contiguous() for k, v in fit.head.state_dict().items()}
     backbone_config = backbone.to_config()
     if _trained_backbone(start):  # the run's backbone goes with the new head: it is not the pretrained one
@@ -386,20 +442,21 @@ def _prepare_images(dataset, backbone, config: TrainConfig, progress,
     extractor = Extractor(backbone, config.device, "auto", config.engine, config.cache_dir)
     prepared, features = _extract(dataset, extractor, config, progress)
     _check_train_classes(prepared)
-    spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden)
+    spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout, config.hidden,
+                    prepared.multi_label)
     fit = _fit_probe(prepared, features, spec, _probe_options(config), progress, backbone)
     for row in fit.history:
         row["stage"] = "head"
     return prepared, {"history": fit.history, "head": fit.head.state_dict()}
 
 
-def _network(backbone, config: TrainConfig, num_classes: int) -> tuple[Network, HeadSpec]:
+def _network(backbone, config: TrainConfig, num_classes: int, multi_label: bool = False) -> tuple[Network, HeadSpec]:
     """The backbone (a trainable copy; random weights from scratch) and a new head, initialised from the seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = backbone.trainable_copy()
-        spec = HeadSpec(config.head, backbone.feature_width, num_classes, config.dropout, config.hidden)
-        return Network(model, backbone, spec.build()), spec
+        spec = HeadSpec(config.head, backbone.feature_width, num_classes, config.dropout, config.hidden, multi_label)
+        return Network(model, backbone, spec.build(), multi_label), spec
 
 
 def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun,
@@ -411,7 +468,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
         # Inductor's CPU kernels for this network under bf16 autocast crash the process (torch 2.14, seen here).
         log.warning("--compile on a CPU trains in fp32: torch.compile with bf16 autocast crashes there")
         precision = "fp32"
-    net, spec = _network(backbone, config, len(dataset.classes))
+    net, spec = _network(backbone, config, len(dataset.classes), dataset.multi_label)
     if config.mode == "finetune":
         trainable_names(net.backbone, config.unfreeze)  # a bad --unfreeze fails here, before any work
     if "prepared" in checkpoint:
@@ -492,7 +549,8 @@ def _trained_backbone(start: Classifier | None) -> bool:
     return start is not None and bool(start.config["backbone"].get("stored_in_run"))
 
 
-def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes: list[str]) -> Backbone:
+def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes: list[str],
+                       dataset_multi_label: bool = False) -> Backbone:
     """The backbone of a run that starts from the finished run `start`: its weights (pretrained, or as that run
     trained them) at its image size unless `config` gives another; anything that would not fit is refused."""
     if config.mode not in ("probe", "head", "finetune"):
@@ -502,6 +560,10 @@ def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes
         raise DataError(f"{run} was trained on the classes {', '.join(start.classes)}; this data has "
                         f"{', '.join(classes)}: a run that starts from it needs the same classes.")
     head = HeadSpec(**start.config["head"])
+    if head.multi_label != dataset_multi_label:
+        kinds = {True: "multi-label (one sigmoid per class)", False: "single-label (one class an image)"}
+        raise DataError(f"{run} is {kinds[head.multi_label]} and this data is {kinds[dataset_multi_label]}: a run "
+                        "that starts from it needs data of the same kind.")
     if config.head != head.kind or (head.kind == "mlp" and config.hidden != head.hidden):
         raise DataError(f"{run} has a {head.kind} head{f' of {head.hidden}' if head.kind == 'mlp' else ''}; give "
                         f"the same head (head / --head, hidden / --hidden) to start from it.")
@@ -563,10 +625,13 @@ def _save(staged: StagedRun, checkpoint: dict, clock: Clock) -> None:
 
 
 def _val_accuracy(outcome: _Outcome) -> float | None:
+    """The validation score auto compares models by: accuracy, or for multi-label the macro mAP."""
     _, targets = outcome.prepared.split("val")
     probabilities = outcome.probabilities.get("val")
     if probabilities is None or not len(targets):
         return None
+    if outcome.prepared.multi_label:
+        return loss_and_map(probabilities, targets)[1]
     return float((probabilities.argmax(1) == targets).mean())
 
 
@@ -574,7 +639,7 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
     """`plan(seconds_left)`: the fine-tuning plan for this data and machine (auto.plan_finetune with the speed
     measured here), or (None, why)."""
     device = resolve_device(config.device)
-    net, _ = _network(backbone, config, len(prepared.classes))
+    net, _ = _network(backbone, config, len(prepared.classes), prepared.multi_label)
     sizes = prepared.sizes
     native = native_size([Path(p) for p in prepared.paths["train"]])
     top_blocks = min(TOP_BLOCKS, len(backbone_blocks(net.backbone)) - 1)
@@ -680,13 +745,13 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
     groups = arguments["groups"]
     group_map = read_groups(groups) if isinstance(groups, str) else groups
     dataset = load_dataset(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
-                           config.test_percent)
+                           config.test_percent, config.multi_label, config.label_sep)
     start = Classifier.load(arguments["from_run"]) if arguments.get("from_run") else None
     if start is None:
         backbone = open_backbone(config.backbone, config.weights, config.image_size,
                                  pretrained=config.mode != "scratch")
     else:
-        backbone = _starting_backbone(start, arguments["from_run"], config, dataset.classes)
+        backbone = _starting_backbone(start, arguments["from_run"], config, dataset.classes, dataset.multi_label)
     _warn_small_validation(len(dataset.splits.get("val", [])))
     if config.train_size:
         backbone.train_size = config.train_size
@@ -730,7 +795,7 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             if tensorboard is not None:
                 tensorboard.close()
         prepared = outcome.prepared
-        judged = _judge(outcome, config.accept, config.seed)
+        judged = _judge(outcome, config.accept, config.seed, config.threshold)
         metrics, predictions = _evaluated(prepared, judged, group_map)
         _log_judgement(metrics)
         if prepared.skipped:
@@ -743,12 +808,16 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
             "extractor": outcome.engine, "labels": prepared.classes, "head": asdict(outcome.spec),
             "probe_fit": outcome.probe_fit, "recipe": outcome.recipe,
             "calibration": judged.calibration.to_dict(),
+            "thresholds": (None if judged.thresholds is None else
+                           {"per_class": dict(zip(prepared.classes, judged.thresholds.astype(float).tolist())),
+                            "chosen_by": judged.thresholds_from}),
             "unknown": ({"accept": judged.novelty.accept, "threshold": judged.novelty.threshold(),
                          "scored_on": judged.novelty.scored_on, "references": len(judged.novelty.references),
                          "neighbours": judged.novelty.neighbours} if judged.novelty is not None else None),
             "train": {k: v for k, v in asdict(config).items() if k != "cache_dir"},
             "data": {"source": arguments["data"], "val": arguments["val"], "test": arguments["test"],
                      "val_percent": config.val_percent, "test_percent": config.test_percent,
+                     "multi_label": prepared.multi_label, "label_sep": dataset.label_sep,
                      "images": prepared.sizes, "class_counts": prepared.class_counts},
         }
         staged.write_bytes("model.safetensors", safetensors.torch.save(outcome.tensors,
@@ -821,7 +890,8 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
         log.info("the probe is fitted by L-BFGS, which needs no learning rate; this range test is for "
                  "--optimizer adamw")
         config = replace(config, optimizer="adamw")
-    dataset = load_dataset(data, val, test, config.val_percent, config.test_percent)
+    dataset = load_dataset(data, val, test, config.val_percent, config.test_percent, config.multi_label,
+                           config.label_sep)
     backbone = open_backbone(config.backbone, config.weights, config.image_size, pretrained=config.mode != "scratch")
     if config.train_size:
         backbone.train_size = config.train_size
@@ -831,13 +901,13 @@ def find_lr(data: str | Path, *, val: str | Path | None = None, test: str | Path
         prepared, features = _extract(dataset, extractor, config, progress)
         _check_train_classes(prepared)
         spec = HeadSpec(config.head, features["train"].shape[1], len(prepared.classes), config.dropout,
-                        config.hidden)
+                        config.hidden, prepared.multi_label)
         finding = lr_range_test_features(spec, features["train"], prepared.split("train")[1], config,
                                          progress is not False)
     else:
         device = resolve_device(config.device)
         prepared, first_stage = _prepare_images(dataset, backbone, config, progress)
-        net, _ = _network(backbone, config, len(prepared.classes))
+        net, _ = _network(backbone, config, len(prepared.classes), prepared.multi_label)
         if first_stage:
             net.head.load_state_dict(first_stage["head"])
         training = ImageTraining(net, config.mode, config, backbone, device,
