@@ -6,14 +6,11 @@
 or, with probability `BLANK`, plain background (a blurred colour field), so an image carries 1-4 labels (the flower
 types present; at least one cell is a photo). Written as PNGs with a `labels.csv` of `path,label1|label2` rows.
 
-The script then compares, on the probe's cached features (lite0, every block, --size px; 70/15/15 split by seed):
-- one linear head with a sigmoid per class trained with binary cross-entropy (full-batch L-BFGS, weight decay chosen on
-  validation macro mAP), with and without positive weights (negatives / positives per class);
-- the anchors' workaround: one logistic regression per label (scikit-learn, C chosen on validation the same way).
-It prints test macro / micro mAP for each. Measured (3,000 mosaics, 2.13 labels an image, 2 cores): at 224 px
-BCE 0.877 / 0.877, with positive weights the same (the classes are balanced here), one regression per label 0.880;
-at 448 px (each cell at 224) all three 0.888 / 0.886, weight decay 1e-5 and C 10 (the weakest regularisation tried).
-Nothing in transferkit reads multi-label data yet: this measures the choices the product will make.
+The script trains transferkit's multi-label probe on them (`transferkit.train(labels.csv)`, defaults: the split by
+file-name hash, every block's features, L-BFGS with the weight decay chosen on validation mAP, per-class thresholds
+on validation) and prints its test macro / micro mAP, exact match, Hamming loss and micro F1; then the anchors'
+workaround on the same features and split: one logistic regression per label (scikit-learn, C chosen on validation
+macro mAP); then the probe with positive weights (`balance="weights"`) and at other resolutions (--sizes).
 """
 
 from __future__ import annotations
@@ -77,75 +74,76 @@ def macro_micro_map(targets: np.ndarray, scores: np.ndarray) -> tuple[float, flo
             float(average_precision_score(targets, scores, average="micro")))
 
 
-def fit_sigmoid_head(features: np.ndarray, targets: np.ndarray, weight_decay: float,
-                     positive_weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """A linear head with a sigmoid per class, binary cross-entropy, full-batch L-BFGS: (weights, bias)."""
-    import torch
+def per_label_workaround(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> tuple[float, float]:
+    """The anchors' workaround on the same features and split: one logistic regression per label (scikit-learn), C
+    chosen on validation macro mAP; test (macro, micro) mAP."""
+    from sklearn.linear_model import LogisticRegression
 
-    x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.as_tensor(targets, dtype=torch.float32)
-    head = torch.nn.Linear(x.shape[1], y.shape[1])
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    weights = None if positive_weight is None else torch.as_tensor(positive_weight, dtype=torch.float32)
-    loss_of = torch.nn.BCEWithLogitsLoss(pos_weight=weights)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=300, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    def scores(c: float, split: str) -> np.ndarray:
+        return np.stack([LogisticRegression(C=c, max_iter=3000).fit(features["train"], targets["train"][:, k])
+                         .decision_function(features[split]) for k in range(targets["train"].shape[1])], axis=1)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_of(head(x), y) + weight_decay / 2 * head.weight.square().sum()
-        loss.backward()
-        return loss
+    best_c = max((0.1, 1.0, 10.0), key=lambda c: macro_micro_map(targets["val"], scores(c, "val"))[0])
+    macro, micro = macro_micro_map(targets["test"], scores(best_c, "test"))
+    print(f"  one logistic regression per label (C {best_c:g}): test macro mAP {macro:.3f}, micro {micro:.3f}")
+    return macro, micro
 
-    optimizer.step(closure)
-    return head.weight.detach().numpy().T, head.bias.detach().numpy()
+
+def run_product(listing: Path, work: Path, name: str, **options) -> Path:
+    """`transferkit.train` on the mosaics (a multi-label probe); prints its test numbers; returns the run folder."""
+    import transferkit
+
+    started = time.perf_counter()
+    result = transferkit.train(listing, out=work / name, report=False, doctor=False, progress=False,
+                               cache_dir=str(work / "cache"), **options)
+    test = result.metrics["test"]
+    print(f"transferkit probe{' ' + str(options) if options else ''}: test macro mAP {test['map_macro']:.3f}, micro "
+          f"{test['map_micro']:.3f}, exact match {test['exact_match']:.3f}, Hamming loss {test['hamming_loss']:.3f}, "
+          f"micro F1 {test['f1_micro']:.3f} ({time.perf_counter() - started:.0f} s; {result.images})")
+    return result.run_dir
+
+
+def run_features(run: Path, listing: Path, work: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The run's own features (from the cache it wrote) and targets of each split."""
+    from transferkit.classifier import Classifier
+    from transferkit.data import load_dataset
+    from transferkit.features import extract_features, open_cache
+
+    dataset = load_dataset(listing)
+    classifier = Classifier.load(run, cache_dir=str(work / "cache"))
+    features, targets = {}, {}
+    cache = open_cache(str(work / "cache"), True)
+    try:
+        for split in ("train", "val", "test"):
+            found = extract_features(classifier.extractor, [s.path for s in dataset.splits[split]], cache)
+            features[split], targets[split] = found.features, dataset.targets(split)[found.kept]
+    finally:
+        cache.close()
+    return features, targets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--size", type=int, default=224, help="probe resolution (the mosaic is 224 px)")
+    parser.add_argument("--keep", type=Path, help="build (or reuse) the mosaics here, not in a temporary folder")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[448], help="extra probe resolutions to measure")
     args = parser.parse_args()
-    from transferkit.backbone import open_backbone
-    from transferkit.features import Extractor, extract_features, open_cache
-
-    with tempfile.TemporaryDirectory(prefix="transferkit-mosaics-") as work:
+    with tempfile.TemporaryDirectory(prefix="transferkit-mosaics-") as temporary:
+        work = args.keep or Path(temporary)
         started = time.perf_counter()
-        listing = build_mosaics(Path(work), args.images)
+        listing = work / "labels.csv"
+        if not listing.is_file():
+            build_mosaics(work, args.images)
         rows = list(csv.reader(open(listing, encoding="utf-8")))
-        classes = sorted({label for _, labels in rows for label in labels.split("|")})
-        targets = np.array([[name in labels.split("|") for name in classes] for _, labels in rows], dtype=np.float32)
-        print(f"{len(rows)} mosaics of {len(classes)} classes in {time.perf_counter() - started:.0f} s; labels per "
-              f"image {targets.sum(1).mean():.2f} (1-4), class frequency "
-              f"{', '.join(f'{share:.2f}' for share in targets.mean(0))}")
-        extractor = Extractor(open_backbone("efficientnet_lite0", None, args.size))
-        cache = open_cache(None, True)
-        try:
-            features = extract_features(extractor, [Path(work) / path for path, _ in rows], cache).features
-        finally:
-            cache.close()
-    order = np.random.default_rng(0).permutation(len(rows))
-    train, val, test = np.split(order, [int(0.7 * len(order)), int(0.85 * len(order))])
-    decays = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
-    negatives_per_positive = (1 - targets[train].mean(0)) / targets[train].mean(0)
-    for name, positive_weight in (("sigmoid head, BCE", None), ("sigmoid head, BCE + positive weights",
-                                                                negatives_per_positive)):
-        best = max(decays, key=lambda decay: macro_micro_map(targets[val], features[val] @ fit_sigmoid_head(
-            features[train], targets[train], decay, positive_weight)[0])[0])
-        weights, bias = fit_sigmoid_head(features[train], targets[train], best, positive_weight)
-        macro, micro = macro_micro_map(targets[test], features[test] @ weights + bias)
-        print(f"{name} (weight decay {best:g}): test macro mAP {macro:.3f}, micro {micro:.3f}")
-
-    from sklearn.linear_model import LogisticRegression
-
-    def per_label(c: float, rows_: np.ndarray) -> np.ndarray:
-        return np.stack([LogisticRegression(C=c, max_iter=2000).fit(features[train], targets[train, k])
-                         .decision_function(features[rows_]) for k in range(len(classes))], axis=1)
-
-    best_c = max((0.1, 1.0, 10.0), key=lambda c: macro_micro_map(targets[val], per_label(c, val))[0])
-    macro, micro = macro_micro_map(targets[test], per_label(best_c, test))
-    print(f"one logistic regression per label (C {best_c:g}): test macro mAP {macro:.3f}, micro {micro:.3f}")
+        labels_per_image = np.mean([len(labels.split("|")) for _, labels in rows])
+        print(f"{len(rows)} mosaics in {time.perf_counter() - started:.0f} s; {labels_per_image:.2f} labels an image")
+        run = run_product(listing, work, "probe")
+        print("  on the same features and split:")
+        per_label_workaround(*run_features(run, listing, work))
+        run_product(listing, work, "probe-weights", balance="weights")
+        for size in args.sizes:
+            run = run_product(listing, work, f"probe-{size}", image_size=size)
+            per_label_workaround(*run_features(run, listing, work))
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ def _epoch_list(text: str) -> tuple[int, ...]:
 
 
 def _accuracy_text(metrics: dict) -> str:
+    if metrics.get("multi_label"):
+        return (f"macro mAP [bold]{metrics['map_macro'] or 0:.3f}[/], micro mAP {metrics['map_micro'] or 0:.3f}, "
+                f"exact match {metrics['exact_match']:.3f}, Hamming loss {metrics['hamming_loss']:.3f}")
     top5 = f", top-5 {metrics['top5_accuracy']:.3f}" if "top5_accuracy" in metrics else ""
     return f"[bold]{metrics['accuracy']:.3f}[/]{top5}"
 
@@ -215,7 +218,8 @@ def _print_train_result(result, as_json: bool) -> None:
     for split in ("val", "test"):
         if split in result.metrics:
             m = result.metrics[split]
-            out.print(f"{'validation' if split == 'val' else 'test'} accuracy: {_accuracy_text(m)} "
+            measured = "" if m.get("multi_label") else " accuracy"
+            out.print(f"{'validation' if split == 'val' else 'test'}{measured}: {_accuracy_text(m)} "
                       f"({plural(m['n'], 'image')})")
     out.print(f"Best epoch {result.best_epoch} of {summary['epochs_run']}. Run written to "
               f"[bold]{escape(str(result.run_dir))}[/]")
@@ -339,6 +343,15 @@ def train(
     accept: Optional[float] = typer.Option(None, metavar="SHARE", rich_help_panel=OUTPUT,
                                            help="Predictions say unknown for images further from the training images "
                                                 "than this share of validation images \\[default: 0.95]."),
+    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label",
+                                               help="Several labels an image (one sigmoid per class), or exactly one "
+                                                    "\\[default: detected from the CSV]."),
+    label_sep: Optional[str] = typer.Option(None, metavar="SEP", help="The separator of several labels in a CSV's "
+                                            "label field, e.g. '|' or ' ' \\[default: detected: | or ;, or a space "
+                                            "in a column named tags/labels]."),
+    threshold: Optional[float] = typer.Option(None, min=0.001, max=0.999, rich_help_panel=OUTPUT,
+                                              help="Multi-label: give a label when its probability reaches this, for "
+                                                   "every class \\[default: each class's F1-best on validation]."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder to write \\[default: runs/<timestamp>].",
                                            rich_help_panel=OUTPUT),
     overwrite: bool = _flag("--overwrite", "Replace --out if it already holds a run (or an interrupted one).",
@@ -397,6 +410,7 @@ def train(
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
                    time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
                    cache_bottom=cache_bottom, mixup=mixup, ema=ema, drop_path=drop_path, accept=accept,
+                   multi_label=multi_label, label_sep=label_sep, threshold=threshold,
                    head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
@@ -457,6 +471,9 @@ def evaluate(
         return
     m = report.metrics
     out.print(f"Scored {escape(report.scored)}.")
+    if m.get("multi_label"):
+        _print_label_set_metrics(report.split, m)
+        return
     out.print(f"{report.split}: accuracy {_accuracy_text(m)}, macro F1 {m['macro_f1']:.3f} ({plural(m['n'], 'image')})")
     table = Table("class", "precision", "recall", "F1", "support")
     for name, c in m["per_class"].items():
@@ -480,11 +497,62 @@ def evaluate(
                   f"of these images; accuracy on the rest {rest} (on all: {unknown['accuracy']:.3f})")
 
 
+def _print_label_set_metrics(split: str, m: dict) -> None:
+    """`evaluate` of a multi-label run: mAP, exact match, Hamming loss, and per class AP / P / R / F1 at the run's
+    thresholds."""
+    out.print(f"{split}: {_accuracy_text(m)}, micro F1 {m['f1_micro']:.3f} ({plural(m['n'], 'image')}, "
+              f"{m['labels_per_image']:.2f} labels an image)")
+    table = Table("class", "AP", "precision", "recall", "F1", "support", "threshold")
+    for name, c in m["per_class"].items():
+        table.add_row(escape(name), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['precision']:.3f}",
+                      f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]), f"{c['threshold']:.3f}")
+    out.print(table)
+    unknown = m.get("unknown")
+    if unknown and unknown["unknown_share"] is not None:
+        rest = "n/a" if unknown["accuracy_known"] is None else f"{unknown['accuracy_known']:.3f}"
+        out.print(f"unknown (accepting {unknown['accept']:.0%} of validation images): {unknown['unknown_share']:.1%} "
+                  f"of these images; exact match on the rest {rest} (on all: {unknown['accuracy']:.3f})")
+
+
+def _print_label_sets(predictions, fmt: str) -> None:
+    """A multi-label model's predictions: each input's label set, then its top-k labels with whether each passed its
+    class's threshold."""
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["input", "labels", "rank", "label", "id", "probability", "passed", "unknown", "ood_score",
+                         "error"])
+        for p in predictions:
+            if p.error:
+                writer.writerow([p.source, "", "", "", "", "", "", "", "", p.error])
+                continue
+            verdict = ["" if p.unknown is None else str(p.unknown).lower(),
+                       "" if p.ood_score is None else f"{p.ood_score:.6f}"]
+            for (r, label, i, prob), passed in zip(p.ranked(), p.passed):
+                writer.writerow([p.source, p.answer, r, label, i, f"{prob:.6f}", str(passed).lower(), *verdict, ""])
+        return
+    table = Table("input", "labels", "rank", "label", "probability", "passed")
+    table.columns[0].overflow = "fold"
+    for p in predictions:
+        if p.error:
+            table.add_row(escape(p.source), f"[red]unreadable: {escape(p.error)}[/]", "-", "-", "-", "-",
+                          end_section=True)
+            continue
+        chosen = ("[bold]unknown[/]" if p.unknown else
+                  ", ".join(f"{escape(label)} {prob:.2f}" for label, prob in zip(p.chosen, p.chosen_probabilities))
+                  or "[dim](none)[/]")
+        for (r, label, i, prob), passed in zip(p.ranked(), p.passed):
+            table.add_row(escape(p.source) if r == 1 else "", chosen if r == 1 else "", str(r), escape(label),
+                          f"{prob:.4f}", "[green]yes[/]" if passed else "[dim]no[/]", end_section=r == len(p.labels))
+    out.print(table)
+
+
 def _print_predictions(predictions, fmt: str) -> None:
     """Top-k rows per input; an unknown input's first row says `unknown` (its score, then the nearest classes)."""
     scored = any(p.ood_score is not None for p in predictions)
     if fmt == "json":
         out.print_json(json.dumps([p.to_dict() for p in predictions]))
+    elif any(p.multi_label for p in predictions):
+        _print_label_sets(predictions, fmt)
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["input", "rank", "label", "id", "probability", "unknown", "ood_score", "error"])
@@ -554,6 +622,9 @@ def predict(
                                            "run's]."),
     ood_report: bool = _flag("--ood-report", "The IMAGES are outsiders (none of the run's classes): print how well "
                                              "they are told apart (AUROC, share accepted)."),
+    threshold: Optional[float] = typer.Option(None, min=0.001, max=0.999,
+                                              help="Multi-label runs: give every label whose probability reaches this "
+                                                   "\\[default: the run's per-class thresholds]."),
     cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     engine: Engine = ENGINE_OPTION,
     device: str = DEVICE_OPTION,
@@ -585,7 +656,8 @@ def predict(
 
             model = Classifier.load(inputs[0], engine=engine, device=device, cache_dir=cache_dir)
         predictions = model.predict(paths, top_k=top_k, batch_size=batch_size,
-                                    progress=None if len(paths) > 1 else False, reject=not no_reject, accept=accept)
+                                    progress=None if len(paths) > 1 else False, reject=not no_reject, accept=accept,
+                                    threshold=threshold)
         if ood_report:
             _ood_report(predictions, model.novelty, inputs[0])
             return

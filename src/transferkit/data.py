@@ -280,14 +280,15 @@ def _read_csv(csv_path: Path, multi_label: bool | None = None, label_sep: str | 
     if rows and len(rows[0][1]) >= 2 and _looks_like_header(rows[0][1], base):
         header, rows = [cell.strip() for cell in rows[0][1]], rows[1:]
     one_hot = _one_hot_columns(header) if multi_label is not False else {}
-    split_at = next((i for i, name in enumerate(header or []) if name.lower() in _SPLIT_WORDS), 2)
+    split_at = next((i for i, name in enumerate(header or []) if name.lower() in _SPLIT_WORDS),
+                    None if one_hot else 2)
     if one_hot:
         fields = None
         separator = None
     else:
         fields = [row[1].strip() for _, row in rows if len(row) >= 2]
         separator = (None if multi_label is False else label_sep if label_sep else
-                     detect_separator(fields, header[1] if header else None, forced=multi_label is True))
+                     detect_separator(fields, header[1] if header else None))
     multi = bool(one_hot) or separator is not None or multi_label is True
     samples: list[Sample] = []
     skipped: list[Skipped] = []
@@ -324,7 +325,7 @@ def _read_csv(csv_path: Path, multi_label: bool | None = None, label_sep: str | 
             skipped.append(Skipped(str(path), f"file not found (line {line} of {csv_path.name})"))
             continue
         samples.append(Sample(path, label))
-        split = _csv_split(csv_path, line, row[split_at]) if len(row) > split_at else None
+        split = _csv_split(csv_path, line, row[split_at]) if split_at is not None and len(row) > split_at else None
         if split is not None:
             split_column[path] = split
     if not samples:

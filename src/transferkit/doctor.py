@@ -6,6 +6,10 @@ train/validation leakage), class balance, label issues (cleanlab on out-of-fold 
 on the cached features, ranked, with a measured cut for "likely label error") and outliers (images whose nearest
 neighbours are unusually far). What to act on comes first: leakage, unreadable files, conflicting and likely wrong
 labels.
+
+Multi-label data (a set of labels an image) gets the same checks: counts count each label, an exact copy under another
+label set is a conflict, and label issues come from cleanlab's multi-label filter on out-of-fold probabilities of one
+sigmoid per class, naming the labels of each flagged image that look wrong (missing, or there by mistake).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from PIL import Image
 
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
                              load_dataset, read_file, read_file_and_stat)
+from transferkit.multilabel import is_multilabel, label_matrix, sigmoid
 from transferkit.novelty import NEIGHBOURS, neighbour_distance, unit_rows
 from transferkit.text import plural
 
@@ -44,6 +49,13 @@ OOF_FEATURE_LENGTH = 4.0
 # cleanlab flags every image its noise-rate pruning picks; "likely label error" is kept for those whose given label
 # the out-of-fold model gives under 5 %: the precision of that cut is measured in benchmarks/doctor_labels.py.
 LIKELY_LABEL_ERROR_SCORE = 0.05
+# Multi-label data: an image's score is its least believed label decision, the out-of-fold probability that its worst
+# class is as given (p for a given label, 1 - p for one not given); cleanlab's multi-label filter flags the images, and
+# "likely label error" is kept for those scoring under this. Measured in benchmarks/multilabel_doctor.py.
+LIKELY_MULTILABEL_ERROR_SCORE = 0.05
+# A flagged multi-label image's labels that look wrong: the classes whose given decision the out-of-fold model
+# believes less than this (at least the worst one).
+WRONG_LABEL_SCORE = 0.5
 OOF_WEIGHT_DECAY = 2e-3  # the out-of-fold regression's penalty: 1e-3 x the squared weights
 # What the out-of-fold model sees: every block's features ("blocks", as the probe) or the final ones ("final").
 # Measured with benchmarks/doctor_labels.py --label-features (5 % of labels moved, seeds 0 and 1; precision / recall of
@@ -92,7 +104,12 @@ class Finding:
 
 @dataclass
 class LabelIssue:
-    """One image cleanlab finds mislabelled, with its score: the out-of-fold probability of its given label."""
+    """One image cleanlab finds mislabelled, with its score: the out-of-fold probability of its given label.
+
+    Multi-label data: `given` and `suggested` are label sets written as `a|b` ("(no label)" when empty), the score is
+    the out-of-fold probability of the image's least believed label decision, `suggested_probability` that of the
+    opposite decision; `missing` holds the labels the image looks to have but is not given, `extra` the given ones it
+    looks not to have, each with its out-of-fold probability."""
 
     path: str
     given: str
@@ -100,6 +117,8 @@ class LabelIssue:
     score: float
     suggested_probability: float
     likely: bool
+    missing: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +130,9 @@ class DoctorReport:
     features_computed: int = 0
     label_issues: list[LabelIssue] = field(default_factory=list)
     label_noise: float | None = None
+    multi_label: bool = False
+    """Each image has a set of labels: `counts` count each label, so the images are counted in `images`."""
+    images: int | None = None
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
@@ -122,30 +144,61 @@ class DoctorReport:
         """One paragraph: what to act on first (leakage, unreadable files, likely label errors, with the worst
         label error named), then the other counts, worst first, then cleanlab's estimate of wrong labels."""
         totals = self.totals()
-        images = sum(sum(c.values()) for c in self.counts.values())
+        labels = sum(sum(c.values()) for c in self.counts.values())
+        images = self.images if self.images is not None else labels
         text = f"doctor: {plural(images, 'image')} in {plural(len(self.classes), 'class')}"
+        phrases = PHRASES
+        if self.multi_label:
+            text += f" (multi-label, {labels / max(1, images):.1f} labels an image)"
+            phrases = {**PHRASES, **MULTILABEL_PHRASES}
         ranked = sorted(totals, key=lambda kind: (-SEVERITY.get(kind, 0), kind))
         act = [kind for kind in ACT_ON if kind in totals]
         rest = [kind for kind in ranked if kind not in ACT_ON]
         if act:
-            text += "; act on " + ", ".join(plural(totals[kind], *PHRASES[kind]) for kind in act)
+            text += "; act on " + ", ".join(plural(totals[kind], *phrases[kind]) for kind in act)
             worst = next((issue for issue in self.label_issues if issue.likely), None)
-            if worst is not None:
+            if worst is not None and self.multi_label:
+                text += f" (worst: {_short(worst.path)} labelled {worst.given}, {_changes(worst)})"
+            elif worst is not None:
                 text += (f" (worst: {_short(worst.path)} labelled {worst.given}, looks like {worst.suggested} "
                          f"at {worst.suggested_probability:.0%})")
         if rest:
-            text += ("; also " if act else "; found ") + ", ".join(plural(totals[kind], *PHRASES[kind])
+            text += ("; also " if act else "; found ") + ", ".join(plural(totals[kind], *phrases[kind])
                                                                    for kind in rest)
         if not totals:
             text += ", no problems found"
         if self.label_noise is not None and self.label_noise > 0:
-            text += f". cleanlab estimates {self.label_noise:.1%} of the labels are wrong"
+            text += (f". cleanlab estimates {self.label_noise:.1%} of the images have a wrong label set"
+                     if self.multi_label else f". cleanlab estimates {self.label_noise:.1%} of the labels are wrong")
         return text + "."
 
     def to_dict(self) -> dict:
-        return {"data": self.data, "classes": self.classes, "counts": self.counts, "totals": self.totals(),
+        kept = {"data": self.data, "classes": self.classes, "counts": self.counts, "totals": self.totals(),
                 "findings": [asdict(f) for f in self.findings],
                 "label_noise": self.label_noise, "label_issues": [asdict(issue) for issue in self.label_issues]}
+        if self.multi_label:
+            kept.update(multi_label=True, images=self.images)
+        else:  # single-label data: the label issues as they always were
+            for issue in kept["label_issues"]:
+                del issue["missing"], issue["extra"]
+        return kept
+
+
+MULTILABEL_PHRASES = {"label_conflict": ("image with two label sets", "images with two label sets")}
+NO_LABEL = "(no label)"
+
+
+def _label_text(labels: str | tuple[str, ...]) -> str:
+    """A sample's label, or its label set as `a|b` (NO_LABEL when empty)."""
+    if isinstance(labels, str):
+        return labels
+    return "|".join(labels) if labels else NO_LABEL
+
+
+def _changes(issue: LabelIssue) -> str:
+    """What looks wrong in a multi-label image's labels: "tulip missing (0.97), rose not there (0.03)"."""
+    return ", ".join([f"{name} missing ({p:.2f})" for name, p in issue.missing.items()]
+                     + [f"{name} not there ({p:.2f})" for name, p in issue.extra.items()])
 
 
 def _short(path: str) -> str:
@@ -242,28 +295,52 @@ def _check_files(paths: list[Path], cache, progress: bool | None) -> list[tuple[
 
 def _oof_probabilities(features: np.ndarray, targets: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
     """Out-of-fold class probabilities of a multinomial logistic regression (L2, fitted with L-BFGS: the probe's
-    `head.fit_linear`): each image is predicted by a model that never saw it."""
+    `head.fit_linear`): each image is predicted by a model that never saw it. Multi-label `targets` (an (images,
+    classes) 0/1 matrix) get one sigmoid per class, fitted with binary cross-entropy, as the multi-label probe."""
     import torch
 
     from transferkit.head import fit_linear
 
+    multi = is_multilabel(targets)
     probabilities = np.zeros((len(targets), num_classes))
-    per_class = np.bincount(targets, minlength=num_classes)
-    folds = min(FOLDS, int(per_class[per_class > 0].min()))
-    if folds < 2:
-        return probabilities
     rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(targets), dtype=np.int64)
-    for c in range(num_classes):  # stratified: each class spread evenly over the folds
-        members = rng.permutation(np.flatnonzero(targets == c))
-        fold_of[members] = np.arange(len(members)) % folds
+    if multi:
+        folds = min(FOLDS, len(targets))
+        if folds < 2:
+            return probabilities
+        fold_of = _multilabel_folds(targets, folds, rng)
+    else:
+        per_class = np.bincount(targets, minlength=num_classes)
+        folds = min(FOLDS, int(per_class[per_class > 0].min()))
+        if folds < 2:
+            return probabilities
+        fold_of = np.empty(len(targets), dtype=np.int64)
+        for c in range(num_classes):  # stratified: each class spread evenly over the folds
+            members = rng.permutation(np.flatnonzero(targets == c))
+            fold_of[members] = np.arange(len(members)) % folds
     x, y = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(targets)
     for fold in range(folds):
         train, held_out = torch.as_tensor(fold_of != fold), torch.as_tensor(fold_of == fold)
         weight, bias = fit_linear(x[train], y[train], num_classes, OOF_WEIGHT_DECAY)
         with torch.no_grad():
-            probabilities[held_out.numpy()] = torch.softmax(x[held_out] @ weight.T + bias, dim=1).numpy()
+            logits = x[held_out] @ weight.T + bias
+            probabilities[held_out.numpy()] = (sigmoid(logits.numpy()) if multi else
+                                               torch.softmax(logits, dim=1).numpy())
     return probabilities
+
+
+def _multilabel_folds(targets: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """The fold of each image of multi-label `targets`, stratified by its rarest label: the images whose rarest label
+    is one class (or that have none) are dealt round the folds in a random order, so each class is spread over them."""
+    frequency = targets.sum(0)
+    rarest = np.where(targets.any(1), np.where(targets > 0, frequency[None, :], np.inf).argmin(1), -1)
+    fold_of = np.empty(len(targets), dtype=np.int64)
+    dealt = 0
+    for c in np.unique(rarest):
+        members = rng.permutation(np.flatnonzero(rarest == c))
+        fold_of[members] = (dealt + np.arange(len(members))) % folds
+        dealt += len(members)
+    return fold_of
 
 
 def _directions(features: np.ndarray) -> np.ndarray:
@@ -295,9 +372,47 @@ def _label_issues(paths: list[str], features: np.ndarray, targets: np.ndarray, c
     return issues, noise_rate
 
 
+def _multilabel_issues(paths: list[str], features: np.ndarray, targets: np.ndarray, classes: list[str],
+                       seed: int) -> tuple[list[LabelIssue], float | None]:
+    """Label issues of multi-label data: the images cleanlab's multi-label filter flags (`multilabel_classification.
+    filter.find_label_issues`, one-vs-rest pruning by noise rate per class) on out-of-fold sigmoid probabilities,
+    ranked worst first by their least believed label decision, ties by cleanlab's label quality score; and
+    cleanlab's estimate of the share of images with a wrong label set. Each names the labels that look wrong (those
+    believed under WRONG_LABEL_SCORE, at least the worst one); it is `likely` when its score is under
+    LIKELY_MULTILABEL_ERROR_SCORE."""
+    from cleanlab.count import num_label_issues
+    from cleanlab.multilabel_classification import get_label_quality_scores
+    from cleanlab.multilabel_classification.filter import find_label_issues
+
+    probabilities = _oof_probabilities(_directions(features) * OOF_FEATURE_LENGTH, targets, len(classes), seed)
+    if not probabilities.any():
+        return [], None
+    given = targets > 0
+    labels = [np.flatnonzero(row).tolist() for row in given]
+    flagged = find_label_issues(labels, probabilities, filter_by="prune_by_noise_rate", n_jobs=1)
+    noise_rate = float(num_label_issues(labels, probabilities, multi_label=True)) / len(targets)
+    agree = np.where(given, probabilities, 1 - probabilities)  # the probability of each given decision
+    worst = agree.min(1)
+    quality = get_label_quality_scores(labels, probabilities)
+    issues = []
+    for i in sorted(np.flatnonzero(flagged), key=lambda i: (worst[i], quality[i], i)):
+        wrong = (agree[i] < WRONG_LABEL_SCORE) | (agree[i] == worst[i])
+        suggested = given[i] ^ wrong
+        issues.append(LabelIssue(
+            paths[i], _label_text(tuple(classes[k] for k in np.flatnonzero(given[i]))),
+            _label_text(tuple(classes[k] for k in np.flatnonzero(suggested))), float(worst[i]),
+            float(1 - worst[i]), bool(worst[i] < LIKELY_MULTILABEL_ERROR_SCORE),
+            missing={classes[k]: float(probabilities[i, k]) for k in np.flatnonzero(wrong & ~given[i])},
+            extra={classes[k]: float(probabilities[i, k]) for k in np.flatnonzero(wrong & given[i])}))
+    return issues, noise_rate
+
+
 def _label_findings(issues: list[LabelIssue]) -> list[Finding]:
-    return [Finding("label_error", issue.path, f"labelled {issue.given} ({issue.score:.2f}), looks like "
-                    f"{issue.suggested} ({issue.suggested_probability:.2f})", 1 - issue.score)
+    return [Finding("label_error", issue.path,
+                    f"labelled {issue.given}, looks like {issue.suggested}: {_changes(issue)}"
+                    if issue.missing or issue.extra else
+                    f"labelled {issue.given} ({issue.score:.2f}), looks like {issue.suggested} "
+                    f"({issue.suggested_probability:.2f})", 1 - issue.score)
             for issue in issues if issue.likely]
 
 
@@ -358,27 +473,30 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
              weights: str | None = None, image_size: int | None = None,
              near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE, cache_dir: str | Path | None = None,
              use_cache: bool = True, use_features: bool = True, seed: int = 0, progress: bool | None = None,
-             **engine_options) -> DoctorReport:
+             multi_label: bool | None = None, label_sep: str | None = None, **engine_options) -> DoctorReport:
     """Every problem found in DATA, each kind ranked worst first. `use_features=False` keeps to the checks that
-    need no backbone (files, exact duplicates, class counts)."""
+    need no backbone (files, exact duplicates, class counts). `multi_label` and `label_sep` read DATA as
+    `load_dataset` does (None: label sets detected)."""
     from transferkit.backbone import open_backbone
     from transferkit.features import Extractor, extract_features, open_cache
 
-    dataset = load_dataset(data, val, test, val_percent, test_percent)
-    report = DoctorReport(str(data), dataset.classes, {})
+    dataset = load_dataset(data, val, test, val_percent, test_percent, multi_label, label_sep)
+    report = DoctorReport(str(data), dataset.classes, {}, multi_label=dataset.multi_label)
     report.findings += [Finding("unreadable", s.path, s.reason, 1.0) for s in dataset.skipped]
     samples = [(name, sample) for name in dataset.splits for sample in dataset.splits[name]]
     cache = open_cache(cache_dir, use_cache)
     try:
         checked = _check_files([sample.path for _, sample in samples], cache, progress)
-        by_digest: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        by_digest: dict[str, list[tuple[str, str, str | tuple[str, ...]]]] = defaultdict(list)
         for (split, sample), (digest, facts) in zip(samples, checked):
             report.findings += _file_findings(sample.path, facts)
             if digest is not None and facts.error is None:  # copies of one unreadable file are reported as such
                 by_digest[digest].append((str(sample.path), split, sample.label))
         readable = [item for item, (_, facts) in zip(samples, checked) if facts.error is None]
-        report.counts = {name: dict(Counter(s.label for split, s in readable if split == name))
+        report.counts = {name: dict(Counter(label for split, s in readable if split == name for label in s.labels))
                          for name in dataset.splits}
+        if dataset.multi_label:
+            report.images = len(readable)
         settings = {"backbone": backbone, "weights": weights, "image_size": image_size, "seed": seed,
                     "label_features": LABEL_FEATURES,
                     "near_duplicate_cosine": near_duplicate_cosine, **engine_options}
@@ -399,14 +517,16 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
         first, first_split, first_label = copies[0]
         for path, split, label in copies[1:]:
             exact.add(frozenset((first, path)))
-            if label != first_label:
+            if _label_set(label) != _label_set(first_label):
                 report.findings.append(Finding("label_conflict", path, f"same bytes as {first}, labelled "
-                                               f"{first_label} there and {label} here", 1.0, first))
+                                               f"{_label_text(first_label)} there and {_label_text(label)} here",
+                                               1.0, first))
                 continue
             leak = split != first_split
             report.findings.append(Finding("leak_exact" if leak else "duplicate", path, f"same bytes as {first}"
                                            + (f"; {split} vs {first_split}" if leak else ""), 1.0, first))
-    totals, files = Counter(sample.label for _, sample in readable), Counter(sample.label for _, sample in samples)
+    totals = Counter(label for _, sample in readable for label in sample.labels)
+    files = Counter(label for _, sample in samples for label in sample.labels)
     for name in dataset.classes:
         if totals[name] == 0:
             report.findings.append(Finding("no_images", name, f"none of its {files[name]} files can be read as an "
@@ -428,18 +548,25 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
     kept = feature_set.kept
     paths = [str(samples[i][1].path) for i in kept]
     splits = [samples[i][0] for i in kept]
-    targets = np.array([dataset.classes.index(samples[i][1].label) for i in kept], dtype=np.int64)
+    if dataset.multi_label:
+        targets = label_matrix([samples[i][1].labels for i in kept], dataset.classes)
+    else:
+        targets = np.array([dataset.classes.index(samples[i][1].label) for i in kept], dtype=np.int64)
     hashes = [checked[i][1].phash for i in kept]
     # Near duplicates and outliers compare the final features (the last block's part of `blocks` features), whose
     # cosines the thresholds above were measured on.
     final = feature_set.features[:, -opened.block_widths[-1]:]
     duplicates, outliers = _compare_all(paths, splits, final, hashes, exact, near_duplicate_cosine, progress)
     report.findings += duplicates + outliers
-    if len(set(targets.tolist())) > 1:
-        label_features = feature_set.features if LABEL_FEATURES == "blocks" else final
+    label_features = feature_set.features if LABEL_FEATURES == "blocks" else final
+    if dataset.multi_label:
+        if len(targets) and (targets.min(0) < targets.max(0)).any():  # a class some images have and others lack
+            report.label_issues, report.label_noise = _multilabel_issues(paths, label_features, targets,
+                                                                         dataset.classes, seed)
+    elif len(set(targets.tolist())) > 1:
         report.label_issues, report.label_noise = _label_issues(paths, label_features, targets, dataset.classes,
                                                                 seed)
-        report.findings += _label_findings(report.label_issues)
+    report.findings += _label_findings(report.label_issues)
     report.findings.sort(key=lambda f: (-SEVERITY.get(f.kind, 0), f.kind, -f.score, f.path))
     if key:
         _write_conclusions(cache_dir, key, report)
@@ -448,6 +575,10 @@ def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path |
 
 # Bump when the same data would get other findings: conclusions kept under an older version are not reused.
 CONCLUSIONS_VERSION = 2
+
+
+def _label_set(label: str | tuple[str, ...]) -> frozenset[str]:
+    return frozenset((label,) if isinstance(label, str) else label)
 
 
 def _conclusions_key(samples: list, checked: list[tuple[str | None, ImageFacts]], skipped: list,
@@ -476,7 +607,8 @@ def _read_conclusions(cache_dir: str | Path | None, key: str) -> DoctorReport | 
     try:
         kept = json.loads(_conclusions_file(cache_dir, key).read_text(encoding="utf-8"))
         return DoctorReport(kept["data"], kept["classes"], kept["counts"], [Finding(**f) for f in kept["findings"]],
-                            0, [LabelIssue(**issue) for issue in kept["label_issues"]], kept["label_noise"])
+                            0, [LabelIssue(**issue) for issue in kept["label_issues"]], kept["label_noise"],
+                            kept.get("multi_label", False), kept.get("images"))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # none kept, or damaged: the checks run again
 
@@ -533,7 +665,9 @@ def write_html(report: DoctorReport, path: str | Path, limit: int = 50) -> Path:
     page = render_template("doctor.html", report=report, titles=TITLES, thumbnails=thumbnails, limit=limit,
                            act_on=[(kind, groups[kind]) for kind in ACT_ON if kind in groups and kind != "label_error"],
                            others=[(kind, found) for kind, found in groups.items() if kind not in ACT_ON],
-                           label_issues=label_issues, likely_below=LIKELY_LABEL_ERROR_SCORE)
+                           label_issues=label_issues,
+                           likely_below=LIKELY_MULTILABEL_ERROR_SCORE if report.multi_label else
+                           LIKELY_LABEL_ERROR_SCORE)
     path = Path(path)
     write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return path

@@ -46,6 +46,18 @@ class ProbabilityModel(torch.nn.Module):
         return (probabilities, features, logits) if self.with_features else probabilities
 
 
+class MultiLabelProbabilityModel(ProbabilityModel):
+    """`ProbabilityModel` for a multi-label run: one sigmoid per class instead of the softmax, and no temperature,
+    as `Classifier.outputs_from_features` gives them. (A class of its own, so that single-label exports keep every
+    byte: ONNX and TorchScript files record the source lines of `forward`.)"""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.features(pixels)
+        logits = self.head(features)
+        probabilities = torch.sigmoid(logits)
+        return (probabilities, features, logits) if self.with_features else probabilities
+
+
 @dataclass
 class ExportResult:
     folder: Path
@@ -59,19 +71,22 @@ class ExportResult:
                 "quantization": self.quantization}
 
 
-def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int) -> tuple[list[str], list[int]]:
+def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int,
+                  thresholds: np.ndarray | None = None) -> tuple[list[str], list]:
     """Up to `count` labelled images of the run: its evaluation predictions (val/test; "val+test": both), or its
-    training split."""
+    training split. Targets are class indices, or for a multi-label run (`thresholds` given) rows of 0/1 per
+    class."""
     from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
+    from transferkit.multilabel import label_matrix
     from transferkit.runs import load_run_dataset
 
     if split == "val+test":
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
         parts = [predictions[name] for name in ("val", "test") if name in predictions]
         return ([path for part in parts for path in part.paths][:count],
-                [int(target) for part in parts for target in part.targets][:count])
+                [_target(target) for part in parts for target in part.targets][:count])
     if split in ("val", "test"):
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
         chosen = predictions.get(split) or next(iter(predictions.values()), None)
         if chosen is None:
             return [], []
@@ -80,12 +95,20 @@ def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count
         samples = load_run_dataset(config).splits.get("train", [])
     except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
         return [], []
-    index = {name: i for i, name in enumerate(classes)}
     picked = np.random.default_rng(0).permutation(len(samples))[:count]
+    if thresholds is not None or any(isinstance(samples[i].label, tuple) for i in picked):
+        return ([str(samples[i].path) for i in picked],
+                label_matrix([samples[i].labels for i in picked], classes).tolist())
+    index = {name: i for i, name in enumerate(classes)}
     return [str(samples[i].path) for i in picked], [index[samples[i].label] for i in picked]
 
 
-def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
+def _target(target: np.ndarray) -> int | list[float]:
+    """A class index as an int; a multi-label row of 0/1 as a list."""
+    return target.tolist() if np.ndim(target) else int(target)
+
+
+def _pixels(paths: list[str], targets: list, preprocessing, desc: str,
             progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
     from transferkit.data import default_workers, iter_prepared, make_preparer
 
@@ -99,7 +122,7 @@ def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
         bar.update(len(batch))
     bar.close()
     return (np.stack(pixels) if pixels else np.empty((0, *preprocessing.input_size, 3), np.uint8),
-            np.array(kept, dtype=np.int64))
+            np.array(kept, dtype=np.float32 if kept and np.ndim(kept[0]) else np.int64))
 
 
 def _run_batches(run_model, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, ...]:
@@ -114,13 +137,17 @@ def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray | tup
     return tuple(o.numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.numpy()
 
 
-def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None) -> dict:
+def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None,
+            thresholds: np.ndarray | None = None) -> dict:
     """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read. With
-    `novelty`, the unknown verdicts (at the run's threshold) of both are compared too."""
+    `novelty`, the unknown verdicts (at the run's threshold) of both are compared too; with `thresholds` (a
+    multi-label run), the label sets: the share of images given the same labels by both."""
     (reference, *reference_extra), (exported, *exported_extra) = reference, exported
     parity = {"images": int(len(reference)), "synthetic": synthetic,
               "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
               "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
+    if thresholds is not None:
+        parity["label_set_agreement"] = _label_set_agreement(reference, exported, thresholds)
     threshold = novelty.threshold() if novelty is not None else None
     if threshold is not None and exported_extra and len(reference):
         reference_scores, exported_scores = novelty.scores(*reference_extra), novelty.scores(*exported_extra)
@@ -132,7 +159,30 @@ def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: Novelty
     return parity
 
 
-def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None) -> None:
+def _label_set_agreement(reference: np.ndarray, exported: np.ndarray, thresholds: np.ndarray) -> float | None:
+    """The share of images whose label set (the classes at or above their threshold) is the same in both. A class
+    whose reference probability is within rounding of its threshold may fall either side in either engine: it is
+    not counted as a disagreement."""
+    from transferkit.multilabel import decide
+
+    if not len(reference):
+        return None
+    clear = np.abs(reference - thresholds[None, :]) > MAX_PROBABILITY_DIFFERENCE
+    same = (decide(reference, thresholds) == decide(exported, thresholds)) | ~clear
+    return float(np.mean(same.all(1)))
+
+
+def _export_thresholds(config: dict, classes: list[str]) -> dict:
+    """What thresholds.json holds: the run's "thresholds" as config.json has them ({"per_class": {class:
+    threshold}, "chosen_by": ...}); DEFAULT_THRESHOLD for every class when the run kept none."""
+    from transferkit.multilabel import DEFAULT_THRESHOLD
+
+    return config.get("thresholds") or {"per_class": {name: DEFAULT_THRESHOLD for name in classes},
+                                        "chosen_by": f"default ({DEFAULT_THRESHOLD} for every class)"}
+
+
+def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None,
+                   multi_label: bool = False) -> None:
     """Static QDQ quantisation (int8 weights per channel, uint8 activations) calibrated on training images.
 
     7-bit weight range (`reduce_range`), which ONNX Runtime advises on x86: on hymenoptera (lite0 probe, 153 val
@@ -166,8 +216,11 @@ def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bo
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            # Softmax stays float, so probabilities are not rounded to steps of 1/255.
-            softmax = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Softmax"]
+            # Softmax stays float, so probabilities are not rounded to steps of 1/255 (a multi-label model's last
+            # Sigmoid likewise: the one that gives the probabilities, not those inside the backbone).
+            graph = onnx.load(str(prepared)).graph
+            softmax = [node.name for node in graph.node if node.op_type == "Softmax"
+                       or (multi_label and node.op_type == "Sigmoid" and "probabilities" in node.output)]
             quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                             nodes_to_exclude=softmax)
@@ -181,17 +234,20 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                progress: bool | None = None) -> ExportResult:
     """Write RUN's whole classifier (backbone + head + softmax; uint8 NHWC pixels in, probabilities out, any batch
     size) as ONNX or TorchScript into `out` (default RUN/export-FORMAT[-int8]), with labels.txt,
-    preprocessing.json and export.json.
+    preprocessing.json and export.json. A multi-label run's model ends in one sigmoid per class instead of the
+    softmax; its manifest says `"multi_label": true` and its per-class thresholds travel as thresholds.json.
 
     Before the folder is written, the export is run on up to `parity_images` of the run's validation/test images
     (synthetic pixels when it has none that can be read; `parity["synthetic"]` says so) and compared with PyTorch:
-    the top-1 classes must agree and the probabilities differ by at most 1e-4.
+    the top-1 classes must agree and the probabilities differ by at most 1e-4 (multi-label: the label sets at the
+    run's thresholds must agree too).
     `quantize="int8"` (ONNX only) adds static int8 quantisation calibrated on training images, and records its
     accuracy change on the validation split and its size against fp32.
     """
     from transferkit import __version__
     from transferkit.classifier import Classifier
     from transferkit.errors import DataError, RunError
+    from transferkit.multilabel import THRESHOLDS_FILE, stored_thresholds
     from transferkit.runs import StagedRun, read_metrics
 
     if format not in EXPORT_FORMATS:
@@ -206,9 +262,13 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     classifier = Classifier.load(run, engine="torch")
     config, classes, preprocessing = classifier.config, classifier.classes, classifier.backbone.preprocessing
     novelty = classifier.novelty if format == "onnx" else None  # the torch-free runtime scores ONNX exports
-    model = ProbabilityModel(classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
-                             with_features=novelty is not None).cpu().float().eval()
-    pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images), preprocessing,
+    multi_label = classifier.multi_label
+    thresholds = _export_thresholds(config, classes) if multi_label else None
+    decisions = stored_thresholds(thresholds, classes) if multi_label else None
+    model = (MultiLabelProbabilityModel if multi_label else ProbabilityModel)(
+        classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
+        with_features=novelty is not None).cpu().float().eval()
+    pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images, decisions), preprocessing,
                         "Reading validation/test images", progress)
     synthetic = not len(pixels)
     if synthetic:
@@ -236,18 +296,22 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                 loaded = torch.jit.load(str(staged.path(model_file)))
             with torch.inference_mode():
                 exported = _run_batches(lambda batch: _numpy(loaded(torch.from_numpy(batch))), pixels)
-        parity = _parity(reference, exported, synthetic, novelty)
+        parity = _parity(reference, exported, synthetic, novelty, decisions)
+        label_sets = parity.get("label_set_agreement")
         if (parity["top1_agreement"] != 1.0 or parity["max_abs_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
-                or parity.get("unknown_agreement", 1.0) != 1.0):
+                or parity.get("unknown_agreement", 1.0) != 1.0 or label_sets not in (None, 1.0)):
+            agreeing = "" if label_sets is None else f", label sets agreeing {label_sets:.3f}"
             raise RunError(f"the {format} export disagrees with PyTorch on {parity['images']} images (top-1 "
                            f"agreement {parity['top1_agreement']:.3f}, max probability difference "
                            f"{parity['max_abs_probability_difference']:.2g}, unknown verdicts agreeing "
-                           f"{parity.get('unknown_agreement', 1.0):.3f}); nothing was written.")
+                           f"{parity.get('unknown_agreement', 1.0):.3f}{agreeing}); nothing was written.")
         if quantize:
             quantization = _quantize(run, config, classes, preprocessing, staged.path(model_file),
-                                     staged.path("model.int8.onnx"), novelty, progress)
+                                     staged.path("model.int8.onnx"), novelty, progress, decisions)
             model_file = "model.int8.onnx"
         staged.write_text("labels.txt", "\n".join(classes) + "\n")
+        if multi_label:
+            staged.write_json(THRESHOLDS_FILE, thresholds)
         if novelty is not None:
             staged.write_bytes(NOVELTY_FILE, (run / NOVELTY_FILE).read_bytes())
         staged.write_json("preprocessing.json", {**preprocessing.to_dict(), "resize_size": preprocessing.resize_size,
@@ -263,18 +327,23 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
             "backbone": config["backbone"]["name"],
             "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in read_metrics(run).items()},
             "parity": parity, "quantization": quantization, "transferkit_version": __version__,
-            "torch": torch.__version__})
+            "torch": torch.__version__,
+            **({"multi_label": True, "probabilities": "one sigmoid per class; a label is given when its probability "
+                                                      f"reaches its threshold in {THRESHOLDS_FILE}",
+                "thresholds_file": THRESHOLDS_FILE} if multi_label else {})})
     return ExportResult(out, format, model_file, parity, quantization)
 
 
 def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: Path, int8: Path,
-              novelty: NoveltyModel | None, progress: bool | None) -> dict:
+              novelty: NoveltyModel | None, progress: bool | None, thresholds: np.ndarray | None = None) -> dict:
     """Quantise, then measure both models on the validation split: accuracy change, size ratio and (with `novelty`)
-    how often their unknown verdicts agree."""
+    how often their unknown verdicts agree. A multi-label run (`thresholds` given): the accuracy is the exact-match
+    ratio (every label of an image right), and `label_set_agreement` how often both give an image the same labels."""
     from transferkit.errors import RunError
+    from transferkit.multilabel import decide
 
-    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES), preprocessing,
-                             "Reading calibration images", progress)
+    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES, thresholds),
+                             preprocessing, "Reading calibration images", progress)
     if not len(calibration):
         raise RunError("int8 quantisation calibrates on the run's training images, and none could be read; "
                        "check that the run's data folder is still there.")
@@ -282,20 +351,30 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     if len(calibration) < FEW_CALIBRATION_IMAGES:
         log.warning("few calibration images (%d, fewer than %d): the int8 value ranges may not fit new images; "
                     "check the accuracy change it reports", len(calibration), FEW_CALIBRATION_IMAGES)
-    _quantize_int8(fp32, int8, calibration, progress)
-    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000), preprocessing,
-                                      "Measuring int8 accuracy", progress)
-    accuracy, verdicts = {}, {}
+    _quantize_int8(fp32, int8, calibration, progress, thresholds is not None)
+    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000, thresholds),
+                                      preprocessing, "Measuring int8 accuracy", progress)
+    accuracy, verdicts, label_sets = {}, {}, {}
     threshold = novelty.threshold() if novelty is not None else None
     for name, path in (("fp32", fp32), ("int8", int8)):
         session = runtime_session.__wrapped__(str(path))
         probabilities, *extra = _run_batches(lambda batch: session.run(None, {"pixels": batch}), val_pixels)
-        accuracy[name] = float(np.mean(probabilities.argmax(1) == val_targets)) if len(val_targets) else None
+        if thresholds is not None:
+            label_sets[name] = decide(probabilities, thresholds) if len(val_targets) else None
+            accuracy[name] = (float(np.mean((label_sets[name] == (val_targets > 0)).all(1))) if len(val_targets)
+                              else None)
+        else:
+            accuracy[name] = float(np.mean(probabilities.argmax(1) == val_targets)) if len(val_targets) else None
         if threshold is not None and len(val_targets):
             verdicts[name] = novelty.scores(*extra) > threshold
     change = None if accuracy["fp32"] is None else accuracy["int8"] - accuracy["fp32"]
     agreement = float(np.mean(verdicts["fp32"] == verdicts["int8"])) if verdicts else None
-    return {"calibration_images": int(len(calibration)), "validation_images": int(len(val_targets)),
-            "accuracy_fp32": accuracy["fp32"], "accuracy_int8": accuracy["int8"], "accuracy_change": change,
-            "size_fp32_bytes": fp32.stat().st_size, "size_int8_bytes": int8.stat().st_size,
-            "size_ratio": int8.stat().st_size / fp32.stat().st_size, "unknown_agreement": agreement}
+    measured = {"calibration_images": int(len(calibration)), "validation_images": int(len(val_targets)),
+                "accuracy_fp32": accuracy["fp32"], "accuracy_int8": accuracy["int8"], "accuracy_change": change,
+                "size_fp32_bytes": fp32.stat().st_size, "size_int8_bytes": int8.stat().st_size,
+                "size_ratio": int8.stat().st_size / fp32.stat().st_size, "unknown_agreement": agreement}
+    if thresholds is not None:
+        measured["accuracy"] = "exact match: every label of an image right, at the run's thresholds"
+        measured["label_set_agreement"] = (float(np.mean((label_sets["fp32"] == label_sets["int8"]).all(1)))
+                                           if len(val_targets) else None)
+    return measured

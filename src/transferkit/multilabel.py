@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-LABEL_SEPARATORS = ("|", ";", ",")
-"""Separators of several labels in one CSV field, tried in this order when none is given. A space separates only
-when it is given (`label_sep=" "`), the label column is named `tags` or `labels` (the Kaggle / fastai convention), or
-multi-label is forced and no other separator occurs: otherwise a space is part of a class name ("golden retriever")."""
+LABEL_SEPARATORS = ("|", ";")
+"""Separators of several labels in one CSV field, tried in this order when none is given. Not "," (a class name may
+hold one: "Rosa, wild"); not a space unless the label column is named `tags` or `labels` (the Kaggle / fastai
+convention): elsewhere a space is part of a class name ("golden retriever"). `--label-sep` gives any other."""
 TAG_COLUMNS = frozenset({"tags", "labels", "classes", "categories"})
 DEFAULT_THRESHOLD = 0.5
 """The threshold of a class validation cannot choose for (too few positives there, or no validation split)."""
@@ -38,13 +38,12 @@ def split_labels(field: str, separator: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(piece.strip() for piece in pieces if piece.strip()))
 
 
-def detect_separator(fields: list[str], column_name: str | None = None, forced: bool = False) -> str | None:
+def detect_separator(fields: list[str], column_name: str | None = None) -> str | None:
     """The separator that splits these label fields into several labels, or None when every field is one label."""
     for separator in LABEL_SEPARATORS:
         if any(separator in field for field in fields):
             return separator
-    spaced = any(len(field.split()) > 1 for field in fields)
-    if spaced and ((column_name or "").strip().lower() in TAG_COLUMNS or forced):
+    if (column_name or "").strip().lower() in TAG_COLUMNS and any(len(field.split()) > 1 for field in fields):
         return " "
     return None
 

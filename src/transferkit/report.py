@@ -12,8 +12,9 @@ import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_dataset, make_preparer
 from transferkit.errors import DataError, RunError, TransferkitError
-from transferkit.evaluate import (PREDICTIONS_FILE, Predictions, evaluate, group_accuracy, read_groups,
-                                  read_predictions)
+from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, evaluate, group_accuracy,
+                                  read_groups, read_predictions)
+from transferkit.multilabel import label_matrix, stored_thresholds
 from transferkit.pages import render_template
 from transferkit.runs import load_run_dataset, read_metrics, read_run_config, write_atomically
 
@@ -23,7 +24,12 @@ GRID_IMAGES = 16
 TOP_LOSSES = 8
 CONFUSED_PAIRS = 15
 SKIPPED_SHOWN = 50
-RIGHT, WRONG = "#1a7f37", "#cf222e"
+RIGHT, WRONG, MISSED = "#1a7f37", "#cf222e", "#6e7781"
+VERDICT_COLOURS = {"right": RIGHT, "wrong": WRONG, "missed": MISSED}
+"""A multi-label image's labels: predicted and true, predicted but not true, true but not predicted."""
+HEADLINE = (("map_macro", "macro mAP"), ("map_micro", "micro mAP"), ("exact_match", "exact match"),
+            ("hamming_loss", "Hamming loss (lower is better)"), ("f1_micro", "micro F1"))
+"""A multi-label report's key numbers (multilabel_metrics keys) and their names on the page."""
 
 
 @dataclass
@@ -37,7 +43,7 @@ class Figure:
 class _Evaluation:
     split: str | None
     metrics: dict | None
-    predictions: Predictions | None
+    predictions: Predictions | LabelSetPredictions | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -56,8 +62,10 @@ def _read_skipped(run: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t", 1)) for line in path.read_text(encoding="utf-8").splitlines() if "\t" in line]
 
 
-def _run_evaluation(run: Path, classes: list[str], groups: dict | None, split: str = "auto") -> _Evaluation:
-    """The run's own `split` (auto: test, else validation), as `train` measured it."""
+def _run_evaluation(run: Path, classes: list[str], groups: dict | None, split: str = "auto",
+                    thresholds: np.ndarray | None = None) -> _Evaluation:
+    """The run's own `split` (auto: test, else validation), as `train` measured it; `thresholds`: a multi-label
+    run's (its predictions are then label sets, and groups of classes are not measured)."""
     all_metrics = read_metrics(run)
     if split == "auto":
         split = next((name for name in ("test", "val") if name in all_metrics), None)
@@ -65,9 +73,9 @@ def _run_evaluation(run: Path, classes: list[str], groups: dict | None, split: s
         measured = " and ".join(name for name in ("val", "test") if name in all_metrics) or "none"
         raise DataError(f"without data, a report shows what training measured (this run: {measured}), not the "
                         f"{split} split; give the data to evaluate the run on its {split} split.")
-    predictions = read_predictions(run / PREDICTIONS_FILE, classes).get(split)
+    predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds).get(split)
     metrics = all_metrics.get(split)
-    if metrics is not None and groups and predictions is not None:
+    if metrics is not None and groups and predictions is not None and thresholds is None:
         metrics = {**metrics, "groups": group_accuracy(predictions.targets, predictions.predicted, classes, groups)}
     return _Evaluation(split, metrics, predictions, _read_skipped(run))
 
@@ -78,18 +86,36 @@ def _view(path: str, preprocessing) -> np.ndarray:
     return pixels if pixels is not None else np.full((*preprocessing.input_size, 3), 128, dtype=np.uint8)
 
 
-def _training_samples(config: dict, source: str | Path, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """`count` training images as the model saw them in its first epoch: augmented for the image modes, the
-    evaluation crop for a probe."""
+def _label_options(config: dict) -> dict:
+    """How load_dataset must read a multi-label run's data (label sets, with the separator training used); {} for a
+    single-label run."""
+    data = config["data"]
+    return {"multi_label": True, "label_sep": data.get("label_sep")} if data.get("multi_label") else {}
+
+
+def _run_dataset(config: dict, source: str | Path | None):
+    """The run's dataset (or `source`, split the same way). `load_run_dataset` reads label sets only where it detects
+    them, so a multi-label run's data is read here with its own options (a separator given at training, say)."""
+    options = _label_options(config)
+    if not options:
+        return load_run_dataset(config, source)
+    data = config["data"]
+    return load_dataset(source or data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
+                        data.get("test_percent", 10.0), **options)
+
+
+def _training_samples(config: dict, samples: list, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """`count` of the training `samples` as the model saw them in its first epoch: augmented for the image modes,
+    the evaluation crop for a probe; each titled with its label(s)."""
     from transferkit.augment import AugmentedImages, Unreadable, decode_size, train_transform
     from transferkit.backbone import Preprocessing
 
-    samples = load_run_dataset(config, source).splits.get("train", [])
     chosen = np.random.default_rng(seed).permutation(len(samples))[:count]
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     options = config.get("train", {})
     if config.get("mode", "probe") == "probe":
-        return [_view(str(samples[i].path), preprocessing) for i in chosen], [samples[i].label for i in chosen]
+        return ([_view(str(samples[i].path), preprocessing) for i in chosen],
+                [", ".join(samples[i].labels) for i in chosen])
     size = config["backbone"].get("train_size") or preprocessing.input_size[0]
     augment = options.get("augment", "light")
     # Indexed as in training (by position in the train split), so each picture is the crop epoch 1 drew.
@@ -101,7 +127,7 @@ def _training_samples(config: dict, source: str | Path, count: int, seed: int) -
         item = images[(1, int(i))]
         if not isinstance(item, Unreadable):
             pixels.append(item[0].numpy())
-            titles.append(samples[i].label)
+            titles.append(", ".join(samples[i].labels))
     return pixels, titles
 
 
@@ -162,6 +188,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
     run = Path(run)
     config = read_run_config(run)
     classes = config["labels"]
+    thresholds = stored_thresholds(config.get("thresholds"), classes) if config["head"].get("multi_label") else None
     out = Path(out) if out else run / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise DataError(f"--out must name an .html file, not {out}.")
@@ -176,9 +203,9 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
         chosen = _Evaluation(evaluation.split, evaluation.metrics, evaluation.predictions,
                              [(s.path, s.reason) for s in evaluation.skipped])
         counts = load_dataset(data, val_percent=config["data"].get("val_percent", 10.0),
-                              test_percent=config["data"].get("test_percent", 10.0)).counts()
+                              test_percent=config["data"].get("test_percent", 10.0), **_label_options(config)).counts()
     else:
-        chosen = _run_evaluation(run, classes, group_map, split)
+        chosen = _run_evaluation(run, classes, group_map, split, thresholds)
         counts = config["data"].get("class_counts", {})
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     pictures = _Pictures(assets)
@@ -188,12 +215,38 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
     if history:
         pictures.add("curves", "Learning curves", lambda path: plots.plot_learning_curves(history, path))
     source = data if data is not None else config["data"].get("source")
+    training = None
     try:
-        images, titles = _training_samples(config, source, GRID_IMAGES, seed)
+        training = _run_dataset(config, source).splits.get("train", [])
+        images, titles = _training_samples(config, training, GRID_IMAGES, seed)
         pictures.add("samples", "Training images as the model sees them",
                      lambda path: plots.plot_image_grid(images, titles, path))
     except (TransferkitError, OSError) as err:
         notes.append(f"Training samples not shown: {err} Pass --data to point at the images.")
+    shared = dict(run=run, config=config, classes=classes, split=chosen.split,
+                  finetune_start=plots.fine_tuning_start(history), figures=pictures.figures, notes=notes, counts=counts,
+                  skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped))
+    if thresholds is None:
+        top_losses = _add_predictions(pictures, chosen, classes, preprocessing, seed, notes)
+        metrics = chosen.metrics
+        page = render_template("report.html", **shared, metrics=metrics, top_losses=top_losses,
+                               pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
+                               model=_model_summary(run, config, assets, cache_dir))
+    else:
+        sections = _add_label_sets(pictures, chosen, training, classes, preprocessing, seed, notes)
+        page = _label_set_page(render_template("report.html", **shared, metrics=None, top_losses=[], pairs=[],
+                                               model=_model_summary(run, config, assets, cache_dir)),
+                               sections, shared)
+    write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return out
+
+
+def _add_predictions(pictures: _Pictures, chosen: _Evaluation, classes: list[str], preprocessing, seed: int,
+                     notes: list[str]) -> list[dict]:
+    """A single-label split's pictures: predictions, top losses, the honesty figures, the confusion matrix (and
+    accuracy per group); returns the top losses' table rows."""
+    from transferkit import plots
+
     predictions = chosen.predictions
     top_losses = []
     if predictions is not None and len(predictions.paths):
@@ -213,8 +266,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
                  f"(true: {classes[predictions.targets[i]]})" for i in worst], path, [WRONG] * len(worst)))
         _add_honesty(pictures, predictions, chosen.metrics, preprocessing, classes, notes)
     elif chosen.split is not None:
-        notes.append("This run has no per-image predictions (trained before predictions.csv was written); "
-                     "pass --data to evaluate it afresh.")
+        notes.append(NO_PREDICTIONS)
     metrics = chosen.metrics
     if metrics is not None:
         pictures.add("confusion", "Confusion matrix",
@@ -223,16 +275,13 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
             pictures.add("groups", "Accuracy per group of classes",
                          lambda path: plots.plot_group_accuracy(metrics["groups"], path))
     else:
-        notes.append("The run has no validation or test split to measure; pass --data with labelled images.")
+        notes.append(NO_METRICS)
+    return top_losses
 
-    page = render_template("report.html", run=run, config=config, classes=classes, split=chosen.split, metrics=metrics,
-                   finetune_start=plots.fine_tuning_start(history),
-                   figures=pictures.figures, top_losses=top_losses, notes=notes, counts=counts,
-                   skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped),
-                   pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
-                   model=_model_summary(run, config, assets, cache_dir))
-    write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
-    return out
+
+NO_PREDICTIONS = ("This run has no per-image predictions (trained before predictions.csv was written); pass --data "
+                  "to evaluate it afresh.")
+NO_METRICS = "The run has no validation or test split to measure; pass --data with labelled images."
 
 
 def _add_honesty(pictures: _Pictures, predictions: Predictions, metrics: dict | None, preprocessing,
@@ -272,3 +321,183 @@ def _model_summary(run: Path, config: dict, assets: Path, cache_dir: str | Path 
     summary["run_bytes"] = _directory_bytes(run, assets)
     summary["backbone_weights_bytes"] = _backbone_weights_bytes(config)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- multi-label runs
+
+
+@dataclass
+class LabelVerdict:
+    """One label of a multi-label image as the report shows it."""
+
+    label: str
+    verdict: str
+    """"right" (predicted and true), "wrong" (predicted, not true) or "missed" (true, not predicted)."""
+    probability: float
+
+    @property
+    def colour(self) -> str:
+        return VERDICT_COLOURS[self.verdict]
+
+    @property
+    def text(self) -> str:
+        """The label as a caption writes it: a missed one in parentheses, as a single-label caption writes the true
+        class it missed (a cue that needs no colour)."""
+        return f"({self.label})" if self.verdict == "missed" else self.label
+
+
+def label_verdicts(truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray,
+                   classes: list[str]) -> list[LabelVerdict]:
+    """One image's predicted and true labels, in class order, from its rows of targets, decisions and
+    probabilities."""
+    verdicts = []
+    for name, true, given, probability in zip(classes, truth > 0, predicted, probabilities):
+        if true or given:
+            verdicts.append(LabelVerdict(name, "right" if true and given else "wrong" if given else "missed",
+                                         float(probability)))
+    return verdicts
+
+
+def label_cooccurrence(label_sets: list[tuple[str, ...]], classes: list[str]) -> np.ndarray:
+    """(classes, classes) int: how many images carry both labels; the diagonal counts each label's images."""
+    matrix = label_matrix(label_sets, classes).astype(np.int64)
+    return matrix.T @ matrix
+
+
+def _caption(verdicts: list[LabelVerdict]) -> list[tuple[str, str]]:
+    return [(v.text, v.colour) for v in verdicts] or [("no labels", RIGHT)]
+
+
+def _add_label_sets(pictures: _Pictures, chosen: _Evaluation, training: list | None, classes: list[str],
+                    preprocessing, seed: int, notes: list[str]) -> dict:
+    """A multi-label run's pictures: precision-recall curves, predictions and top losses captioned label by label,
+    and the labels' co-occurrence in the training split; returns what the page's multi-label sections show."""
+    from transferkit import plots
+
+    predictions, split = chosen.predictions, chosen.split
+    sections: dict = {"metrics": chosen.metrics, "shown": [], "worst": [], "cooccurrence": None}
+    if predictions is not None and len(predictions.paths):
+        pictures.add("pr_curves", f"Precision-recall per class ({split})", lambda path: plots.plot_precision_recall(
+            predictions.targets, predictions.probabilities, predictions.thresholds, classes, path))
+        predicted, losses = predictions.predicted, predictions.losses()
+
+        def rows(indices: np.ndarray) -> list[dict]:
+            return [{"path": predictions.paths[i], "loss": float(losses[i]),
+                     "labels": label_verdicts(predictions.targets[i], predicted[i], predictions.probabilities[i],
+                                              classes)} for i in indices]
+
+        shown = rows(np.random.default_rng(seed).permutation(len(predictions.paths))[:GRID_IMAGES])
+        worst = rows(predictions.top_losses(TOP_LOSSES))
+        for key, title, chosen_rows in (("label_predictions", f"Predictions on the {split} split", shown),
+                                        ("label_top_losses", "Top losses: the images whose labels are most wrong",
+                                         worst)):
+            pictures.add(key, title, lambda path, chosen_rows=chosen_rows: plots.plot_label_grid(
+                [_view(row["path"], preprocessing) for row in chosen_rows],
+                [_caption(row["labels"]) for row in chosen_rows], path))
+        sections.update(shown=shown, worst=worst)
+    elif split is not None:
+        notes.append(NO_PREDICTIONS)
+    if chosen.metrics is None:
+        notes.append(NO_METRICS)
+    if training:
+        counts = label_cooccurrence([sample.labels for sample in training], classes)
+        pictures.add("cooccurrence", f"Labels together: co-occurrence in the {len(training)} training images",
+                     lambda path: plots.plot_cooccurrence(counts, classes, path))
+        matrix, names, _ = plots.cooccurrence_view(counts, classes)
+        sections["cooccurrence"] = {"names": names, "counts": matrix.tolist()}
+    return sections
+
+
+_LABEL_SET_CARDS = """
+{% if metrics %}
+<div class="cards" id="key-metrics">
+  {% for key, name in headline %}
+  <div class="card"><div class="value" data-metric="{{ key }}" data-value="{{ metrics[key] }}">
+    {{- "–" if metrics[key] is none else "%.4f"|format(metrics[key]) }}</div>
+    <div class="label">{{ name }}{% if loop.first %} ({{ split }}, n={{ metrics.n }}, {{ "%.2f"|format(
+      metrics.labels_per_image or 0) }} labels an image){% endif %}</div></div>
+  {% endfor %}
+</div>
+{% endif %}
+"""
+
+_LABEL_SET_SECTIONS = """
+{% macro figure(key) %}{% if key in figures %}
+<h2>{{ figures[key].title }}</h2>
+<img src="{{ figures[key].data_uri }}" alt="{{ figures[key].title }}" data-file="{{ figures[key].file }}">
+{% endif %}{% endmacro %}
+{% macro label_table(id, rows, with_loss) %}
+<table id="{{ id }}">
+  <tr><th class="number">#</th><th>file</th><th>labels (probability)</th>{% if with_loss %}<th class="number">loss</th>{% endif %}</tr>
+  {% for row in rows %}
+  <tr data-path="{{ row.path }}"><td class="number">{{ loop.index }}</td><td class="path">{{ row.path }}</td><td>
+    {%- for v in row.labels %}<span class="label {{ v.verdict }}" data-label="{{ v.label }}" data-verdict="{{ v.verdict }}"
+      style="color: {{ v.colour }}">{{ v.text }} {{ "%.2f"|format(v.probability) }}</span>{% if not loop.last %} · {% endif %}{% endfor -%}
+    </td>{% if with_loss %}<td class="number">{{ "%.3f"|format(row.loss) }}</td>{% endif %}</tr>
+  {% endfor %}
+</table>
+{% endmacro %}
+
+{{ figure("pr_curves") }}
+{% if "pr_curves" in figures %}<p>Each class's precision against its recall as its threshold falls; the area under
+  the steps is its average precision (AP), which needs no threshold. The red dot is where the run's threshold for the
+  class operates: it answers with precision and recall there.</p>{% endif %}
+
+{% if metrics %}
+<h2>Per class ({{ split }})</h2>
+<p>Click a column to sort. Precision, recall and F1 at each class's threshold, chosen by {{ chosen_by }};
+  support: the images with the label.</p>
+<div class="scroll">
+<table class="sortable" id="per-class">
+  <thead><tr><th>class</th><th class="number">AP</th><th class="number">precision</th><th class="number">recall</th>
+    <th class="number">F1</th><th class="number">support</th><th class="number">threshold</th></tr></thead>
+  <tbody>
+  {% for name, row in metrics.per_class.items() %}
+  <tr data-class="{{ name }}"><td>{{ name }}</td>
+    <td class="number" data-value="{{ row.ap }}">{{ "–" if row.ap is none else "%.3f"|format(row.ap) }}</td>
+    <td class="number">{{ "%.3f"|format(row.precision) }}</td><td class="number">{{ "%.3f"|format(row.recall) }}</td>
+    <td class="number">{{ "%.3f"|format(row.f1) }}</td><td class="number">{{ row.support }}</td>
+    <td class="number" data-value="{{ row.threshold }}">{{ "%.3f"|format(row.threshold) }}</td></tr>
+  {% endfor %}
+  </tbody>
+</table>
+</div>
+{% endif %}
+
+{{ figure("label_predictions") }}
+{% if shown %}<p>Each image's labels: <span style="color: {{ colours.right }}">green</span>, predicted and true;
+  <span style="color: {{ colours.wrong }}">red</span>, predicted but not true;
+  <span style="color: {{ colours.missed }}">grey, in parentheses</span>, true but missed.</p>
+<details><summary>These images' labels with their probabilities</summary>
+{{ label_table("label-predictions", shown, false) }}
+</details>{% endif %}
+{{ figure("label_top_losses") }}
+{% if worst %}<p>The images with the highest binary cross-entropy, summed over their labels, coloured as above.</p>
+{{ label_table("label-top-losses", worst, true) }}{% endif %}
+
+{{ figure("cooccurrence") }}
+{% if cooccurrence %}<p>How many training images carry both labels; the diagonal counts the images with each label.</p>
+<details><summary>The counts</summary>
+<table id="cooccurrence">
+  <tr><th></th>{% for name in cooccurrence.names %}<th class="number">{{ name }}</th>{% endfor %}</tr>
+  {% for row in cooccurrence.counts %}
+  <tr><th>{{ cooccurrence.names[loop.index0] }}</th>{% for count in row %}<td class="number">{{ count }}</td>{% endfor %}</tr>
+  {% endfor %}
+</table>
+</details>{% endif %}
+"""
+
+
+def _label_set_page(page: str, sections: dict, shared: dict) -> str:
+    """report.html's page for a multi-label run: its key numbers under the subtitle and its own sections before
+    "Model". (report.html renders the single-label sections only; given no metrics it leaves them out.)"""
+    import jinja2
+
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    values = {**shared, **sections, "headline": HEADLINE, "colours": VERDICT_COLOURS,
+              "chosen_by": shared["config"].get("thresholds", {}).get("chosen_by", "as stored")}
+    cards = environment.from_string(_LABEL_SET_CARDS).render(values)
+    body = environment.from_string(_LABEL_SET_SECTIONS).render(values)
+    subtitle = page.index("</p>", page.index('<p class="subtitle">')) + len("</p>")
+    model = page.index("<h2>Model</h2>")
+    return page[:subtitle] + cards + page[subtitle:model] + body + page[model:]
