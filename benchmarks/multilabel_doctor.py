@@ -11,8 +11,18 @@ are extracted once: the cache knows the images by content) and prints
   mosaics: a flower hard to see in a 112 px cell), and how many cleanlab flags;
 - on each corrupted set: precision and recall of the likely label errors and of cleanlab's whole flagged list against
   the corrupted images, how often a flagged corrupted image names the changed label among the ones that look wrong,
-  and precision / recall at other cuts of the score (what LIKELY_MULTILABEL_ERROR_SCORE was chosen from).
+  and precision / recall at other cuts of the label set's probability and of the least believed label decision's
+  (what LIKELY_MULTILABEL_ERROR_SCORE and LIKELY_WRONG_LABEL were chosen from).
 Target (issue 27): precision >= 0.6.
+
+Measured (2 cores; lite0 at 224 px; 1,500 mosaics, seed 0): the clean set gets 20 likely label errors (1.3 %),
+cleanlab flags 710. With 75 label sets changed, noise seeds 0 and 1: 19 and 18 likely label errors, precision 0.16
+and 0.22, recall 0.04 and 0.05 (cleanlab's list: 742 and 733 images, precision 0.08, recall 0.76 and 0.79); a flagged
+changed image names the changed label among the wrong ones in 81 % and 86 %. The least believed label under 0.03
+alone: precision 0.33 and 0.50 (6 flagged). 3,000 mosaics, noise seed 0: 30 flagged, precision 0.23, recall 0.05; the
+least believed label alone 0.60 (10 flagged); clean set 26 (0.9 %). Below target: the out-of-fold probe gets 21 % of
+the label decisions on clean mosaics wrong (a flower fills a quarter of the picture), so few single-label changes
+stand out from its own mistakes. About 5 minutes for 1,500 mosaics and two noise seeds here.
 """
 
 from __future__ import annotations
@@ -37,7 +47,13 @@ from multilabel_mosaics import FLOWERS, build_mosaics  # noqa: E402
 from transferkit import doctor  # noqa: E402
 from transferkit.doctor import DoctorReport, diagnose  # noqa: E402
 
-CUTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+SET_CUTS = (1e-4, 1e-3, 3e-3, 0.01, 0.03)  # the probability of the given label set
+LABEL_CUTS = (0.01, 0.02, 0.03, 0.05, 0.1)  # the probability of the least believed label decision
+
+
+def least_believed(issue) -> float:
+    """The out-of-fold probability of a flagged image's least believed label decision (its worst wrong label)."""
+    return min([1 - p for p in issue.missing.values()] + list(issue.extra.values()))
 
 
 def corrupt(listing: Path, target: Path, fraction: float, seed: int) -> dict[str, tuple[str, str, str]]:
@@ -81,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0, help="the mosaics' seed")
-    parser.add_argument("--noise-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--noise-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--source", type=Path, default=FLOWERS)
@@ -90,8 +106,8 @@ def main() -> None:
         sys.exit(f"{args.source} not found: the mosaics are drawn from flowers100 in ../shared/datasets.")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.images} mosaics (seed {args.seed}), {args.fraction:.0%} of the label "
-          f"sets changed, noise seeds {args.noise_seeds}; likely label error under "
-          f"{doctor.LIKELY_MULTILABEL_ERROR_SCORE}")
+          f"sets changed, noise seeds {args.noise_seeds}; likely label error: label set under "
+          f"{doctor.LIKELY_MULTILABEL_ERROR_SCORE} or a label under {doctor.LIKELY_WRONG_LABEL}")
     with tempfile.TemporaryDirectory(prefix="transferkit-mldoctor-") as work:
         started = time.perf_counter()
         listing = build_mosaics(Path(work), args.images, args.seed, args.source)
@@ -125,12 +141,14 @@ def main() -> None:
                 of_kind = {path for path, change in changed.items() if change[2][0] == sign}
                 print(f"{'':>10} {kind} label: {len(of_kind)} planted, {len(likely & of_kind)} likely, "
                       f"{len(flagged & of_kind)} flagged by cleanlab")
-            cuts = []
-            for cut in CUTS:
-                below = {issue.path for issue in report.label_issues if issue.score < cut}
-                p, r = precision_recall(below, planted)
-                cuts.append(f"<{cut:g}: {len(below)} P {p:.2f} R {r:.2f}")
-            print(f"{'':>10} score cuts over cleanlab's list: " + "; ".join(cuts))
+            for name, cuts, value in (("label set", SET_CUTS, lambda issue: issue.score),
+                                      ("least believed label", LABEL_CUTS, least_believed)):
+                shown = []
+                for cut in cuts:
+                    below = {issue.path for issue in report.label_issues if value(issue) < cut}
+                    p, r = precision_recall(below, planted)
+                    shown.append(f"<{cut:g}: {len(below)} P {p:.2f} R {r:.2f}")
+                print(f"{'':>10} {name} cuts over cleanlab's list: " + "; ".join(shown))
     print("\ntarget: precision >= 0.6 of the likely label errors against the changed label sets")
 
 

@@ -175,6 +175,22 @@ FAULTS = [
           "{name: calibration.apply(p) for name, p in raw.items()}", "dict(raw)", ("test_unknown.py",)),
     Fault("the server never says unknown", "src/transferkit/serve.py",
           "model.threshold if reject else None", "None", ("test_unknown.py",)),
+    Fault("multi-label thresholds ignored (0.5 for every class)", "src/transferkit/runtime.py",
+          "return stored_thresholds(None, classes, override) if override is not None else thresholds",
+          "return np.full(len(classes), 0.5, dtype=np.float32)", ("test_multilabel.py",)),
+    Fault("softmax instead of sigmoid in Classifier", "src/transferkit/classifier.py",
+          "(torch.sigmoid(logits) if self.multi_label else", "(torch.softmax(logits, dim=1) if self.multi_label else",
+          ("test_multilabel.py",)),
+    Fault("softmax instead of sigmoid in the run's metrics", "src/transferkit/train.py",
+          "sigmoid(values) if spec.multi_label else softmax(values)", "softmax(values)", ("test_multilabel.py",)),
+    Fault("the probe trains a softmax on label sets", "src/transferkit/head.py",
+          "fit = (bce_loss(logits, y, class_weight) if multi else",
+          "fit = (nn.functional.cross_entropy(logits, y / y.sum(1, keepdim=True).clamp(min=1)) if multi else",
+          ("test_multilabel.py",)),
+    Fault("the label separator ignored", "src/transferkit/data.py",
+          "label = split_labels(row[1], separator)", "label = split_labels(row[1], None)", ("test_multilabel.py",)),
+    Fault("multi-label thresholds chosen without the floor", "src/transferkit/multilabel.py",
+          "THRESHOLD_FLOOR = 0.1\n", "THRESHOLD_FLOOR = 0.0\n", ("test_multilabel.py",)),
 ]
 
 

@@ -84,11 +84,14 @@ def _truth(mosaics: Path) -> dict[str, set[str]]:
         return {str((mosaics.parent / path).resolve()): set(field.split("|")) for path, field in csv.reader(handle)}
 
 
+def _prediction_rows(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / "predictions.csv").read_text(encoding="utf-8").splitlines()))
+
+
 def _stored(run: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """predictions.csv's probabilities (path -> class -> probability) and config.json's thresholds."""
-    with (run / "predictions.csv").open(newline="", encoding="utf-8") as handle:
-        probabilities = {row["path"]: {key.split(":", 1)[1]: float(value) for key, value in row.items()
-                                       if key.startswith("probability:")} for row in csv.DictReader(handle)}
+    probabilities = {row["path"]: {key.split(":", 1)[1]: float(value) for key, value in row.items()
+                                   if key.startswith("probability:")} for row in _prediction_rows(run)}
     thresholds = json.loads((run / "config.json").read_text())["thresholds"]["per_class"]
     return probabilities, thresholds
 
@@ -175,8 +178,7 @@ def test_top_losses_are_the_worst_images_by_cross_entropy(reported, mosaics):
     truth = _truth(mosaics)
     probabilities, thresholds = _stored(reported)
     classes = json.loads((reported / "config.json").read_text())["labels"]
-    test_paths = [row["path"] for row in csv.DictReader((reported / "predictions.csv").open(encoding="utf-8"))
-                  if row["split"] == "test"]
+    test_paths = [row["path"] for row in _prediction_rows(reported) if row["split"] == "test"]
     p = np.clip([[probabilities[path][c] for c in classes] for path in test_paths], 1e-7, 1 - 1e-7)
     y = np.array([[c in truth[path] for c in classes] for path in test_paths], dtype=float)
     losses = -(y * np.log(p) + (1 - y) * np.log1p(-p)).sum(1)
@@ -191,7 +193,7 @@ def test_top_losses_are_the_worst_images_by_cross_entropy(reported, mosaics):
 def test_cooccurrence_counts_the_training_split(reported, mosaics):
     """The training split is every image of labels.csv that predictions.csv does not list (those are val and test)."""
     truth = _truth(mosaics)
-    evaluated = {row["path"] for row in csv.DictReader((reported / "predictions.csv").open(encoding="utf-8"))}
+    evaluated = {row["path"] for row in _prediction_rows(reported)}
     config = json.loads((reported / "config.json").read_text())
     classes = config["labels"]
     training = np.array([[c in labels for c in classes] for path, labels in truth.items() if path not in evaluated],

@@ -197,6 +197,15 @@ def _epoch_list(text: str) -> tuple[int, ...]:
         raise DataError(f"--lr-steps takes epoch numbers separated by commas (e.g. 6,9), not {text!r}.") from None
 
 
+def _label_kind(multi_label: bool, single_label: bool) -> bool | None:
+    """--multi-label: True, --single-label: False, neither: None (detected from the data)."""
+    from transferkit.errors import DataError
+
+    if multi_label and single_label:
+        raise DataError("give --multi-label or --single-label, not both.")
+    return True if multi_label else False if single_label else None
+
+
 def _accuracy_text(metrics: dict) -> str:
     if metrics.get("multi_label"):
         return (f"macro mAP [bold]{metrics['map_macro'] or 0:.3f}[/], micro mAP {metrics['map_micro'] or 0:.3f}, "
@@ -343,12 +352,13 @@ def train(
     accept: Optional[float] = typer.Option(None, metavar="SHARE", rich_help_panel=OUTPUT,
                                            help="Predictions say unknown for images further from the training images "
                                                 "than this share of validation images \\[default: 0.95]."),
-    multi_label: Optional[bool] = typer.Option(None, "--multi-label/--single-label",
-                                               help="Several labels an image (one sigmoid per class), or exactly one "
-                                                    "\\[default: detected from the CSV]."),
-    label_sep: Optional[str] = typer.Option(None, metavar="SEP", help="The separator of several labels in a CSV's "
-                                            "label field, e.g. '|' or ' ' \\[default: detected: | or ;, or a space "
-                                            "in a column named tags/labels]."),
+    multi_label: bool = _flag("--multi-label", "Several labels an image, one sigmoid per class (an image may have "
+                                               "none) \\[default: detected from the CSV].", DATA),
+    single_label: bool = _flag("--single-label", "Exactly one label an image: an empty label is an error.", DATA),
+    label_sep: Optional[str] = typer.Option(None, metavar="SEP", rich_help_panel=DATA,
+                                            help="The separator of several labels in a CSV's label field, e.g. '|' "
+                                                 "or ' ' \\[default: detected: | or ;, or a space in a column named "
+                                                 "tags/labels]."),
     threshold: Optional[float] = typer.Option(None, min=0.001, max=0.999, rich_help_panel=OUTPUT,
                                               help="Multi-label: give a label when its probability reaches this, for "
                                                    "every class \\[default: each class's F1-best on validation]."),
@@ -410,7 +420,7 @@ def train(
                    train_size=train_size, mode=mode, head=head, augment=augment, unfreeze=unfreeze,
                    time_limit=time_limit, backbone_lr_mult=backbone_lr_mult, train_bn=train_bn,
                    cache_bottom=cache_bottom, mixup=mixup, ema=ema, drop_path=drop_path, accept=accept,
-                   multi_label=multi_label, label_sep=label_sep, threshold=threshold,
+                   multi_label=_label_kind(multi_label, single_label), label_sep=label_sep, threshold=threshold,
                    head_epochs=head_epochs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
                    label_smoothing=label_smoothing, patience=patience, balance=balance, optimizer=optimizer,
@@ -697,13 +707,18 @@ def export_command(
     checked = (f"{plural(parity['images'], 'synthetic image')} (the run has no validation/test image that can be "
                "read)" if parity["synthetic"] else f"{plural(parity['images'], 'validation/test image')}")
     out.print(f"Parity with PyTorch on {checked}: top-1 agreement {parity['top1_agreement']:.3f}, "
-              f"max probability difference {parity['max_abs_probability_difference']:.2e}.")
+              f"max probability difference {parity['max_abs_probability_difference']:.2e}"
+              + (f", label sets agreeing {parity['label_set_agreement']:.3f}." if "label_set_agreement" in parity
+                 else "."))
     q = result.quantization
     if q:
         change = "n/a" if q["accuracy_change"] is None else f"{100 * q['accuracy_change']:+.2f} points"
-        out.print(f"int8: calibrated on {plural(q['calibration_images'], 'training image')}; validation accuracy "
+        label_sets = q.get("label_set_agreement")
+        measured = "exact match" if "label_set_agreement" in q else "accuracy"
+        agreeing = "" if label_sets is None else f"; label sets agree fp32/int8 {label_sets:.3f}"
+        out.print(f"int8: calibrated on {plural(q['calibration_images'], 'training image')}; validation {measured} "
                   f"{q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} ({change} on "
-                  f"{plural(q['validation_images'], 'image')}); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
+                  f"{plural(q['validation_images'], 'image')}{agreeing}); size {q['size_int8_bytes'] / 1e6:.1f} MB, "
                   f"{q['size_ratio']:.2f}x the fp32 model.")
     if result.format == "onnx":
         out.print(f"Predict without PyTorch: transferkit predict {escape(str(result.folder))} IMAGES...")
@@ -721,6 +736,9 @@ def serve_command(
     max_bytes: int = typer.Option(20_000_000, min=1, help="Largest request body accepted (413 above)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Decoding and ONNX Runtime threads \\[default: cores]."),
     cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP + " Used for a run folder."),
+    threshold: Optional[float] = typer.Option(None, min=0.001, max=0.999,
+                                              help="Multi-label models: give every label whose probability reaches "
+                                                   "this \\[default: the model's per-class thresholds]."),
 ) -> None:
     """Serve a classifier over HTTP: POST /v1/predict, /v1/predict/batch; GET /v1/model, /healthz, /docs and a
     page at / where a person drops a photo."""
@@ -728,7 +746,8 @@ def serve_command(
 
     _setup_logging()
     serve(model, host, port, ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
-                                         threads=threads, cache_dir=str(cache_dir) if cache_dir else None))
+                                         threads=threads, cache_dir=str(cache_dir) if cache_dir else None,
+                                         threshold=threshold))
 
 
 @app.command(epilog="Example: transferkit report runs/cats --data new_photos/")
@@ -823,12 +842,17 @@ def doctor(
                                                                              "duplicates."),
     cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
     as_json: bool = _flag("--json", "Print the findings as JSON."),
+    multi_label: bool = _flag("--multi-label", "Several labels an image \\[default: detected from the CSV]."),
+    single_label: bool = _flag("--single-label", "Exactly one label an image."),
+    label_sep: Optional[str] = typer.Option(None, metavar="SEP", help="The separator of several labels in a CSV's "
+                                            "label field \\[default: detected]."),
 ) -> None:
     """Check a dataset: unreadable/odd files, duplicates and train/val leakage, imbalance, likely label errors."""
     from transferkit.doctor import TITLES, diagnose, write_html
 
     _setup_logging()
-    result = diagnose(data, val, test, near_duplicate_cosine=near_duplicate_cosine, cache_dir=cache_dir)
+    result = diagnose(data, val, test, near_duplicate_cosine=near_duplicate_cosine, cache_dir=cache_dir,
+                      multi_label=_label_kind(multi_label, single_label), label_sep=label_sep)
     if report_file is not None:
         write_html(result, report_file)
     if as_json:
@@ -925,7 +949,8 @@ def runs_command(
     table = Table("run", "date", "data", "mode", "backbone", "accuracy", "options", title=escape(str(folder)),
                   title_justify="left")
     for run in found:
-        accuracy = "-" if run.accuracy is None else f"{run.accuracy:.3f} ({run.accuracy_split})"
+        accuracy = ("-" if run.accuracy is None else
+                    f"{run.accuracy:.3f} ({run.accuracy_split}{', mAP' if run.measure == 'mAP' else ''})")
         table.add_row(*map(escape, (run.path.name, run.date, run.data, run.mode, run.backbone, accuracy,
                                     run.options)))
     out.print(table)

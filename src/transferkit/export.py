@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.multilabel import DEFAULT_THRESHOLD, THRESHOLDS_FILE, decide, label_matrix, stored_thresholds
 from transferkit.onnx_engine import export_pixel_model, onnxruntime_installed, probe_pixels
 from transferkit.novelty import NOVELTY_FILE, NoveltyModel
 from transferkit.progress import progress_bar
@@ -46,18 +47,6 @@ class ProbabilityModel(torch.nn.Module):
         return (probabilities, features, logits) if self.with_features else probabilities
 
 
-class MultiLabelProbabilityModel(ProbabilityModel):
-    """`ProbabilityModel` for a multi-label run: one sigmoid per class instead of the softmax, and no temperature,
-    as `Classifier.outputs_from_features` gives them. (A class of its own, so that single-label exports keep every
-    byte: ONNX and TorchScript files record the source lines of `forward`.)"""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.features(pixels)
-        logits = self.head(features)
-        probabilities = torch.sigmoid(logits)
-        return (probabilities, features, logits) if self.with_features else probabilities
-
-
 @dataclass
 class ExportResult:
     folder: Path
@@ -71,22 +60,19 @@ class ExportResult:
                 "quantization": self.quantization}
 
 
-def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int,
-                  thresholds: np.ndarray | None = None) -> tuple[list[str], list]:
+def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int) -> tuple[list[str], list[int]]:
     """Up to `count` labelled images of the run: its evaluation predictions (val/test; "val+test": both), or its
-    training split. Targets are class indices, or for a multi-label run (`thresholds` given) rows of 0/1 per
-    class."""
+    training split."""
     from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
-    from transferkit.multilabel import label_matrix
     from transferkit.runs import load_run_dataset
 
     if split == "val+test":
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
         parts = [predictions[name] for name in ("val", "test") if name in predictions]
         return ([path for part in parts for path in part.paths][:count],
-                [_target(target) for part in parts for target in part.targets][:count])
+                [int(target) for part in parts for target in part.targets][:count])
     if split in ("val", "test"):
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
         chosen = predictions.get(split) or next(iter(predictions.values()), None)
         if chosen is None:
             return [], []
@@ -95,20 +81,12 @@ def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count
         samples = load_run_dataset(config).splits.get("train", [])
     except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
         return [], []
-    picked = np.random.default_rng(0).permutation(len(samples))[:count]
-    if thresholds is not None or any(isinstance(samples[i].label, tuple) for i in picked):
-        return ([str(samples[i].path) for i in picked],
-                label_matrix([samples[i].labels for i in picked], classes).tolist())
     index = {name: i for i, name in enumerate(classes)}
+    picked = np.random.default_rng(0).permutation(len(samples))[:count]
     return [str(samples[i].path) for i in picked], [index[samples[i].label] for i in picked]
 
 
-def _target(target: np.ndarray) -> int | list[float]:
-    """A class index as an int; a multi-label row of 0/1 as a list."""
-    return target.tolist() if np.ndim(target) else int(target)
-
-
-def _pixels(paths: list[str], targets: list, preprocessing, desc: str,
+def _pixels(paths: list[str], targets: list[int], preprocessing, desc: str,
             progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
     from transferkit.data import default_workers, iter_prepared, make_preparer
 
@@ -137,17 +115,13 @@ def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> np.ndarray | tup
     return tuple(o.numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.numpy()
 
 
-def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None,
-            thresholds: np.ndarray | None = None) -> dict:
+def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: NoveltyModel | None) -> dict:
     """`synthetic`: checked on made-up pixels, because the run has no validation/test image that can be read. With
-    `novelty`, the unknown verdicts (at the run's threshold) of both are compared too; with `thresholds` (a
-    multi-label run), the label sets: the share of images given the same labels by both."""
+    `novelty`, the unknown verdicts (at the run's threshold) of both are compared too."""
     (reference, *reference_extra), (exported, *exported_extra) = reference, exported
     parity = {"images": int(len(reference)), "synthetic": synthetic,
               "top1_agreement": float(np.mean(reference.argmax(1) == exported.argmax(1))) if len(reference) else None,
               "max_abs_probability_difference": float(np.abs(reference - exported).max()) if len(reference) else None}
-    if thresholds is not None:
-        parity["label_set_agreement"] = _label_set_agreement(reference, exported, thresholds)
     threshold = novelty.threshold() if novelty is not None else None
     if threshold is not None and exported_extra and len(reference):
         reference_scores, exported_scores = novelty.scores(*reference_extra), novelty.scores(*exported_extra)
@@ -159,30 +133,7 @@ def _parity(reference: tuple, exported: tuple, synthetic: bool, novelty: Novelty
     return parity
 
 
-def _label_set_agreement(reference: np.ndarray, exported: np.ndarray, thresholds: np.ndarray) -> float | None:
-    """The share of images whose label set (the classes at or above their threshold) is the same in both. A class
-    whose reference probability is within rounding of its threshold may fall either side in either engine: it is
-    not counted as a disagreement."""
-    from transferkit.multilabel import decide
-
-    if not len(reference):
-        return None
-    clear = np.abs(reference - thresholds[None, :]) > MAX_PROBABILITY_DIFFERENCE
-    same = (decide(reference, thresholds) == decide(exported, thresholds)) | ~clear
-    return float(np.mean(same.all(1)))
-
-
-def _export_thresholds(config: dict, classes: list[str]) -> dict:
-    """What thresholds.json holds: the run's "thresholds" as config.json has them ({"per_class": {class:
-    threshold}, "chosen_by": ...}); DEFAULT_THRESHOLD for every class when the run kept none."""
-    from transferkit.multilabel import DEFAULT_THRESHOLD
-
-    return config.get("thresholds") or {"per_class": {name: DEFAULT_THRESHOLD for name in classes},
-                                        "chosen_by": f"default ({DEFAULT_THRESHOLD} for every class)"}
-
-
-def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None,
-                   multi_label: bool = False) -> None:
+def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bool | None) -> None:
     """Static QDQ quantisation (int8 weights per channel, uint8 activations) calibrated on training images.
 
     7-bit weight range (`reduce_range`), which ONNX Runtime advises on x86: on hymenoptera (lite0 probe, 153 val
@@ -216,11 +167,8 @@ def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bo
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            # Softmax stays float, so probabilities are not rounded to steps of 1/255 (a multi-label model's last
-            # Sigmoid likewise: the one that gives the probabilities, not those inside the backbone).
-            graph = onnx.load(str(prepared)).graph
-            softmax = [node.name for node in graph.node if node.op_type == "Softmax"
-                       or (multi_label and node.op_type == "Sigmoid" and "probabilities" in node.output)]
+            # Softmax (a multi-label model's last Sigmoid) stays float: probabilities are not rounded to 1/255 steps.
+            softmax = [node.name for node in onnx.load(str(prepared)).graph.node if _stays_float(node)]
             quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                             nodes_to_exclude=softmax)
@@ -232,22 +180,19 @@ def _quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray, progress: bo
 def export_run(run: str | Path, format: str = "onnx", quantize: str | None = None, out: str | Path | None = None,
                overwrite: bool = False, parity_images: int = PARITY_IMAGES,
                progress: bool | None = None) -> ExportResult:
-    """Write RUN's whole classifier (backbone + head + softmax; uint8 NHWC pixels in, probabilities out, any batch
-    size) as ONNX or TorchScript into `out` (default RUN/export-FORMAT[-int8]), with labels.txt,
-    preprocessing.json and export.json. A multi-label run's model ends in one sigmoid per class instead of the
-    softmax; its manifest says `"multi_label": true` and its per-class thresholds travel as thresholds.json.
+    """Write RUN's whole classifier (backbone + head + softmax, or one sigmoid per class for a multi-label run; uint8
+    NHWC pixels in, probabilities out, any batch size) as ONNX or TorchScript into `out` (default
+    RUN/export-FORMAT[-int8]), with labels.txt, preprocessing.json, export.json (and thresholds.json: multi-label).
 
     Before the folder is written, the export is run on up to `parity_images` of the run's validation/test images
     (synthetic pixels when it has none that can be read; `parity["synthetic"]` says so) and compared with PyTorch:
-    the top-1 classes must agree and the probabilities differ by at most 1e-4 (multi-label: the label sets at the
-    run's thresholds must agree too).
+    the top-1 classes (and multi-label sets) must agree and the probabilities differ by at most 1e-4.
     `quantize="int8"` (ONNX only) adds static int8 quantisation calibrated on training images, and records its
     accuracy change on the validation split and its size against fp32.
     """
     from transferkit import __version__
     from transferkit.classifier import Classifier
     from transferkit.errors import DataError, RunError
-    from transferkit.multilabel import THRESHOLDS_FILE, stored_thresholds
     from transferkit.runs import StagedRun, read_metrics
 
     if format not in EXPORT_FORMATS:
@@ -262,13 +207,9 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     classifier = Classifier.load(run, engine="torch")
     config, classes, preprocessing = classifier.config, classifier.classes, classifier.backbone.preprocessing
     novelty = classifier.novelty if format == "onnx" else None  # the torch-free runtime scores ONNX exports
-    multi_label = classifier.multi_label
-    thresholds = _export_thresholds(config, classes) if multi_label else None
-    decisions = stored_thresholds(thresholds, classes) if multi_label else None
-    model = (MultiLabelProbabilityModel if multi_label else ProbabilityModel)(
-        classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
-        with_features=novelty is not None).cpu().float().eval()
-    pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images, decisions), preprocessing,
+    thresholds, decisions = _run_thresholds(classifier)  # multi-label: thresholds.json, and in class order
+    model = _probability_model(classifier, with_features=novelty is not None)
+    pixels, _ = _pixels(*_samples(run, config, classes, "val+test", parity_images, decisions), preprocessing,
                         "Reading validation/test images", progress)
     synthetic = not len(pixels)
     if synthetic:
@@ -296,7 +237,10 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                 loaded = torch.jit.load(str(staged.path(model_file)))
             with torch.inference_mode():
                 exported = _run_batches(lambda batch: _numpy(loaded(torch.from_numpy(batch))), pixels)
-        parity = _parity(reference, exported, synthetic, novelty, decisions)
+        parity = _parity(reference, exported, synthetic, novelty)
+        if decisions is not None:
+            parity["top1_agreement"] = _top1_agreement(reference[0], exported[0])
+            parity["label_set_agreement"] = _label_set_agreement(reference[0], exported[0], decisions)
         label_sets = parity.get("label_set_agreement")
         if (parity["top1_agreement"] != 1.0 or parity["max_abs_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
                 or parity.get("unknown_agreement", 1.0) != 1.0 or label_sets not in (None, 1.0)):
@@ -310,7 +254,7 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
                                      staged.path("model.int8.onnx"), novelty, progress, decisions)
             model_file = "model.int8.onnx"
         staged.write_text("labels.txt", "\n".join(classes) + "\n")
-        if multi_label:
+        if thresholds is not None:  # staged with the other files: the export folder appears whole or not at all
             staged.write_json(THRESHOLDS_FILE, thresholds)
         if novelty is not None:
             staged.write_bytes(NOVELTY_FILE, (run / NOVELTY_FILE).read_bytes())
@@ -328,9 +272,9 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
             "run": str(run.resolve()), "metrics": {k: v.get("accuracy") for k, v in read_metrics(run).items()},
             "parity": parity, "quantization": quantization, "transferkit_version": __version__,
             "torch": torch.__version__,
-            **({"multi_label": True, "probabilities": "one sigmoid per class; a label is given when its probability "
-                                                      f"reaches its threshold in {THRESHOLDS_FILE}",
-                "thresholds_file": THRESHOLDS_FILE} if multi_label else {})})
+            **({"multi_label": True, "probabilities": "one sigmoid per class; a class is a label of the image when "
+                                                      f"its probability reaches its threshold in {THRESHOLDS_FILE}",
+                "thresholds_file": THRESHOLDS_FILE} if thresholds is not None else {})})
     return ExportResult(out, format, model_file, parity, quantization)
 
 
@@ -340,9 +284,8 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     how often their unknown verdicts agree. A multi-label run (`thresholds` given): the accuracy is the exact-match
     ratio (every label of an image right), and `label_set_agreement` how often both give an image the same labels."""
     from transferkit.errors import RunError
-    from transferkit.multilabel import decide
 
-    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES, thresholds),
+    calibration, _ = _pixels(*_samples(run, config, classes, "train", CALIBRATION_IMAGES, thresholds),
                              preprocessing, "Reading calibration images", progress)
     if not len(calibration):
         raise RunError("int8 quantisation calibrates on the run's training images, and none could be read; "
@@ -351,18 +294,17 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     if len(calibration) < FEW_CALIBRATION_IMAGES:
         log.warning("few calibration images (%d, fewer than %d): the int8 value ranges may not fit new images; "
                     "check the accuracy change it reports", len(calibration), FEW_CALIBRATION_IMAGES)
-    _quantize_int8(fp32, int8, calibration, progress, thresholds is not None)
-    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000, thresholds),
-                                      preprocessing, "Measuring int8 accuracy", progress)
+    _quantize_int8(fp32, int8, calibration, progress)
+    val_pixels, val_targets = _pixels(*_samples(run, config, classes, "val", 100_000, thresholds), preprocessing,
+                                      "Measuring int8 accuracy", progress)
     accuracy, verdicts, label_sets = {}, {}, {}
     threshold = novelty.threshold() if novelty is not None else None
     for name, path in (("fp32", fp32), ("int8", int8)):
         session = runtime_session.__wrapped__(str(path))
         probabilities, *extra = _run_batches(lambda batch: session.run(None, {"pixels": batch}), val_pixels)
-        if thresholds is not None:
-            label_sets[name] = decide(probabilities, thresholds) if len(val_targets) else None
-            accuracy[name] = (float(np.mean((label_sets[name] == (val_targets > 0)).all(1))) if len(val_targets)
-                              else None)
+        if thresholds is not None and len(val_targets):
+            label_sets[name] = decide(probabilities, thresholds)
+            accuracy[name] = float(np.mean((label_sets[name] == (val_targets > 0)).all(1)))
         else:
             accuracy[name] = float(np.mean(probabilities.argmax(1) == val_targets)) if len(val_targets) else None
         if threshold is not None and len(val_targets):
@@ -373,8 +315,95 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
                 "accuracy_fp32": accuracy["fp32"], "accuracy_int8": accuracy["int8"], "accuracy_change": change,
                 "size_fp32_bytes": fp32.stat().st_size, "size_int8_bytes": int8.stat().st_size,
                 "size_ratio": int8.stat().st_size / fp32.stat().st_size, "unknown_agreement": agreement}
-    if thresholds is not None:
-        measured["accuracy"] = "exact match: every label of an image right, at the run's thresholds"
+    if thresholds is not None:  # multi-label: "accuracy" is the exact-match ratio at the run's thresholds
+        measured["accuracy"] = "exact match (every label of an image right, at the run's thresholds)"
         measured["label_set_agreement"] = (float(np.mean((label_sets["fp32"] == label_sets["int8"]).all(1)))
-                                           if len(val_targets) else None)
+                                           if label_sets else None)
     return measured
+
+
+# ---------------------------------------------------------------------------------------------- multi-label runs
+
+
+class MultiLabelProbabilityModel(ProbabilityModel):
+    """`ProbabilityModel` for a multi-label run: one sigmoid per class instead of the softmax, and no temperature,
+    as `Classifier.outputs_from_features` gives them."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.features(pixels)
+        logits = self.head(features)
+        probabilities = torch.sigmoid(logits)
+        return (probabilities, features, logits) if self.with_features else probabilities
+
+
+def _probability_model(classifier, with_features: bool) -> ProbabilityModel:
+    """The classifier's whole model on the CPU in float32, ending in its softmax (multi-label: its sigmoids)."""
+    kind = MultiLabelProbabilityModel if classifier.multi_label else ProbabilityModel
+    return kind(classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
+                with_features=with_features).cpu().float().eval()
+
+
+def _run_thresholds(classifier) -> tuple[dict | None, np.ndarray | None]:
+    """A multi-label run's thresholds as thresholds.json holds them (config.json's "thresholds": {"per_class": {class:
+    threshold}, "chosen_by": ...}; DEFAULT_THRESHOLD for every class when the run kept none), and in class order.
+    (None, None) for a single-label run."""
+    if not classifier.multi_label:
+        return None, None
+    stored = classifier.config.get("thresholds") or {
+        "per_class": {name: DEFAULT_THRESHOLD for name in classifier.classes},
+        "chosen_by": f"default: the run kept no thresholds ({DEFAULT_THRESHOLD} for every class)"}
+    return stored, stored_thresholds(stored, classifier.classes)
+
+
+def _samples(run: Path, config: dict, classes: list[str], split: str, count: int,
+             thresholds: np.ndarray | None) -> tuple[list[str], list]:
+    """`_sample_paths`, for multi-label runs too (`thresholds` given): the targets are then rows of 0/1, one per
+    class, from the run's label-set predictions.csv or its training split's label tuples (`Sample.labels`)."""
+    from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
+    from transferkit.runs import load_run_dataset
+
+    if thresholds is None:
+        return _sample_paths(run, config, classes, split, count)
+    if split in ("val+test", "val", "test"):
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
+        if split == "val+test":
+            parts = [predictions[name] for name in ("val", "test") if name in predictions]
+        else:
+            chosen = predictions.get(split) or next(iter(predictions.values()), None)
+            parts = [chosen] if chosen is not None else []
+        return ([path for part in parts for path in part.paths][:count],
+                [row.tolist() for part in parts for row in part.targets][:count])
+    try:
+        samples = load_run_dataset(config).splits.get("train", [])
+    except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
+        return [], []
+    picked = np.random.default_rng(0).permutation(len(samples))[:count]
+    return [str(samples[i].path) for i in picked], label_matrix([samples[i].labels for i in picked], classes).tolist()
+
+
+def _top1_agreement(reference: np.ndarray, exported: np.ndarray) -> float | None:
+    """The share of images whose most probable class is the same in both, not counting images whose two most
+    probable classes are within rounding of each other: independent sigmoids can both saturate (two labels at
+    0.99999...), where either engine may rank either first."""
+    if not len(reference):
+        return None
+    top2 = -np.sort(-reference, axis=1)[:, :2]
+    clear = (top2[:, 0] - top2[:, -1] > MAX_PROBABILITY_DIFFERENCE) | (reference.shape[1] == 1)
+    return float(np.mean(reference.argmax(1)[clear] == exported.argmax(1)[clear])) if clear.any() else 1.0
+
+
+def _label_set_agreement(reference: np.ndarray, exported: np.ndarray, thresholds: np.ndarray) -> float | None:
+    """The share of images given the same label set (the classes at or above their threshold) by both. A class whose
+    reference probability is within rounding of its threshold may fall either side in either engine: that is not
+    counted as a disagreement."""
+    if not len(reference):
+        return None
+    clear = np.abs(reference - thresholds[None, :]) > MAX_PROBABILITY_DIFFERENCE
+    same = (decide(reference, thresholds) == decide(exported, thresholds)) | ~clear
+    return float(np.mean(same.all(1)))
+
+
+def _stays_float(node) -> bool:
+    """The ONNX nodes int8 quantisation leaves in float: softmax, and a multi-label model's last sigmoid (the one
+    that gives the probabilities, not those inside the backbone)."""
+    return node.op_type == "Softmax" or (node.op_type == "Sigmoid" and "probabilities" in node.output)

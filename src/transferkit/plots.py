@@ -76,6 +76,8 @@ GRID_GAP, GRID_CAPTION = 6, 36
 """An image grid's pixels between tiles, and the height of the caption band above each picture (two lines)."""
 CAPTION_LINE = 17
 """Pixels from one caption line to the next (13 px type)."""
+WORD_GAP = "  "
+"""What separates the words of a caption in several colours."""
 
 
 def plot_image_grid(images: list[np.ndarray], titles: list[str], path: Path, colors: list[str] | None = None,
@@ -107,26 +109,24 @@ def plot_label_grid(images: list[np.ndarray], captions: list[list[tuple[str, str
     return _image_grid(images[:len(captions)], caption, path, columns, tile)
 
 
-WORD_GAP = "  "
-
-
 def _words_width(words: list[tuple[str, str]], draw, font) -> float:
     return draw.textlength(WORD_GAP.join(word for word, _ in words), font=font)
 
 
 def _wrap(words: list[tuple[str, str]], draw, font, width: int) -> list[list[tuple[str, str]]]:
-    """Coloured words on up to two lines of `width` pixels; an ellipsis stands for the words that do not fit."""
+    """Coloured words on up to two lines of `width` pixels; the first word that does not fit on the second line is
+    cut with an ellipsis, which stands for it and the words after it."""
     lines: list[list[tuple[str, str]]] = [[]]
     for word, colour in words:
-        item = (_fit(word, draw, font, width), colour)
-        if lines[-1] and _words_width(lines[-1] + [item], draw, font) > width:
+        line = lines[-1]
+        if line and _words_width(line + [(word, colour)], draw, font) > width:
             if len(lines) == 2:
-                while lines[-1] and _words_width(lines[-1] + [("…", "black")], draw, font) > width:
-                    lines[-1].pop()
-                lines[-1].append(("…", "black"))
+                room = width - _words_width(line + [("", colour)], draw, font)
+                line.append((_fit(word, draw, font, int(room)), colour))
                 break
             lines.append([])
-        lines[-1].append(item)
+            line = lines[-1]
+        line.append((_fit(word, draw, font, width), colour))
     return lines
 
 

@@ -14,9 +14,9 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_dataset, make_prepar
 from transferkit.errors import DataError, RunError, TransferkitError
 from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, evaluate, group_accuracy,
                                   read_groups, read_predictions)
-from transferkit.multilabel import label_matrix, stored_thresholds
+from transferkit.multilabel import DEFAULT_THRESHOLD, label_matrix, stored_thresholds
 from transferkit.pages import render_template
-from transferkit.runs import load_run_dataset, read_metrics, read_run_config, write_atomically
+from transferkit.runs import label_options, load_run_dataset, read_metrics, read_run_config, write_atomically
 
 log = logging.getLogger("transferkit")
 
@@ -86,22 +86,13 @@ def _view(path: str, preprocessing) -> np.ndarray:
     return pixels if pixels is not None else np.full((*preprocessing.input_size, 3), 128, dtype=np.uint8)
 
 
-def _label_options(config: dict) -> dict:
-    """How load_dataset must read a multi-label run's data (label sets, with the separator training used); {} for a
-    single-label run."""
-    data = config["data"]
-    return {"multi_label": True, "label_sep": data.get("label_sep")} if data.get("multi_label") else {}
-
-
-def _run_dataset(config: dict, source: str | Path | None):
-    """The run's dataset (or `source`, split the same way). `load_run_dataset` reads label sets only where it detects
-    them, so a multi-label run's data is read here with its own options (a separator given at training, say)."""
-    options = _label_options(config)
-    if not options:
-        return load_run_dataset(config, source)
-    data = config["data"]
-    return load_dataset(source or data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
-                        data.get("test_percent", 10.0), **options)
+def _thresholds(config: dict, classes: list[str]) -> np.ndarray | None:
+    """A multi-label run's per-class thresholds in class order (DEFAULT_THRESHOLD where it stored none); None for a
+    run with one label an image."""
+    if not config["head"].get("multi_label"):
+        return None
+    stored = stored_thresholds(config.get("thresholds"), classes)
+    return stored if stored is not None else np.full(len(classes), DEFAULT_THRESHOLD, dtype=np.float32)
 
 
 def _training_samples(config: dict, samples: list, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
@@ -188,7 +179,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
     run = Path(run)
     config = read_run_config(run)
     classes = config["labels"]
-    thresholds = stored_thresholds(config.get("thresholds"), classes) if config["head"].get("multi_label") else None
+    thresholds = _thresholds(config, classes)
     out = Path(out) if out else run / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise DataError(f"--out must name an .html file, not {out}.")
@@ -203,7 +194,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
         chosen = _Evaluation(evaluation.split, evaluation.metrics, evaluation.predictions,
                              [(s.path, s.reason) for s in evaluation.skipped])
         counts = load_dataset(data, val_percent=config["data"].get("val_percent", 10.0),
-                              test_percent=config["data"].get("test_percent", 10.0), **_label_options(config)).counts()
+                              test_percent=config["data"].get("test_percent", 10.0), **label_options(config)).counts()
     else:
         chosen = _run_evaluation(run, classes, group_map, split, thresholds)
         counts = config["data"].get("class_counts", {})
@@ -217,7 +208,7 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
     source = data if data is not None else config["data"].get("source")
     training = None
     try:
-        training = _run_dataset(config, source).splits.get("train", [])
+        training = load_run_dataset(config, source).splits.get("train", [])
         images, titles = _training_samples(config, training, GRID_IMAGES, seed)
         pictures.add("samples", "Training images as the model sees them",
                      lambda path: plots.plot_image_grid(images, titles, path))
@@ -428,11 +419,13 @@ _LABEL_SET_SECTIONS = """
 {% endif %}{% endmacro %}
 {% macro label_table(id, rows, with_loss) %}
 <table id="{{ id }}">
-  <tr><th class="number">#</th><th>file</th><th>labels (probability)</th>{% if with_loss %}<th class="number">loss</th>{% endif %}</tr>
+  <tr><th class="number">#</th><th>file</th><th>labels (probability)</th>
+    {%- if with_loss %}<th class="number">loss</th>{% endif %}</tr>
   {% for row in rows %}
   <tr data-path="{{ row.path }}"><td class="number">{{ loop.index }}</td><td class="path">{{ row.path }}</td><td>
-    {%- for v in row.labels %}<span class="label {{ v.verdict }}" data-label="{{ v.label }}" data-verdict="{{ v.verdict }}"
-      style="color: {{ v.colour }}">{{ v.text }} {{ "%.2f"|format(v.probability) }}</span>{% if not loop.last %} · {% endif %}{% endfor -%}
+    {%- for v in row.labels %}<span class="label {{ v.verdict }}" data-label="{{ v.label }}"
+      data-verdict="{{ v.verdict }}" style="color: {{ v.colour }}">{{ v.text }} {{ "%.2f"|format(v.probability) -}}
+      </span>{% if not loop.last %} · {% endif %}{% endfor -%}
     </td>{% if with_loss %}<td class="number">{{ "%.3f"|format(row.loss) }}</td>{% endif %}</tr>
   {% endfor %}
 </table>
@@ -481,7 +474,8 @@ _LABEL_SET_SECTIONS = """
 <table id="cooccurrence">
   <tr><th></th>{% for name in cooccurrence.names %}<th class="number">{{ name }}</th>{% endfor %}</tr>
   {% for row in cooccurrence.counts %}
-  <tr><th>{{ cooccurrence.names[loop.index0] }}</th>{% for count in row %}<td class="number">{{ count }}</td>{% endfor %}</tr>
+  <tr><th>{{ cooccurrence.names[loop.index0] }}</th>
+    {%- for count in row %}<td class="number">{{ count }}</td>{% endfor %}</tr>
   {% endfor %}
 </table>
 </details>{% endif %}
@@ -495,7 +489,7 @@ def _label_set_page(page: str, sections: dict, shared: dict) -> str:
 
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     values = {**shared, **sections, "headline": HEADLINE, "colours": VERDICT_COLOURS,
-              "chosen_by": shared["config"].get("thresholds", {}).get("chosen_by", "as stored")}
+              "chosen_by": (shared["config"].get("thresholds") or {}).get("chosen_by") or "default"}
     cards = environment.from_string(_LABEL_SET_CARDS).render(values)
     body = environment.from_string(_LABEL_SET_SECTIONS).render(values)
     subtitle = page.index("</p>", page.index('<p class="subtitle">')) + len("</p>")

@@ -286,7 +286,14 @@ def load_run_dataset(config: dict, source: str | Path | None = None):
 
     data = config["data"]
     return load_dataset(source or data["source"], data.get("val"), data.get("test"), data.get("val_percent", 10.0),
-                        data.get("test_percent", 10.0))
+                        data.get("test_percent", 10.0), **label_options(config))
+
+
+def label_options(config: dict) -> dict:
+    """How load_dataset must read a multi-label run's data (label sets, with the separator training used); {} for a
+    single-label run."""
+    data = config.get("data", {})
+    return {"multi_label": True, "label_sep": data.get("label_sep")} if data.get("multi_label") else {}
 
 
 @dataclass(frozen=True)
@@ -298,9 +305,11 @@ class RunSummary:
     data: str
     mode: str
     backbone: str
-    accuracy: float | None  # on the test split, else on validation
+    accuracy: float | None  # on the test split, else on validation (multi-label runs: the macro mAP)
     accuracy_split: str | None
     options: str  # the options that shape a run most, e.g. "head=linear epochs=100 lr=0.001"
+    measure: str = "accuracy"
+    """What `accuracy` measures: accuracy, or "mAP" for a multi-label run."""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -329,6 +338,7 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
         found.append(RunSummary(
             folder, datetime.fromtimestamp(written).strftime("%Y-%m-%d %H:%M"), str(config["data"].get("source")),
             config.get("mode", "probe"), config["backbone"].get("name", "?"),
-            metrics[split]["accuracy"] if split else None, split,
-            " ".join(f"{k}={train_options[k]}" for k in SUMMARY_OPTIONS if train_options.get(k) is not None)))
+            metrics[split].get("map_macro", metrics[split]["accuracy"]) if split else None, split,
+            " ".join(f"{k}={train_options[k]}" for k in SUMMARY_OPTIONS if train_options.get(k) is not None),
+            "mAP" if split and metrics[split].get("multi_label") else "accuracy"))
     return sorted(found, key=lambda run: run.date, reverse=True)

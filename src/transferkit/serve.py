@@ -22,6 +22,7 @@ import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
 from transferkit.errors import DataError
+from transferkit.multilabel import DEFAULT_THRESHOLD
 from transferkit.novelty import rejection_threshold
 from transferkit.runtime import ExportedClassifier, Outputs, is_export, ranked_prediction
 
@@ -40,12 +41,14 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     threads: int | None = None
     cache_dir: str | None = None  # where a run folder's backbone keeps its ONNX file [default: transferkit's]
+    threshold: float | None = None  # multi-label models: decide every class at this [default: per-class thresholds]
 
 
 @dataclass
 class ServedModel:
     """What the server needs of a classifier: its labels, preprocessing, a pixels -> (probabilities, unknown-scores)
-    function and the score above which an image is unknown (None: never)."""
+    function and the score above which an image is unknown (None: never). A multi-label model (one sigmoid per
+    class) has per-class `thresholds`: its answer is every label at or above its class's threshold."""
 
     name: str
     classes: list[str]
@@ -53,6 +56,25 @@ class ServedModel:
     outputs: Callable[[np.ndarray], Outputs]
     info: dict
     threshold: float | None = None
+    thresholds: np.ndarray | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
+
+    def decisions(self, override: float | None) -> np.ndarray | None:
+        """The per-class thresholds a request decides labels with: `override` for every class when given, else the
+        model's own; None for a single-label model."""
+        if self.thresholds is None:
+            return None
+        return self.thresholds if override is None else np.full(len(self.classes), override, dtype=np.float32)
+
+
+def _label_thresholds(multi_label: bool, thresholds: np.ndarray | None, classes: list[str]) -> np.ndarray | None:
+    """A multi-label model's thresholds (DEFAULT_THRESHOLD for every class when it kept none); None otherwise."""
+    if not multi_label:
+        return None
+    return thresholds if thresholds is not None else np.full(len(classes), DEFAULT_THRESHOLD, dtype=np.float32)
 
 
 def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None) -> ServedModel:
@@ -61,7 +83,8 @@ def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Pa
     if is_export(path):
         exported = ExportedClassifier(path, threads=threads)
         return ServedModel(path.name, exported.classes, exported.preprocessing, exported.outputs,
-                           exported.describe(), rejection_threshold(exported.novelty, True, None, str(path)))
+                           exported.describe(), rejection_threshold(exported.novelty, True, None, str(path)),
+                           _label_thresholds(exported.multi_label, exported.thresholds, exported.classes))
     from transferkit.classifier import Classifier
     from transferkit.runs import read_metrics
 
@@ -76,8 +99,12 @@ def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Pa
             "preprocessing": classifier.backbone.preprocessing.to_dict(),
             "calibration": classifier.config.get("calibration"),
             "unknown": classifier.novelty.describe() if classifier.novelty else None}
+    thresholds = _label_thresholds(classifier.multi_label, classifier.thresholds, classifier.classes)
+    info.update({"multi_label": classifier.multi_label,
+                 "thresholds": (dict(zip(classifier.classes, thresholds.astype(float).tolist()))
+                                if thresholds is not None else None)})
     return ServedModel(path.name, classifier.classes, classifier.backbone.preprocessing, outputs, info,
-                       rejection_threshold(classifier.novelty, True, None, str(path)))
+                       rejection_threshold(classifier.novelty, True, None, str(path)), thresholds)
 
 
 class MicroBatcher:
@@ -220,11 +247,31 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
         except asyncio.TimeoutError:
             raise HTTPException(503, "the model did not answer in time; retry later.") from None
 
-    def answer(name: str, outputs: Outputs, row: int, top_k: int, reject: bool) -> dict:
+    if config.threshold is not None and not model.multi_label:
+        raise DataError("--threshold decides the labels of a multi-label model; this model gives one class an "
+                        "image (drop --threshold).")
+    if config.threshold is not None and not 0 < config.threshold < 1:
+        raise DataError(f"--threshold must be between 0 and 1, not {config.threshold}.")
+
+    def decisions(threshold: float | None) -> np.ndarray | None:
+        """The per-class thresholds of one request (`threshold`: every class at it)."""
+        if threshold is not None and not model.multi_label:
+            raise HTTPException(400, "threshold decides the labels of a multi-label model; this model gives one "
+                                     "class an image (drop threshold).")
+        return model.decisions(threshold if threshold is not None else config.threshold)
+
+    def answer(name: str, outputs: Outputs, row: int, top_k: int, reject: bool,
+               thresholds: np.ndarray | None = None) -> dict:
+        """The answer for one image: to_dict() of its Prediction, less its input and error (multi-label: with the
+        `labels` that reach their thresholds, and `passed` on each of the top-k)."""
         probabilities, scores = outputs
         prediction = ranked_prediction(name, probabilities[row], model.classes, min(top_k, len(model.classes)),
-                                       None if scores is None else scores[row], model.threshold if reject else None)
+                                       None if scores is None else scores[row], model.threshold if reject else None,
+                                       thresholds)
         answered = prediction.to_dict()
+        if thresholds is not None:
+            return {"unknown": answered["unknown"], "ood_score": answered["ood_score"], "labels": answered["labels"],
+                    "predictions": answered["predictions"]}
         return {"unknown": answered["unknown"], "ood_score": answered["ood_score"],
                 "predictions": answered["predictions"]}
 
@@ -237,26 +284,35 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
         return {**model.info, "name": model.name, "config": asdict(config),
                 "served": {"images": batcher.images, "model_calls": batcher.batches}}
 
+    def threshold_query():
+        return Query(None, gt=0, lt=1, description="Multi-label models: decide every class at this threshold "
+                                                   "instead of its own.")
+
     @app.post("/v1/predict")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000), reject: bool = Query(True)) -> dict:
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000), reject: bool = Query(True),
+                      threshold: float | None = threshold_query()) -> dict:
         """One image, as a multipart 'file' field or as the raw body: the top-k classes, how unlike the training
-        images it is (`ood_score`) and whether that makes it `unknown` (`reject=false`: never)."""
+        images it is (`ood_score`) and whether that makes it `unknown` (`reject=false`: never). Multi-label models:
+        `labels`, every label at or above its class's threshold (`threshold`: one for every class), and `passed` on
+        each of the top-k."""
         started = time.perf_counter()
+        thresholds = decisions(threshold)
         name, data = (await uploads(request))[0]
         pixels = await decode(data)
         decoded = time.perf_counter()
         outputs = await classify(pixels[None])
         done = time.perf_counter()
-        return {"input": name, **answer(name, outputs, 0, top_k, reject),
+        return {"input": name, **answer(name, outputs, 0, top_k, reject, thresholds),
                 "timing_ms": {"decode": round(1000 * (decoded - started), 2),
                               "inference": round(1000 * (done - decoded), 2),
                               "total": round(1000 * (done - started), 2)}}
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request, top_k: int = Query(5, ge=1, le=1000),
-                            reject: bool = Query(True)) -> dict:
+                            reject: bool = Query(True), threshold: float | None = threshold_query()) -> dict:
         """Several images as multipart files: one result each, with an error (and its status) for bad ones."""
         started = time.perf_counter()
+        thresholds = decisions(threshold)
         files = await uploads(request)
         results: list[dict | None] = [None] * len(files)
         good, pixels = [], []
@@ -270,18 +326,78 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
             outputs = await classify(np.stack(pixels))
             for row, position in enumerate(good):
                 results[position] = {"input": files[position][0],
-                                     **answer(files[position][0], outputs, row, top_k, reject)}
+                                     **answer(files[position][0], outputs, row, top_k, reject, thresholds)}
         return {"results": results, "timing_ms": {"total": round(1000 * (time.perf_counter() - started), 2)}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return PAGE.read_text(encoding="utf-8").replace("{{ model }}", html.escape(model.name))
+        text = PAGE.read_text(encoding="utf-8").replace("{{ model }}", html.escape(model.name))
+        return text.replace("</body>", MULTI_LABEL_PAGE + "</body>", 1) if model.multi_label else text
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, err: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
 
     return app
+
+
+MULTI_LABEL_PAGE = """<style>
+  .labels-title { font-weight: 600; margin: 0.4em 0 0.2em; }
+  .none { color: #5a6475; margin: 0.4em 0; }
+  .row.below { color: #8a93a3; }
+  .row.below .fill { background: #c3cad5; }
+  .row .mark { width: 8em; font-size: 0.8em; color: #8a93a3; }
+</style>
+<script>
+// A multi-label model: every label that reached its class's threshold, with its probability, then the other top-k
+// classes greyed and marked as below threshold. `?threshold=0.4` on the page's address decides every class at 0.4.
+// (Declared after the page's own classify, this one replaces it.)
+function labelRow(label, probability, passed) {
+  const row = document.createElement("div"); row.className = passed ? "row passed" : "row below";
+  const name = document.createElement("span"); name.className = "label"; name.textContent = label;
+  const bar = document.createElement("span"); bar.className = "bar";
+  const fill = document.createElement("span"); fill.className = "fill"; fill.style.display = "block";
+  fill.style.width = (100 * probability).toFixed(1) + "%"; bar.appendChild(fill);
+  const value = document.createElement("span"); value.className = "value";
+  value.textContent = (100 * probability).toFixed(1) + "%";
+  const mark = document.createElement("span"); mark.className = "mark";
+  mark.textContent = passed ? "" : "below threshold";
+  row.append(name, bar, value, mark);
+  return row;
+}
+async function classify(file) {
+  error.textContent = ""; result.textContent = "\u2026"; document.getElementById("timing").textContent = "";
+  const preview = document.getElementById("preview");
+  preview.src = URL.createObjectURL(file); preview.style.display = "block";
+  const form = new FormData(); form.append("file", file);
+  const query = new URLSearchParams({top_k: "5"});
+  const threshold = new URLSearchParams(location.search).get("threshold");
+  if (threshold) query.set("threshold", threshold);
+  const response = await fetch("/v1/predict?" + query, {method: "POST", body: form});
+  const body = await response.json();
+  result.textContent = "";
+  if (!response.ok) {
+    error.textContent = typeof body.detail === "string" ? body.detail
+      : JSON.stringify(body.detail || response.statusText);
+    return;
+  }
+  if (body.unknown) {
+    const verdict = document.createElement("div"); verdict.id = "unknown"; verdict.className = "unknown";
+    verdict.textContent = "I don't know this: it looks unlike every photo I was trained on " +
+      `(score ${body.ood_score.toFixed(3)}). The nearest classes:`;
+    result.appendChild(verdict);
+  }
+  const title = document.createElement("div");
+  title.className = body.labels.length ? "labels-title" : "none";
+  title.textContent = body.labels.length ? "Labels" : "No label reached its threshold.";
+  result.appendChild(title);
+  for (const l of body.labels) result.appendChild(labelRow(l.label, l.probability, true));
+  for (const p of body.predictions) if (!p.passed) result.appendChild(labelRow(p.label, p.probability, false));
+  document.getElementById("timing").textContent = `answered in ${body.timing_ms.total} ms`;
+}
+</script>
+"""
+"""What the page adds for a multi-label model (templates/serve.html draws one class per image)."""
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -309,7 +425,11 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: S
     import uvicorn
 
     sock = _listen(host, port)
-    app = create_app(load_model(path, config.threads, config.cache_dir), config)
+    try:
+        app = create_app(load_model(path, config.threads, config.cache_dir), config)
+    except BaseException:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
     log.info("serving %s at %s (the page), %s/docs (the API)", path, url, url)

@@ -189,7 +189,8 @@ def summarize_run(run: str | Path, cache_dir: str | Path | None = None) -> Model
     # A probe trains on features of the evaluation crops; the image modes train at the backbone's training size.
     size = evaluation_size if mode == "probe" else config["backbone"].get("train_size") or evaluation_size
     notes = {"mode": mode, "backbone": config["backbone"]["name"], "weights": config["backbone"]["weights_id"],
-             "head": config["head"]["kind"], "classes": str(len(classifier.classes))}
+             "head": config["head"]["kind"], "classes": str(len(classifier.classes)),
+             "output": "one sigmoid per class (multi-label)" if classifier.multi_label else "softmax"}
     name = f"{config['backbone']['name']} + {config['head']['kind']} head"
     head = classifier.head.requires_grad_(True)
     if mode in ("probe", "head"):

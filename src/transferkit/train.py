@@ -91,7 +91,9 @@ class TrainResult:
                 "best_epoch": self.best_epoch, "epochs_run": len(self.history), "skipped": len(self.skipped),
                 "features_computed": self.features_computed, "features_from_cache": self.features_from_cache,
                 "seconds": round(self.seconds, 2), "report": str(self.report) if self.report else None,
-                "choice": self.choice, "advice": self.advice}
+                "choice": self.choice, "advice": self.advice,
+                **({f"{split}_map": part.get("map_macro") for split, part in self.metrics.items()}
+                   if any(part.get("multi_label") for part in self.metrics.values()) else {})}
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -851,7 +853,7 @@ def _doctor_summary(arguments: dict, config: TrainConfig, image_size: int, distr
         report = diagnose(arguments["data"], arguments["val"], arguments["test"], config.val_percent,
                           config.test_percent, config.backbone, config.weights, image_size,
                           cache_dir=config.cache_dir, use_cache=config.use_cache, use_features=use_features,
-                          seed=config.seed,
+                          seed=config.seed, multi_label=config.multi_label, label_sep=config.label_sep,
                           progress=progress, **engine)
     except Exception as err:  # noqa: BLE001 - the check advises; a failure in it must not stop training
         log.warning("the data check failed (%s: %s); training goes on", type(err).__name__, err)
