@@ -626,6 +626,11 @@ def _save(staged: StagedRun, checkpoint: dict, clock: Clock) -> None:
     save_checkpoint(staged.staging, {**checkpoint, "elapsed": clock.elapsed()})
 
 
+def _measure(outcome: _Outcome) -> str:
+    """What `_val_accuracy` measures, in words."""
+    return "mAP" if outcome.prepared.multi_label else "accuracy"
+
+
 def _val_accuracy(outcome: _Outcome) -> float | None:
     """The validation score auto compares models by: accuracy, or for multi-label the macro mAP."""
     _, targets = outcome.prepared.split("val")
@@ -672,7 +677,8 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
                         "there are none (give --val or a --val-percent above 0)")
         log.warning("%s", probe.choice)
         return probe
-    log.info("probe: validation accuracy %.3f after %s", probe_val, format_duration(clock.elapsed()))
+    measure = _measure(probe)
+    log.info("probe: validation %s %.3f after %s", measure, probe_val, format_duration(clock.elapsed()))
     if "auto_plan" in checkpoint:
         plan = FinetunePlan(**checkpoint["auto_plan"]) if checkpoint["auto_plan"] else None
         why = "(as planned before the run was interrupted)"
@@ -681,7 +687,7 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
                            f"and fitting the probe once ({format_duration(clock.elapsed())}); a second run reads the "
                            f"features from the cache")
     elif probe_val >= FINETUNE_BELOW:
-        plan, why = None, (f"its validation accuracy {probe_val:.3f} leaves little room: on data this close to "
+        plan, why = None, (f"its validation {measure} {probe_val:.3f} leaves little room: on data this close to "
                            f"ImageNet, fine-tuning measured no better than the probe")
     else:
         plan, why = _finetune_planner(backbone, config, probe.prepared, probe_val)(clock.left())
@@ -705,11 +711,11 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
                             clock, final_seconds(eval_images, plan.eval_images_per_second))
     finetuned_val = _val_accuracy(finetuned)
     if finetuned_val is not None and finetuned_val > probe_val:
-        finetuned.choice = (f"kept the fine-tuned model: validation accuracy {finetuned_val:.3f} against the "
+        finetuned.choice = (f"kept the fine-tuned model: validation {measure} {finetuned_val:.3f} against the "
                             f"probe's {probe_val:.3f}")
         log.info("%s", finetuned.choice)
         return finetuned
-    probe.choice = (f"kept the probe: validation accuracy {probe_val:.3f} against fine-tuning's "
+    probe.choice = (f"kept the probe: validation {measure} {probe_val:.3f} against fine-tuning's "
                     f"{finetuned_val or 0:.3f} (ties go to the probe, which is cheaper to run)")
     log.info("%s", probe.choice)
     probe.history = finetuned.history
@@ -727,7 +733,7 @@ def _finetune_advice(arguments: dict, config: TrainConfig, backbone, probe: _Out
     eval_images = sum(probe.prepared.sizes.values())
     seconds = clock.elapsed() + 2 * MIN_EPOCHS * per_epoch + final_seconds(eval_images, plan.eval_images_per_second)
     minutes = math.ceil(seconds / 60)
-    return (f"fine-tuning would likely pay here (the probe's validation accuracy is {probe_val:.3f}): "
+    return (f"fine-tuning would likely pay here (the probe's validation {_measure(probe)} is {probe_val:.3f}): "
             f"transferkit train {arguments['data']} --time-limit {minutes}m (~{2 * MIN_EPOCHS} epochs at "
             f"{plan.train_size} px on this machine)")
 
