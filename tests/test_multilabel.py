@@ -86,6 +86,10 @@ def test_one_hot_columns_and_their_splits(tmp_path: Path, caplog):
     assert len(dataset.splits["train"]) == 24 and len(dataset.splits["val"]) == 6
     assert dataset.targets("train")[:, 0].tolist() == [i % 2 for i in range(24)]
     assert any("never occur in the training images" in r.message and "never" in r.message for r in caplog.records)
+    # a label column with an unusual name is still path,label when its values are not 0/1
+    named = _csv(tmp_path / "named.csv", ["image,species,split", *(f"{n},{'cat' if i % 2 else 'dog'},train"
+                                                                  for i, n in enumerate(names))])
+    assert load_dataset(named, val_percent=0).classes == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("rows, says", [

@@ -279,7 +279,7 @@ def _read_csv(csv_path: Path, multi_label: bool | None = None, label_sep: str | 
     header = None
     if rows and len(rows[0][1]) >= 2 and _looks_like_header(rows[0][1], base):
         header, rows = [cell.strip() for cell in rows[0][1]], rows[1:]
-    one_hot = _one_hot_columns(header) if multi_label is not False else {}
+    one_hot = _one_hot_columns(header, rows[0][1] if rows else []) if multi_label is not False else {}
     split_at = next((i for i, name in enumerate(header or []) if name.lower() in _SPLIT_WORDS),
                     None if one_hot else 2)
     if one_hot:
@@ -333,12 +333,15 @@ def _read_csv(csv_path: Path, multi_label: bool | None = None, label_sep: str | 
     return _Listing(samples, skipped, [], split_column, multi, separator, list(one_hot.values()))
 
 
-def _one_hot_columns(header: list[str] | None) -> dict[int, str]:
-    """Column index -> class name for a header of a path column followed by class names (no label column): a
-    one-hot CSV. Empty for any other header."""
+def _one_hot_columns(header: list[str] | None, first_row: list[str]) -> dict[int, str]:
+    """Column index -> class name for a header of a path column followed by class names whose first row holds 0s
+    and 1s: a one-hot CSV. Empty for any other header (`image,species,split` with `cat` under species is path,label)."""
     if header is None or len(header) < 3 or header[1].lower() in _HEADER_WORDS:
         return {}
-    return {i: name for i, name in enumerate(header) if i > 0 and name.lower() not in _SPLIT_WORDS}
+    columns = {i: name for i, name in enumerate(header) if i > 0 and name.lower() not in _SPLIT_WORDS}
+    if not all(i < len(first_row) and first_row[i].strip() in ONE_HOT_VALUES for i in columns):
+        return {}
+    return columns
 
 
 def _one_hot_labels(csv_path: Path, line: int, row: list[str], columns: dict[int, str]) -> tuple[str, ...]:
