@@ -22,9 +22,8 @@ import numpy as np
 
 from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, Preprocessing, decode_image, default_workers
 from transferkit.errors import DataError
-from transferkit.multilabel import DEFAULT_THRESHOLD
 from transferkit.novelty import rejection_threshold
-from transferkit.runtime import ExportedClassifier, Outputs, is_export, ranked_prediction
+from transferkit.runtime import ExportedClassifier, Outputs, is_export, label_decisions, ranked_prediction
 
 DECODE_STATUS = {"empty": 400, "not_image": 415, "too_large": 400, "corrupt": 400, "unreadable": 400}
 PAGE = Path(__file__).with_name("templates") / "serve.html"
@@ -65,16 +64,7 @@ class ServedModel:
     def decisions(self, override: float | None) -> np.ndarray | None:
         """The per-class thresholds a request decides labels with: `override` for every class when given, else the
         model's own; None for a single-label model."""
-        if self.thresholds is None:
-            return None
-        return self.thresholds if override is None else np.full(len(self.classes), override, dtype=np.float32)
-
-
-def _label_thresholds(multi_label: bool, thresholds: np.ndarray | None, classes: list[str]) -> np.ndarray | None:
-    """A multi-label model's thresholds (DEFAULT_THRESHOLD for every class when it kept none); None otherwise."""
-    if not multi_label:
-        return None
-    return thresholds if thresholds is not None else np.full(len(classes), DEFAULT_THRESHOLD, dtype=np.float32)
+        return label_decisions(self.multi_label, self.thresholds, self.classes, override)
 
 
 def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None) -> ServedModel:
@@ -84,7 +74,7 @@ def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Pa
         exported = ExportedClassifier(path, threads=threads)
         return ServedModel(path.name, exported.classes, exported.preprocessing, exported.outputs,
                            exported.describe(), rejection_threshold(exported.novelty, True, None, str(path)),
-                           _label_thresholds(exported.multi_label, exported.thresholds, exported.classes))
+                           exported.thresholds)
     from transferkit.classifier import Classifier
     from transferkit.runs import read_metrics
 
@@ -99,7 +89,7 @@ def load_model(path: str | Path, threads: int | None = None, cache_dir: str | Pa
             "preprocessing": classifier.backbone.preprocessing.to_dict(),
             "calibration": classifier.config.get("calibration"),
             "unknown": classifier.novelty.describe() if classifier.novelty else None}
-    thresholds = _label_thresholds(classifier.multi_label, classifier.thresholds, classifier.classes)
+    thresholds = classifier.thresholds
     info.update({"multi_label": classifier.multi_label,
                  "thresholds": (dict(zip(classifier.classes, thresholds.astype(float).tolist()))
                                 if thresholds is not None else None)})
@@ -247,11 +237,7 @@ def create_app(model: ServedModel, config: ServeConfig = ServeConfig()):
         except asyncio.TimeoutError:
             raise HTTPException(503, "the model did not answer in time; retry later.") from None
 
-    if config.threshold is not None and not model.multi_label:
-        raise DataError("--threshold decides the labels of a multi-label model; this model gives one class an "
-                        "image (drop --threshold).")
-    if config.threshold is not None and not 0 < config.threshold < 1:
-        raise DataError(f"--threshold must be between 0 and 1, not {config.threshold}.")
+    model.decisions(config.threshold)  # a --threshold that cannot apply is refused before serving
 
     def decisions(threshold: float | None) -> np.ndarray | None:
         """The per-class thresholds of one request (`threshold`: every class at it)."""
