@@ -214,20 +214,20 @@ def report(run: str | Path, data: str | Path | None = None, out: str | Path | No
                      lambda path: plots.plot_image_grid(images, titles, path))
     except (TransferkitError, OSError) as err:
         notes.append(f"Training samples not shown: {err} Pass --data to point at the images.")
-    shared = dict(run=run, config=config, classes=classes, split=chosen.split,
-                  finetune_start=plots.fine_tuning_start(history), figures=pictures.figures, notes=notes, counts=counts,
-                  skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped))
+    top_losses, metrics, label_sets = [], chosen.metrics, None
     if thresholds is None:
         top_losses = _add_predictions(pictures, chosen, classes, preprocessing, seed, notes)
-        metrics = chosen.metrics
-        page = render_template("report.html", **shared, metrics=metrics, top_losses=top_losses,
-                               pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
-                               model=_model_summary(run, config, assets, cache_dir))
     else:
-        sections = _add_label_sets(pictures, chosen, training, classes, preprocessing, seed, notes)
-        page = _label_set_page(render_template("report.html", **shared, metrics=None, top_losses=[], pairs=[],
-                                               model=_model_summary(run, config, assets, cache_dir)),
-                               sections, shared)
+        metrics = None  # report.html's single-label sections stay out; label_sets has the run's own
+        label_sets = {**_add_label_sets(pictures, chosen, training, classes, preprocessing, seed, notes),
+                      "headline": HEADLINE, "colours": VERDICT_COLOURS,
+                      "chosen_by": (config.get("thresholds") or {}).get("chosen_by") or "default"}
+    page = render_template("report.html", run=run, config=config, classes=classes, split=chosen.split,
+                           finetune_start=plots.fine_tuning_start(history), figures=pictures.figures, notes=notes,
+                           counts=counts, skipped=chosen.skipped[:SKIPPED_SHOWN], skipped_total=len(chosen.skipped),
+                           metrics=metrics, top_losses=top_losses, label_sets=label_sets,
+                           pairs=confused_pairs(metrics["confusion_matrix"], classes) if metrics else [],
+                           model=_model_summary(run, config, assets, cache_dir))
     write_atomically(out, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return out
 
@@ -398,100 +398,3 @@ def _add_label_sets(pictures: _Pictures, chosen: _Evaluation, training: list | N
         sections["cooccurrence"] = {"names": names, "counts": matrix.tolist()}
     return sections
 
-
-_LABEL_SET_CARDS = """
-{% if metrics %}
-<div class="cards" id="key-metrics">
-  {% for key, name in headline %}
-  <div class="card"><div class="value" data-metric="{{ key }}" data-value="{{ metrics[key] }}">
-    {{- "–" if metrics[key] is none else "%.4f"|format(metrics[key]) }}</div>
-    <div class="label">{{ name }}{% if loop.first %} ({{ split }}, n={{ metrics.n }}, {{ "%.2f"|format(
-      metrics.labels_per_image or 0) }} labels an image){% endif %}</div></div>
-  {% endfor %}
-</div>
-{% endif %}
-"""
-
-_LABEL_SET_SECTIONS = """
-{% macro figure(key) %}{% if key in figures %}
-<h2>{{ figures[key].title }}</h2>
-<img src="{{ figures[key].data_uri }}" alt="{{ figures[key].title }}" data-file="{{ figures[key].file }}">
-{% endif %}{% endmacro %}
-{% macro label_table(id, rows, with_loss) %}
-<table id="{{ id }}">
-  <tr><th class="number">#</th><th>file</th><th>labels (probability)</th>
-    {%- if with_loss %}<th class="number">loss</th>{% endif %}</tr>
-  {% for row in rows %}
-  <tr data-path="{{ row.path }}"><td class="number">{{ loop.index }}</td><td class="path">{{ row.path }}</td><td>
-    {%- for v in row.labels %}<span class="label {{ v.verdict }}" data-label="{{ v.label }}"
-      data-verdict="{{ v.verdict }}" style="color: {{ v.colour }}">{{ v.text }} {{ "%.2f"|format(v.probability) -}}
-      </span>{% if not loop.last %} · {% endif %}{% endfor -%}
-    </td>{% if with_loss %}<td class="number">{{ "%.3f"|format(row.loss) }}</td>{% endif %}</tr>
-  {% endfor %}
-</table>
-{% endmacro %}
-
-{{ figure("pr_curves") }}
-{% if "pr_curves" in figures %}<p>Each class's precision against its recall as its threshold falls; the area under
-  the steps is its average precision (AP), which needs no threshold. The red dot is where the run's threshold for the
-  class operates: it answers with precision and recall there.</p>{% endif %}
-
-{% if metrics %}
-<h2>Per class ({{ split }})</h2>
-<p>Click a column to sort. Precision, recall and F1 at each class's threshold, chosen by {{ chosen_by }};
-  support: the images with the label.</p>
-<div class="scroll">
-<table class="sortable" id="per-class">
-  <thead><tr><th>class</th><th class="number">AP</th><th class="number">precision</th><th class="number">recall</th>
-    <th class="number">F1</th><th class="number">support</th><th class="number">threshold</th></tr></thead>
-  <tbody>
-  {% for name, row in metrics.per_class.items() %}
-  <tr data-class="{{ name }}"><td>{{ name }}</td>
-    <td class="number" data-value="{{ row.ap }}">{{ "–" if row.ap is none else "%.3f"|format(row.ap) }}</td>
-    <td class="number">{{ "%.3f"|format(row.precision) }}</td><td class="number">{{ "%.3f"|format(row.recall) }}</td>
-    <td class="number">{{ "%.3f"|format(row.f1) }}</td><td class="number">{{ row.support }}</td>
-    <td class="number" data-value="{{ row.threshold }}">{{ "%.3f"|format(row.threshold) }}</td></tr>
-  {% endfor %}
-  </tbody>
-</table>
-</div>
-{% endif %}
-
-{{ figure("label_predictions") }}
-{% if shown %}<p>Each image's labels: <span style="color: {{ colours.right }}">green</span>, predicted and true;
-  <span style="color: {{ colours.wrong }}">red</span>, predicted but not true;
-  <span style="color: {{ colours.missed }}">grey, in parentheses</span>, true but missed.</p>
-<details><summary>These images' labels with their probabilities</summary>
-{{ label_table("label-predictions", shown, false) }}
-</details>{% endif %}
-{{ figure("label_top_losses") }}
-{% if worst %}<p>The images with the highest binary cross-entropy, summed over their labels, coloured as above.</p>
-{{ label_table("label-top-losses", worst, true) }}{% endif %}
-
-{{ figure("cooccurrence") }}
-{% if cooccurrence %}<p>How many training images carry both labels; the diagonal counts the images with each label.</p>
-<details><summary>The counts</summary>
-<table id="cooccurrence">
-  <tr><th></th>{% for name in cooccurrence.names %}<th class="number">{{ name }}</th>{% endfor %}</tr>
-  {% for row in cooccurrence.counts %}
-  <tr><th>{{ cooccurrence.names[loop.index0] }}</th>
-    {%- for count in row %}<td class="number">{{ count }}</td>{% endfor %}</tr>
-  {% endfor %}
-</table>
-</details>{% endif %}
-"""
-
-
-def _label_set_page(page: str, sections: dict, shared: dict) -> str:
-    """report.html's page for a multi-label run: its key numbers under the subtitle and its own sections before
-    "Model". (report.html renders the single-label sections only; given no metrics it leaves them out.)"""
-    import jinja2
-
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    values = {**shared, **sections, "headline": HEADLINE, "colours": VERDICT_COLOURS,
-              "chosen_by": (shared["config"].get("thresholds") or {}).get("chosen_by") or "default"}
-    cards = environment.from_string(_LABEL_SET_CARDS).render(values)
-    body = environment.from_string(_LABEL_SET_SECTIONS).render(values)
-    subtitle = page.index("</p>", page.index('<p class="subtitle">')) + len("</p>")
-    model = page.index("<h2>Model</h2>")
-    return page[:subtitle] + cards + page[subtitle:model] + body + page[model:]
