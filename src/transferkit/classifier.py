@@ -16,7 +16,7 @@ from transferkit.data import Skipped
 from transferkit.errors import BackboneError, RunError
 from transferkit.features import Extractor, extract_features, open_cache
 from transferkit.calibration import Calibration
-from transferkit.head import HeadSpec
+from transferkit.head import HeadSpec, class_probabilities
 from transferkit.multilabel import stored_thresholds
 from transferkit.novelty import NoveltyModel, rejection_threshold
 from transferkit.runs import damaged_file, read_metrics, read_run_config
@@ -117,8 +117,7 @@ class Classifier:
         temperature = self.calibration.temperature if calibrated else 1.0
         with torch.inference_mode():
             logits = self.head(torch.as_tensor(features, dtype=torch.float32))
-            probabilities = (torch.sigmoid(logits) if self.multi_label else
-                             torch.softmax(logits / temperature, dim=1)).numpy()
+            probabilities = class_probabilities(logits, self.multi_label, temperature).numpy()
         scores = self.novelty.scores(features, logits.numpy()) if scored and self.novelty is not None else None
         return probabilities, scores
 

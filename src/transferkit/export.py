@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.multilabel import DEFAULT_THRESHOLD, THRESHOLDS_FILE, decide, label_matrix, stored_thresholds
+from transferkit.head import class_probabilities
+from transferkit.multilabel import DEFAULT_THRESHOLD, THRESHOLDS_FILE, decide, label_matrix
 from transferkit.onnx_engine import export_pixel_model, onnxruntime_installed, probe_pixels
 from transferkit.novelty import NOVELTY_FILE, NoveltyModel
 from transferkit.progress import progress_bar
@@ -30,20 +31,21 @@ FEW_CALIBRATION_IMAGES = 50
 
 
 class ProbabilityModel(torch.nn.Module):
-    """uint8 NHWC pixels -> calibrated class probabilities (the logits divided by the run's temperature):
-    normalisation, backbone, head and softmax in one graph; `with_features` also outputs the features and the
-    logits, which the runtime scores for how unlike the training images an input is."""
+    """uint8 NHWC pixels -> calibrated class probabilities (the logits divided by the run's temperature; a
+    multi-label run's: one sigmoid per class): normalisation, backbone, head and softmax in one graph;
+    `with_features` also outputs the features and the logits, which the runtime scores for how unlike the training
+    images an input is."""
 
     def __init__(self, pixel_model: torch.nn.Module, head: torch.nn.Module, temperature: float = 1.0,
-                 with_features: bool = False):
+                 with_features: bool = False, multi_label: bool = False):
         super().__init__()
         self.features, self.head = pixel_model, head
-        self.temperature, self.with_features = temperature, with_features
+        self.temperature, self.with_features, self.multi_label = temperature, with_features, multi_label
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.features(pixels)
         logits = self.head(features)
-        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        probabilities = class_probabilities(logits, self.multi_label, self.temperature)
         return (probabilities, features, logits) if self.with_features else probabilities
 
 
@@ -60,29 +62,32 @@ class ExportResult:
                 "quantization": self.quantization}
 
 
-def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int) -> tuple[list[str], list[int]]:
+def _sample_paths(run: Path, config: dict, classes: list[str], split: str, count: int,
+                  thresholds: np.ndarray | None = None) -> tuple[list[str], list]:
     """Up to `count` labelled images of the run: its evaluation predictions (val/test; "val+test": both), or its
-    training split."""
+    training split. Their targets are class indices, or for a multi-label run (`thresholds` given) rows of 0/1 per
+    class."""
     from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
     from transferkit.runs import load_run_dataset
 
-    if split == "val+test":
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
-        parts = [predictions[name] for name in ("val", "test") if name in predictions]
+    if split in ("val+test", "val", "test"):
+        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
+        if split == "val+test":
+            parts = [predictions[name] for name in ("val", "test") if name in predictions]
+        else:
+            chosen = predictions.get(split) or next(iter(predictions.values()), None)
+            parts = [chosen] if chosen is not None else []
         return ([path for part in parts for path in part.paths][:count],
-                [int(target) for part in parts for target in part.targets][:count])
-    if split in ("val", "test"):
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes)
-        chosen = predictions.get(split) or next(iter(predictions.values()), None)
-        if chosen is None:
-            return [], []
-        return chosen.paths[:count], chosen.targets[:count].tolist()
+                [target.tolist() for part in parts for target in part.targets][:count])
     try:
         samples = load_run_dataset(config).splits.get("train", [])
     except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
         return [], []
-    index = {name: i for i, name in enumerate(classes)}
     picked = np.random.default_rng(0).permutation(len(samples))[:count]
+    if thresholds is not None:
+        return ([str(samples[i].path) for i in picked],
+                label_matrix([samples[i].labels for i in picked], classes).tolist())
+    index = {name: i for i, name in enumerate(classes)}
     return [str(samples[i].path) for i in picked], [index[samples[i].label] for i in picked]
 
 
@@ -208,8 +213,9 @@ def export_run(run: str | Path, format: str = "onnx", quantize: str | None = Non
     config, classes, preprocessing = classifier.config, classifier.classes, classifier.backbone.preprocessing
     novelty = classifier.novelty if format == "onnx" else None  # the torch-free runtime scores ONNX exports
     thresholds, decisions = _run_thresholds(classifier)  # multi-label: thresholds.json, and in class order
-    model = _probability_model(classifier, with_features=novelty is not None)
-    pixels, _ = _pixels(*_samples(run, config, classes, "val+test", parity_images, decisions), preprocessing,
+    model = ProbabilityModel(classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
+                             with_features=novelty is not None, multi_label=classifier.multi_label).cpu().float().eval()
+    pixels, _ = _pixels(*_sample_paths(run, config, classes, "val+test", parity_images, decisions), preprocessing,
                         "Reading validation/test images", progress)
     synthetic = not len(pixels)
     if synthetic:
@@ -285,7 +291,7 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
     ratio (every label of an image right), and `label_set_agreement` how often both give an image the same labels."""
     from transferkit.errors import RunError
 
-    calibration, _ = _pixels(*_samples(run, config, classes, "train", CALIBRATION_IMAGES, thresholds),
+    calibration, _ = _pixels(*_sample_paths(run, config, classes, "train", CALIBRATION_IMAGES, thresholds),
                              preprocessing, "Reading calibration images", progress)
     if not len(calibration):
         raise RunError("int8 quantisation calibrates on the run's training images, and none could be read; "
@@ -295,7 +301,7 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
         log.warning("few calibration images (%d, fewer than %d): the int8 value ranges may not fit new images; "
                     "check the accuracy change it reports", len(calibration), FEW_CALIBRATION_IMAGES)
     _quantize_int8(fp32, int8, calibration, progress)
-    val_pixels, val_targets = _pixels(*_samples(run, config, classes, "val", 100_000, thresholds), preprocessing,
+    val_pixels, val_targets = _pixels(*_sample_paths(run, config, classes, "val", 100_000, thresholds), preprocessing,
                                       "Measuring int8 accuracy", progress)
     accuracy, verdicts, label_sets = {}, {}, {}
     threshold = novelty.threshold() if novelty is not None else None
@@ -325,24 +331,6 @@ def _quantize(run: Path, config: dict, classes: list[str], preprocessing, fp32: 
 # ---------------------------------------------------------------------------------------------- multi-label runs
 
 
-class MultiLabelProbabilityModel(ProbabilityModel):
-    """`ProbabilityModel` for a multi-label run: one sigmoid per class instead of the softmax, and no temperature,
-    as `Classifier.outputs_from_features` gives them."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.features(pixels)
-        logits = self.head(features)
-        probabilities = torch.sigmoid(logits)
-        return (probabilities, features, logits) if self.with_features else probabilities
-
-
-def _probability_model(classifier, with_features: bool) -> ProbabilityModel:
-    """The classifier's whole model on the CPU in float32, ending in its softmax (multi-label: its sigmoids)."""
-    kind = MultiLabelProbabilityModel if classifier.multi_label else ProbabilityModel
-    return kind(classifier.backbone.pixel_model(), classifier.head, classifier.calibration.temperature,
-                with_features=with_features).cpu().float().eval()
-
-
 def _run_thresholds(classifier) -> tuple[dict | None, np.ndarray | None]:
     """A multi-label run's thresholds as thresholds.json holds them (config.json's "thresholds": {"per_class": {class:
     threshold}, "chosen_by": ...}; DEFAULT_THRESHOLD for every class when the run kept none), and in class order.
@@ -352,33 +340,7 @@ def _run_thresholds(classifier) -> tuple[dict | None, np.ndarray | None]:
     stored = classifier.config.get("thresholds") or {
         "per_class": {name: DEFAULT_THRESHOLD for name in classifier.classes},
         "chosen_by": f"default: the run kept no thresholds ({DEFAULT_THRESHOLD} for every class)"}
-    return stored, stored_thresholds(stored, classifier.classes)
-
-
-def _samples(run: Path, config: dict, classes: list[str], split: str, count: int,
-             thresholds: np.ndarray | None) -> tuple[list[str], list]:
-    """`_sample_paths`, for multi-label runs too (`thresholds` given): the targets are then rows of 0/1, one per
-    class, from the run's label-set predictions.csv or its training split's label tuples (`Sample.labels`)."""
-    from transferkit.evaluate import PREDICTIONS_FILE, read_predictions
-    from transferkit.runs import load_run_dataset
-
-    if thresholds is None:
-        return _sample_paths(run, config, classes, split, count)
-    if split in ("val+test", "val", "test"):
-        predictions = read_predictions(run / PREDICTIONS_FILE, classes, thresholds)
-        if split == "val+test":
-            parts = [predictions[name] for name in ("val", "test") if name in predictions]
-        else:
-            chosen = predictions.get(split) or next(iter(predictions.values()), None)
-            parts = [chosen] if chosen is not None else []
-        return ([path for part in parts for path in part.paths][:count],
-                [row.tolist() for part in parts for row in part.targets][:count])
-    try:
-        samples = load_run_dataset(config).splits.get("train", [])
-    except Exception:  # noqa: BLE001 - moved or changed data only means no calibration images
-        return [], []
-    picked = np.random.default_rng(0).permutation(len(samples))[:count]
-    return [str(samples[i].path) for i in picked], label_matrix([samples[i].labels for i in picked], classes).tolist()
+    return stored, classifier.thresholds
 
 
 def _top1_agreement(reference: np.ndarray, exported: np.ndarray) -> float | None:

@@ -32,7 +32,7 @@ from transferkit import distributed
 from transferkit.data import default_workers, iter_prepared, make_preparer
 from transferkit.distributed import Ranks
 from transferkit.features import check_precision, cpu_has_fast_bf16
-from transferkit.head import count_right, rank, val_score_key
+from transferkit.head import class_probabilities, count_right, rank, val_score_key
 from transferkit.multilabel import is_multilabel, loss_and_map
 from transferkit.optim import make_optimizer, make_scheduler
 from transferkit.progress import progress_bar
@@ -377,9 +377,7 @@ def evaluate_images(net: Network, backbone: Backbone, paths: Sequence[Path], dev
                 continue
             pixels = torch.from_numpy(np.stack([x for _, x in good])).to(device)
             seen = net.features(pixels)
-            logits = net.head(seen).float()
-            probabilities.append((torch.sigmoid(logits) if net.multi_label else torch.softmax(logits, dim=1))
-                                 .cpu().numpy())
+            probabilities.append(class_probabilities(net.head(seen).float(), net.multi_label).cpu().numpy())
             features.append(seen.float().cpu().numpy())
             kept += [i for i, _ in good]
     bar.close()

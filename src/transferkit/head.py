@@ -128,18 +128,27 @@ def sampling_weights(targets: np.ndarray, weight: torch.Tensor, balance: str) ->
     return weight[torch.as_tensor(targets)].double()
 
 
+def class_probabilities(logits: torch.Tensor, multi_label: bool, temperature: float = 1.0) -> torch.Tensor:
+    """A head's probabilities: one sigmoid per class for a multi-label head (no temperature: its thresholds
+    decide), else the softmax over the classes of the logits divided by `temperature`."""
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits / temperature, dim=1)
+
+
 def as_targets(targets: np.ndarray) -> torch.Tensor:
     """Class indices as int64, multi-label 0/1 matrices as float32."""
     return torch.as_tensor(targets, dtype=torch.float32 if is_multilabel(targets) else torch.long)
 
 
+def check_label_smoothing(targets: np.ndarray, label_smoothing: float) -> None:
+    if label_smoothing and is_multilabel(targets):
+        raise DataError("label smoothing applies to one label an image; drop --label-smoothing for multi-label data.")
+
+
 def make_criterion(targets: np.ndarray, weight: torch.Tensor | None, label_smoothing: float = 0.0):
     """`loss(logits, targets)`: cross-entropy for class indices, binary cross-entropy (one sigmoid per class) for
     multi-label targets; `weight` balances the classes (for multi-label: the positives' weight)."""
+    check_label_smoothing(targets, label_smoothing)
     if is_multilabel(targets):
-        if label_smoothing:
-            raise DataError("label smoothing applies to one label an image; drop --label-smoothing for multi-label "
-                            "data.")
         return lambda logits, y: bce_loss(logits, y, None if weight is None else weight.to(logits.device))
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
@@ -340,8 +349,7 @@ def fit_linear_lbfgs(spec: HeadSpec, train_x: np.ndarray, train_y: np.ndarray, v
     vx = torch.as_tensor(val_x, dtype=torch.float32) if has_val else None
     vy = as_targets(val_y) if has_val else None
     weight = class_weights(train_y, spec.num_classes) if options.balance != "none" else None
-    if options.label_smoothing and is_multilabel(train_y):
-        make_criterion(train_y, None, options.label_smoothing)  # refused in one line
+    check_label_smoothing(train_y, options.label_smoothing)
     multi = is_multilabel(train_y)
     score_key = val_score_key(multi)
     parts = {"blocks": slice(0, x.shape[1])}

@@ -205,16 +205,14 @@ THRESHOLDS_FILE = "thresholds.json"
 """A multi-label export's per-class thresholds (the run keeps them in config.json as "thresholds")."""
 
 
-def stored_thresholds(stored: dict | None, classes: list[str], override: float | None = None) -> np.ndarray | None:
+def stored_thresholds(stored: dict | None, classes: list[str], override: float | None = None) -> np.ndarray:
     """A multi-label model's thresholds in class order, from what its run or export stored ({"per_class": {class:
-    threshold}}); `override` for every class when given. None for a single-label model (nothing stored)."""
+    threshold}}; DEFAULT_THRESHOLD for a class it does not name); `override` for every class when given."""
     if override is not None:
         if not 0 < override < 1:
             from transferkit.errors import DataError
 
             raise DataError(f"--threshold must be between 0 and 1, not {override}.")
         return np.full(len(classes), override, dtype=np.float32)
-    if not stored:
-        return None
-    per_class = stored.get("per_class", {})
+    per_class = (stored or {}).get("per_class", {})
     return np.array([per_class.get(name, DEFAULT_THRESHOLD) for name in classes], dtype=np.float32)

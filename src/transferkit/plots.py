@@ -183,15 +183,23 @@ def confusion_view(confusion: np.ndarray, classes: list[str], limit: int = 30) -
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Path:
     matrix, names, note = confusion_view(confusion, classes)
+    return _class_heatmap(matrix, names, "share of the true class", 1.0, "{:.2f}", path, xlabel="predicted",
+                          ylabel="true", title=f"Confusion matrix, normalised by true class{note}")
+
+
+def _class_heatmap(matrix: np.ndarray, names: list[str], legend: str, vmax: float | None, form: str, path: Path,
+                   **labels: str) -> Path:
+    """A class-by-class matrix as a blue heatmap with the names on both axes, each cell's value written on it (12
+    classes or fewer); `labels` are the axes' title and axis labels."""
     side = min(max(4.5, 0.32 * len(names) + 2.5), 13)
     figure = _figure(side + 1, side)
     axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
+    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
+    figure.colorbar(image, ax=axes, fraction=0.046, label=legend)
     _class_ticks(axes, names)
     if len(names) <= 12:
-        _write_cells(axes, matrix, "{:.2f}", 0.5)
-    axes.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix, normalised by true class{note}")
+        _write_cells(axes, matrix, form, (matrix.max() if vmax is None else vmax) / 2)
+    axes.set(**labels)
     return _save(figure, path)
 
 
@@ -224,16 +232,7 @@ def cooccurrence_view(counts: np.ndarray, classes: list[str], limit: int = 30) -
 def plot_cooccurrence(counts: np.ndarray, classes: list[str], path: Path) -> Path:
     """How many images carry each pair of labels (the diagonal: each label's images)."""
     matrix, names, note = cooccurrence_view(counts, classes)
-    side = min(max(4.5, 0.32 * len(names) + 2.5), 13)
-    figure = _figure(side + 1, side)
-    axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues", vmin=0)
-    figure.colorbar(image, ax=axes, fraction=0.046, label="images")
-    _class_ticks(axes, names)
-    if len(names) <= 12:
-        _write_cells(axes, matrix, "{:d}", matrix.max() / 2)
-    axes.set(title=f"Images with both labels{note}")
-    return _save(figure, path)
+    return _class_heatmap(matrix, names, "images", None, "{:d}", path, title=f"Images with both labels{note}")
 
 
 PR_CLASSES = 24

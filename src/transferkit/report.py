@@ -14,7 +14,7 @@ from transferkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_dataset, make_prepar
 from transferkit.errors import DataError, RunError, TransferkitError
 from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, evaluate, group_accuracy,
                                   read_groups, read_predictions)
-from transferkit.multilabel import DEFAULT_THRESHOLD, label_matrix, stored_thresholds
+from transferkit.multilabel import label_matrix, stored_thresholds
 from transferkit.pages import render_template
 from transferkit.runs import label_options, load_run_dataset, read_metrics, read_run_config, write_atomically
 
@@ -89,10 +89,7 @@ def _view(path: str, preprocessing) -> np.ndarray:
 def _thresholds(config: dict, classes: list[str]) -> np.ndarray | None:
     """A multi-label run's per-class thresholds in class order (DEFAULT_THRESHOLD where it stored none); None for a
     run with one label an image."""
-    if not config["head"].get("multi_label"):
-        return None
-    stored = stored_thresholds(config.get("thresholds"), classes)
-    return stored if stored is not None else np.full(len(classes), DEFAULT_THRESHOLD, dtype=np.float32)
+    return stored_thresholds(config.get("thresholds"), classes) if config["head"].get("multi_label") else None
 
 
 def _training_samples(config: dict, samples: list, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:

@@ -109,14 +109,15 @@ def ranked_prediction(source: str, probabilities: np.ndarray, labels: Sequence[s
     """The top-k answer; `unknown` when the score is above `threshold` (not judged when either is None).
     `thresholds` (multi-label models): each class's decision threshold; the answer is then every label that reaches
     its own, and each top-k entry says whether it passed."""
-    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    ranking = np.argsort(-probabilities, kind="stable")
+    order = ranking[:top_k]
     score = None if ood_score is None else float(ood_score)
     unknown = None if score is None or threshold is None else bool(score > threshold)
     prediction = Prediction(source, [labels[j] for j in order], order.tolist(),
                             probabilities[order].astype(float).tolist(), ood_score=score, unknown=unknown)
     if thresholds is not None:
         passing = probabilities >= thresholds
-        chosen = [j for j in np.argsort(-probabilities, kind="stable") if passing[j]]
+        chosen = ranking[passing[ranking]]
         prediction.chosen = [labels[j] for j in chosen]
         prediction.chosen_probabilities = probabilities[chosen].astype(float).tolist()
         prediction.passed = [bool(passing[j]) for j in order]

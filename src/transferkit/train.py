@@ -22,7 +22,7 @@ from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, 
                               probe_size_for)
 from transferkit.backbone import Backbone, open_backbone, state_digest
 from transferkit.budget import Clock, finish_time, format_duration
-from transferkit.calibration import Calibration, fit_temperature, softmax
+from transferkit.calibration import Calibration, fit_temperature
 from transferkit.classifier import Classifier, accuracies, class_names
 from transferkit.config import TrainConfig, probe_optimizer
 from transferkit.data import Skipped, default_workers, load_dataset
@@ -34,9 +34,8 @@ from transferkit.features import Extractor, cache_root, extract_features, open_c
 from transferkit.finetune import (CachedSource, ImageTraining, Network, backbone_blocks, check_images, evaluate_images,
                                   fit_images, lr_range_test_images, measure_speed, resolve_train_precision,
                                   trainable_names)
-from transferkit.head import FitOptions, HeadSpec, fit_head, lr_range_test_features
-from transferkit.multilabel import (DEFAULT_THRESHOLD, choose_thresholds, decide, loss_and_map, multilabel_metrics,
-                                    sigmoid)
+from transferkit.head import FitOptions, HeadSpec, class_probabilities, fit_head, lr_range_test_features
+from transferkit.multilabel import DEFAULT_THRESHOLD, choose_thresholds, loss_and_map, multilabel_metrics
 from transferkit.novelty import NOVELTY_FILE, NoveltyModel, fit_novelty
 from transferkit.optim import LRFinding
 from transferkit.plots import plot_lr_finding
@@ -302,17 +301,14 @@ def _judge(outcome: _Outcome, accept: float | None, seed: int, fixed_threshold: 
         calibration = Calibration(note="multi-label: one sigmoid per class, decided by per-class thresholds; the "
                                        "probabilities are the model's own")
         thresholds, thresholds_from = _thresholds(outcome.prepared, raw, fixed_threshold)
-    elif "val" in raw and len(val_targets):
-        calibration = fit_temperature(raw["val"], val_targets)
     else:
-        calibration = Calibration(note="not calibrated: no validation split; the probabilities are the model's own")
-    if outcome.prepared.multi_label:
-        pass
-    elif calibration.fitted_on:
-        log.info("calibration: the probabilities are divided by a temperature of %.3f (fitted on %s)",
-                 calibration.temperature, calibration.fitted_on)
-    else:
-        log.warning("%s", calibration.note)
+        calibration = (fit_temperature(raw["val"], val_targets) if "val" in raw and len(val_targets) else
+                       Calibration(note="not calibrated: no validation split; the probabilities are the model's own"))
+        if calibration.fitted_on:
+            log.info("calibration: the probabilities are divided by a temperature of %.3f (fitted on %s)",
+                     calibration.temperature, calibration.fitted_on)
+        else:
+            log.warning("%s", calibration.note)
     novelty, features = None, outcome.features
     logits = _logits(outcome.head, features)
     if len(features.get("train", [])):
@@ -346,17 +342,15 @@ def _evaluated(prepared: Prepared, judged: _Judged,
             probabilities, scores = judged.probabilities[name], judged.scores.get(name)
             if prepared.multi_label:
                 metrics[name] = multilabel_metrics(targets, probabilities, judged.thresholds, prepared.classes)
-                correct = (decide(probabilities, judged.thresholds) == (targets > 0)).all(1)
-                predictions.append(LabelSetPredictions(name, [str(p) for p in paths], targets, probabilities,
-                                                       judged.thresholds, scores))
+                part = LabelSetPredictions(name, [str(p) for p in paths], targets, probabilities, judged.thresholds,
+                                           scores)
             else:
                 metrics[name] = {**classification_metrics(targets, probabilities, prepared.classes, group_map),
                                  **calibration_metrics(probabilities, judged.raw[name], targets)}
-                correct = probabilities.argmax(1) == targets
-                predictions.append(Predictions.from_probabilities(name, paths, targets, probabilities,
-                                                                  judged.raw[name], scores))
+                part = Predictions.from_probabilities(name, paths, targets, probabilities, judged.raw[name], scores)
+            predictions.append(part)
             if scores is not None and threshold is not None:
-                metrics[name]["unknown"] = unknown_metrics(correct, scores, threshold, judged.novelty.accept)
+                metrics[name]["unknown"] = unknown_metrics(part.correct, scores, threshold, judged.novelty.accept)
     return metrics, predictions
 
 
@@ -418,7 +412,8 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
                 if isinstance(value, (int, float)) and key != "epoch":
                     tensorboard.add_scalar(key, value, row["epoch"])
     logits = _logits(fit.head, {name: features[name] for name in ("val", "test") if name in features})
-    probabilities = {name: sigmoid(values) if spec.multi_label else softmax(values) for name, values in logits.items()}
+    probabilities = {name: class_probabilities(torch.from_numpy(values), spec.multi_label).numpy()
+                     for name, values in logits.items()}
     tensors = {f"head.{k}": v.contiguous() for k, v in fit.head.state_dict().items()}
     backbone_config = backbone.to_config()
     if _trained_backbone(start):  # the run's backbone goes with the new head: it is not the pretrained one
