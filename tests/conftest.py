@@ -152,3 +152,27 @@ def mosaic_run(mosaics, tmp_path_factory) -> Path:
     transferkit.train(mosaics, out=out, report=False, doctor=False, progress=False,
                       cache_dir=str(tmp_path_factory.mktemp("mosaic-cache")))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port for the whole session (tests/s3_server.py)."""
+    from s3_server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server's endpoint and credentials in the environment, and a fresh client for it: an s3fs file system
+    for putting objects, with transferkit's own per-protocol file systems forgotten so they see this environment."""
+    import s3fs
+
+    from transferkit import storage
+
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(storage, "_filesystems", {})
+    monkeypatch.setattr(storage, "_objects", {})
+    return s3fs.S3FileSystem(skip_instance_cache=True)

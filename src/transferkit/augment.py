@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit.backbone import Preprocessing
-from transferkit.data import ImageDecodeError, decode_image, read_file
+from transferkit.data import ImageDecodeError, decode_image, read_item
 from transferkit.errors import DataError
 from transferkit.multilabel import target_of
 
@@ -94,7 +94,7 @@ class AugmentedImages(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         try:
-            image = decode_image(read_file(self.paths[index]), self.max_pixels, self.draft)
+            image = decode_image(read_item(self.paths[index]), self.max_pixels, self.draft)
         except ImageDecodeError as err:
             return Unreadable(index, str(err))
         with torch.random.fork_rng(devices=[]):

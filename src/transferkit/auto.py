@@ -26,6 +26,7 @@ The rules, and what they rest on (measured on the 2-core CPUs this project is bu
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -89,13 +90,15 @@ def native_size(paths: Sequence[Path]) -> int:
     """The median short side of (a sample of) the images, read from their headers alone."""
     from PIL import Image
 
+    from transferkit.data import ImageDecodeError, is_remote, read_item
+
     step = max(1, len(paths) // SIZE_SAMPLE)
     sides = []
     for path in list(paths)[::step]:
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(read_item(path)) if is_remote(str(path)) else path) as image:
                 sides.append(min(image.size))
-        except OSError:
+        except (OSError, ImageDecodeError):
             continue
     return int(statistics.median(sides)) if sides else 0
 

@@ -248,11 +248,13 @@ _RESUME_OPTIONS = {"resume", "as_json", "no_report", "no_doctor", "nproc"}
 @_friendly_errors
 def train(
     ctx: typer.Context,
-    data: Optional[Path] = typer.Argument(None, help="Folder of class subfolders, folder with train/ (val/, test/), "
-                                                     "or CSV. Not needed with --resume."),
-    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA).",
+    data: Optional[str] = typer.Argument(None, help="Folder of class subfolders, folder with train/ (val/, test/), "
+                                                    "CSV, WebDataset shards (a folder of .tar, or train-{000..009}.tar), "
+                                                    "or any of these at an s3:// gs:// az:// URL. Not needed with "
+                                                    "--resume."),
+    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA).",
                                        rich_help_panel=DATA),
-    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA).", rich_help_panel=DATA),
+    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA).", rich_help_panel=DATA),
     val_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for validation when it "
                                                                     "has no val/ folder.", rich_help_panel=DATA),
     test_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for testing when it "
@@ -453,7 +455,7 @@ def train(
 @_friendly_errors
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
-    data: Path = typer.Argument(..., help="Labelled data (same forms as for train)."),
+    data: str = typer.Argument(..., help="Labelled data (same forms as for train)."),
     split: Split = typer.Option("auto", case_sensitive=False,
                                 help="auto (other data: all of it; the run's own data: test, else val, else all), "
                                      "train, val, test or all."),
@@ -754,7 +756,7 @@ def serve_command(
 @_friendly_errors
 def report(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
-    data: Optional[Path] = typer.Option(None, help="Evaluate on this labelled data \\[default: the run's own "
+    data: Optional[str] = typer.Option(None, help="Evaluate on this labelled data \\[default: the run's own "
                                                    "test/validation split as training measured it]."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file \\[default: RUN/report.html]; its PNGs "
                                                                  "go in a NAME_files/ folder beside it."),
@@ -834,9 +836,9 @@ def summary(
 @app.command(epilog="Example: transferkit doctor photos/ --report doctor.html")
 @_friendly_errors
 def doctor(
-    data: Path = typer.Argument(..., help="Folder or CSV, as for train."),
-    val: Optional[Path] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
-    test: Optional[Path] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
+    data: str = typer.Argument(..., help="Folder or CSV, as for train."),
+    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
+    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
     report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
     near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, metavar="", help="Feature similarity for near "
                                                                              "duplicates."),

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
-                             load_dataset, read_file, read_file_and_stat)
+                             load_dataset, read_file_and_stat, read_item)
 from transferkit.multilabel import is_multilabel, label_matrix, sigmoid
 from transferkit.novelty import NEIGHBOURS, neighbour_distance, unit_rows
 from transferkit.text import plural
@@ -674,7 +674,7 @@ def _thumbnail(path: str, side: int = 96) -> str | None:
     import base64
 
     try:
-        image = decode_image(read_file(Path(path)), DEFAULT_MAX_IMAGE_PIXELS, (2 * side, 2 * side))
+        image = decode_image(read_item(path), DEFAULT_MAX_IMAGE_PIXELS, (2 * side, 2 * side))
     except ImageDecodeError:
         return None
     image.thumbnail((2 * side, 2 * side))

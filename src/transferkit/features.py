@@ -24,30 +24,19 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from transferkit import shards, storage, tables
 from transferkit.backbone import Backbone, PixelFeatures
-from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, JPEG_DRAFT_MARGIN, Skipped, default_workers,
+from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, JPEG_DRAFT_MARGIN, Skipped, default_workers, is_remote,
                               iter_prepared, make_preparer)
 from transferkit.errors import BackboneError
 from transferkit.onnx_engine import (ExportError, backbone_onnx, onnx_session, onnxruntime_installed,
                                      onnxruntime_provider, recorded_failure)
 from transferkit.progress import progress_bar
+from transferkit.storage import cache_root, default_cache_dir  # noqa: F401 (both part of this module's API)
 
 CACHE_FORMAT = 2
 BLOCKS_CACHE_FORMAT = 3  # `blocks` features (format 2 spaces hold pre-logits features and keep serving those runs)
 _SQL_CHUNK = 500
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("TRANSFERKIT_CACHE_DIR"):
-        return Path(os.environ["TRANSFERKIT_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "transferkit"
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """transferkit's cache folder: features, the backbones' ONNX files and model summaries; `cache_dir` when given,
-    else TRANSFERKIT_CACHE_DIR, else ~/.cache/transferkit."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -212,6 +201,7 @@ class FeatureCache:
                     CREATE TABLE IF NOT EXISTS spaces (space TEXT PRIMARY KEY, dim INTEGER, key TEXT);
                     CREATE TABLE IF NOT EXISTS features (space TEXT, digest TEXT, shard TEXT, row INTEGER,
                                                          PRIMARY KEY (space, digest));
+                    CREATE TABLE IF NOT EXISTS objects (url TEXT PRIMARY KEY, version TEXT, digest TEXT);
                     CREATE TABLE IF NOT EXISTS image_facts (digest TEXT PRIMARY KEY, facts TEXT);
                 """)
                 return
@@ -235,26 +225,53 @@ class FeatureCache:
             rows += self._db.execute(sql.format(marks=marks), (*prefix, *chunk)).fetchall()
         return rows
 
-    def known_digests(self, paths: Sequence[Path]) -> dict[int, str]:
-        """Content digests by position in `paths` of files seen before and unchanged since (size, mtime, inode).
+    def known_digests(self, paths: Sequence[Path | str]) -> dict[int, str]:
+        """Content digests by position in `paths` of files seen before and unchanged since (size, mtime, inode), of
+        store objects seen before at the same version, and of shard members (their shard's index holds them).
 
         Nothing is read: new and changed files are hashed as they are decoded, so extraction starts at once.
         """
         stats: dict[int, os.stat_result] = {}
+        result: dict[int, str] = {}
+        objects: dict[int, str] = {}
         for i, path in enumerate(paths):
-            try:
-                stats[i] = os.stat(path)
-            except OSError:
-                pass  # reported when the file is prepared
+            if shards.is_member(path):
+                digest = shards.known_digest(path)
+                if digest is not None:
+                    result[i] = digest
+            elif storage.is_store_url(path) and not tables.is_row(path):
+                objects[i] = path
+            elif is_remote(path) or tables.is_row(path):
+                continue
+            else:
+                try:
+                    stats[i] = os.stat(path)
+                except OSError:
+                    pass  # reported when the file is prepared
+        result.update(self._known_objects(objects))
         names = {i: str(Path(paths[i]).absolute()) for i in stats}
         known = {row[0]: row[1:] for row in self._select(
             "SELECT path, size, mtime_ns, inode, digest FROM files WHERE path IN ({marks})", list(names.values()))}
-        result = {}
         for i, st in stats.items():
             row = known.get(names[i])
             if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
                 result[i] = row[3]
         return result
+
+    def _known_objects(self, urls: dict[int, str]) -> dict[int, str]:
+        """Digests of store objects whose version (as listed, else asked of the store) is the one remembered."""
+        if not urls:
+            return {}
+        remembered = {row[0]: row[1:] for row in self._select(
+            "SELECT url, version, digest FROM objects WHERE url IN ({marks})", list(urls.values()))}
+        asked = [u for u in urls.values() if u in remembered]
+        versions = storage.stored_objects(asked)
+        return {i: remembered[url][1] for i, url in urls.items()
+                if url in remembered and versions.get(url) is not None and versions[url] == remembered[url][0]}
+
+    def remember_objects(self, objects: Sequence[tuple[str, str, str]]) -> None:
+        """Record (url, version, digest) of store objects, so unchanged ones are not downloaded again."""
+        self._write("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", list(objects))
 
     def remember(self, files: Sequence[tuple[Path, tuple[int, int, int], str]]) -> None:
         """Record (path, (size, mtime_ns, inode), digest) so unchanged files are not read again."""
@@ -395,7 +412,9 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
                     writer = _append_or_give_up(writer, [p.digest for _, p in good], features)
             if writer is not None:
                 writer = _remember_or_give_up(writer, [(paths[todo[j]], p.file_stat, p.digest) for j, p in batch
-                                                       if p.file_stat is not None and p.digest is not None])
+                                                       if p.file_stat is not None and p.digest is not None],
+                                              [(paths[todo[j]], p.version, p.digest) for j, p in batch
+                                               if p.version is not None and p.digest is not None])
             bar.update(len(batch))
     finally:
         bar.close()
@@ -414,9 +433,10 @@ def _read_cached(cache: FeatureCache, space: str, digests: dict[int, str], found
         found.update(zip(cached, cache.read(space, [hits[digests[i]] for i in cached])))
 
 
-def _remember_or_give_up(writer: ShardWriter, files: list) -> ShardWriter | None:
+def _remember_or_give_up(writer: ShardWriter, files: list, objects: list) -> ShardWriter | None:
     try:
         writer.cache.remember(files)
+        writer.cache.remember_objects(objects)
         return writer
     except sqlite3.Error as err:
         return _give_up(writer, err)

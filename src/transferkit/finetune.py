@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transferkit.augment import AugmentedImages, Unreadable, mix_seed, train_transform
 from transferkit.budget import Clock, finish_time, format_duration
 from transferkit.backbone import Backbone, PixelFeatures
-from transferkit.data import ImageDecodeError, decode_image, read_file
+from transferkit.data import ImageDecodeError, decode_image, read_item
 from transferkit.errors import DataError
 from transferkit import distributed
 from transferkit.data import default_workers, iter_prepared, make_preparer
@@ -197,7 +197,7 @@ def check_images(paths: Sequence[Path], max_pixels: int, decode_side: int, worke
 
     def check(path: Path) -> str | None:
         try:
-            decode_image(read_file(path), max_pixels, (decode_side, decode_side))
+            decode_image(read_item(path), max_pixels, (decode_side, decode_side))
             return None
         except ImageDecodeError as err:
             return str(err)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from transferkit import storage, tables
 from transferkit.errors import RunError, StorageError, TrainingInterrupted, TransferkitError, storage_problem
 
 try:
@@ -247,24 +248,34 @@ def read_run_config(run: str | Path) -> dict:
 
 
 def absolute_path(path: str | Path | None) -> str | None:
-    """A path as a run stores it: absolute, so the run works from any folder and after it is moved."""
+    """A path as a run stores it: absolute, so the run works from any folder and after it is moved; a URL as it is,
+    less any user:password part."""
+    if path and _is_remote(str(path)):
+        return storage.redact(str(path))
     return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
+def _is_remote(path: str) -> bool:
+    from transferkit.data import is_remote
+
+    return is_remote(path) or path.startswith(tables.PREFIX)
 
 
 def stored_paths(run: str | Path, paths: list[str]) -> list[str]:
     """Paths a run stored, absolute. Runs written before transferkit stored them absolute hold them relative to the
     folder training ran in: the working directory, else the first folder above the run where they exist."""
-    relative = [path for path in paths if not os.path.isabs(os.path.expanduser(path))]
+    relative = [path for path in paths if not os.path.isabs(os.path.expanduser(path)) and not _is_remote(path)]
     if not relative:
         return paths
     base = next((folder for folder in (Path.cwd(), *Path(run).absolute().parents) if (folder / relative[0]).exists()),
                 Path.cwd())
-    return [os.path.normpath(os.path.join(base, os.path.expanduser(path))) for path in paths]
+    return [path if _is_remote(path) else os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+            for path in paths]
 
 
 def warn_missing_images(run: str | Path, paths: list[str]) -> None:
     """One warning line when images a run stored (its evaluation images) are gone from where they were."""
-    missing = [path for path in paths if not os.path.exists(path)]
+    missing = [path for path in paths if not _is_remote(path) and not os.path.exists(path)]
     if missing:
         folder = os.path.commonpath([os.path.dirname(path) for path in missing])
         log.warning("%d of %d images %s was evaluated on are missing (expected under %s); put them back there, or "
