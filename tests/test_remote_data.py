@@ -92,9 +92,10 @@ def _model(run: Path) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_training_from_s3_gives_the_model_training_from_disk_gives(bucket, tmp_path, monkeypatch):
     options = dict(report=False, doctor=False, progress=False, seed=3)
-    remote = transferkit.train("s3://photos/h/", out=tmp_path / "runs" / "remote", cache_dir=str(fresh_cache(tmp_path / "c1")),
-                               **options)
-    local = transferkit.train(bucket, out=tmp_path / "runs" / "local", cache_dir=str(fresh_cache(tmp_path / "c2")), **options)
+    remote = transferkit.train("s3://photos/h/", out=tmp_path / "runs" / "remote",
+                               cache_dir=str(fresh_cache(tmp_path / "c1")), **options)
+    local = transferkit.train(bucket, out=tmp_path / "runs" / "local", cache_dir=str(fresh_cache(tmp_path / "c2")),
+                              **options)
     assert remote.val_accuracy == local.val_accuracy
     for name, weights in _model(tmp_path / "runs" / "local").items():
         np.testing.assert_allclose(_model(tmp_path / "runs" / "remote")[name], weights, atol=1e-5)

@@ -249,9 +249,9 @@ _RESUME_OPTIONS = {"resume", "as_json", "no_report", "no_doctor", "nproc"}
 def train(
     ctx: typer.Context,
     data: Optional[str] = typer.Argument(None, help="Folder of class subfolders, folder with train/ (val/, test/), "
-                                                    "CSV, WebDataset shards (a folder of .tar, or train-{000..009}.tar), "
-                                                    "or any of these at an s3:// gs:// az:// URL. Not needed with "
-                                                    "--resume."),
+                                                    "CSV, WebDataset shards (a folder of .tar, or "
+                                                    "train-{000..009}.tar), or any of these at an s3:// gs:// az:// "
+                                                    "URL. Not needed with --resume."),
     val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA).",
                                        rich_help_panel=DATA),
     test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA).", rich_help_panel=DATA),

@@ -105,6 +105,7 @@ def hash_split(path: str | Path, val_percent: float, test_percent: float) -> str
     Anything after ``_nohash_`` in the file name is ignored, so variants of one picture stay together, and
     adding files never moves existing ones to another split.
     """
+    path = str(path).rsplit(shards.MEMBER_MARK, 1)[-1] if shards.is_member(str(path)) else path
     name = re.sub(r"_nohash_.*$", "", Path(path).name)
     digest = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16)
     percentage = (digest % (_MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / _MAX_NUM_IMAGES_PER_CLASS)

@@ -2,7 +2,9 @@
 
 `torchrun --nproc_per_node N -m transferkit train ...` starts N copies of the same command; each finds its rank in
 the environment torchrun sets. `transferkit train --nproc N` is a shortcut that starts torchrun itself. Only rank 0
-writes the run folder; the feature cache, which already takes concurrent writers, is how ranks share features.
+writes the run folder. Each rank extracts its share of the images into its own feature cache (one folder shared by
+the ranks of a machine, or one per machine with no shared file system) and the ranks exchange the features through
+the process group (`gather_rows`), so no rank reads another's cache.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,9 +85,40 @@ def sum_over_ranks(*values: float) -> list[float]:
     """Each value summed over all ranks (unchanged in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces tensors on the GPU only
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_rows(indices: np.ndarray, rows: np.ndarray,
+                notes: list[Any] | None = None) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Every rank's rows, on every rank. Row j of `rows` is item `indices[j]` of a list all ranks share out (each
+    item held by at most one rank); returns (indices, rows) of all ranks with the indices ascending, so rows come
+    back in the list's order whatever each rank's share, and the `notes` of all ranks, rank 0's first.
+
+    One all_gather_object of numpy arrays (pickled whole, no per-number objects): gloo on CPU, nccl on the GPU
+    torch.cuda.current_device() names. A single process gets its own rows back, sorted.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    rows = np.asarray(rows)
+    if len(indices) != len(rows):
+        raise ValueError(f"{len(indices)} indices for {len(rows)} rows")
+    parts = [(indices, rows, list(notes or []))]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (indices, rows, list(notes or [])))
+    held = [(i, r) for i, r, _ in parts if len(i)]
+    gathered_notes = [note for _, _, part in parts for note in part]
+    if not held:
+        return np.empty(0, dtype=np.int64), rows[:0], gathered_notes
+    all_indices = np.concatenate([i for i, _ in held])
+    all_rows = np.concatenate([r for _, r in held])
+    order = np.argsort(all_indices, kind="stable")
+    all_indices = all_indices[order]
+    if len(all_indices) > 1 and (np.diff(all_indices) == 0).any():
+        raise ValueError("gather_rows: two ranks hold the same item")
+    return all_indices, all_rows[order], gathered_notes
 
 
 def launch(nproc: int, arguments: list[str]) -> int:

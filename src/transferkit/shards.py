@@ -127,8 +127,10 @@ def _label(shard: str, key: str, labels: dict[str, bytes], classes: list[str] | 
             raise DataError(f"{where}: the .json member is not JSON ({err}); write {{\"label\": name}}.") from None
         if isinstance(value, dict) and isinstance(value.get("labels"), list):
             return tuple(str(v) for v in value["labels"])
-        for name in ("label", "class", "cls"):
-            if isinstance(value, dict) and isinstance(value.get(name), (str, int)):
+        for name in ("label", "class", "cls"):  # a name stays a name (class "5"); a number is an index
+            if isinstance(value, dict) and isinstance(value.get(name), str):
+                return value[name].strip()
+            if isinstance(value, dict) and isinstance(value.get(name), int):
                 return _class_name(where, str(value[name]), classes)
         if "cls" not in labels and "txt" not in labels:
             raise DataError(f"{where}: the .json member has no \"label\" or \"labels\" field; add one.")
@@ -221,8 +223,10 @@ def _scan(shard: str) -> list[Member]:
                     images[key] = (info.name, info.offset_data, info.size, hashlib.sha256(data).hexdigest()[:32])
                 elif extension in LABEL_EXTENSIONS:
                     labels.setdefault(key, {})[extension] = tar.extractfile(info).read()
+            if _size(shard) < tar.offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut short
+                raise tarfile.ReadError("it ends without the end-of-archive blocks")
     except (tarfile.TarError, EOFError) as err:
-        at = f" at member {name}" if name else ""
+        at = f" after member {name}" if name else ""
         raise DataError(f"shard {where} is truncated or not a tar file{at} ({err}); copy or write the shard "
                         "again.") from None
     except storage.StorageError as err:
@@ -235,6 +239,10 @@ def _scan(shard: str) -> list[Member]:
                         "a .cls, .txt or .json member beside its image (transferkit shard writes them).")
     return [Member(member_ref(shard, member), offset, size, digest, _label(shard, key, labels[key], classes))
             for key, (member, offset, size, digest) in images.items()]
+
+
+def _size(shard: str) -> int:
+    return storage.stored_object(shard).size if storage.is_store_url(shard) else os.path.getsize(shard)
 
 
 def list_shards(source: str) -> list[str]:

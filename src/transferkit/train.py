@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from transferkit import __version__, distributed
+from transferkit import __version__, distributed, tables
 from transferkit.augment import decode_size
 from transferkit.auto import (DEFAULT_BUDGET_PER_IMAGE, DEFAULT_BUDGET_SECONDS, FINETUNE_BELOW, HARD_BELOW,
                               MIN_EPOCHS, TOP_BLOCKS, FinetunePlan, final_seconds, native_size, plan_finetune,
@@ -30,7 +30,8 @@ from transferkit.distributed import ScratchRun
 from transferkit.errors import DataError, RunError
 from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, calibration_metrics,
                                   classification_metrics, predictions_csv, read_groups, unknown_metrics)
-from transferkit.features import Extractor, cache_root, extract_features, open_cache, resolve_device
+from transferkit.features import (Extractor, FeatureSet, cache_root, extract_features, open_cache,
+                                 resolve_device)
 from transferkit.finetune import (CachedSource, ImageTraining, Network, backbone_blocks, check_images, evaluate_images,
                                   fit_images, lr_range_test_images, measure_speed, resolve_train_precision,
                                   trainable_names)
@@ -195,20 +196,22 @@ def _extract(dataset, extractor: Extractor, config: TrainConfig,
     cache = open_cache(config.cache_dir, config.use_cache)
     ranks = distributed.current()
     try:
-        computed = 0
-        if ranks.distributed:
-            # Each rank extracts its share into the shared cache; then every rank reads all features from it.
-            computed = extract_features(extractor, ranks.shard(paths), cache, config.extract_batch_size,
-                                        config.workers, config.max_image_pixels, progress).computed
-            distributed.barrier()
-        feature_set = extract_features(extractor, paths, cache, config.extract_batch_size, config.workers,
+        # Under torchrun each rank extracts its share through its own cache (its machine's: nothing is shared
+        # between machines), then the ranks exchange features through the process group.
+        share = ranks.shard(paths) if ranks.distributed else paths
+        feature_set = extract_features(extractor, share, cache, config.extract_batch_size, config.workers,
                                        config.max_image_pixels, progress)
-        if ranks.distributed:
-            computed, = distributed.sum_over_ranks(computed + feature_set.computed)
-            feature_set.from_cache, feature_set.computed = len(feature_set.kept) - int(computed), int(computed)
     finally:
         if cache is not None:
             cache.close()
+    if ranks.distributed:
+        positions = np.asarray(ranks.shard(list(range(len(paths)))), dtype=np.int64)  # share row -> paths row
+        kept, matrix, skipped = distributed.gather_rows(positions[feature_set.kept], feature_set.features,
+                                                        feature_set.skipped)
+        place = {str(path): i for i, path in enumerate(paths)}
+        skipped.sort(key=lambda item: place.get(str(item.path), len(paths)))
+        computed, from_cache = distributed.sum_over_ranks(feature_set.computed, feature_set.from_cache)
+        feature_set = FeatureSet(matrix, kept, skipped, int(computed), int(from_cache))
     targets = np.concatenate([dataset.targets(name) for name in order])
     features, kept_paths, kept_targets = {}, {}, {}
     for k, name in enumerate(order):
@@ -582,7 +585,8 @@ def _starting_backbone(start: Classifier, run: str, config: TrainConfig, classes
 def train(data: str | Path, *, val: str | Path | None = None, test: str | Path | None = None,
           out: str | Path | None = None, overwrite: bool = False, groups: str | Path | dict | None = None,
           config: TrainConfig | None = None, progress: bool | None = None, report: bool = True,
-          doctor: bool = True, from_run: str | Path | None = None, **options) -> TrainResult:
+          doctor: bool = True, from_run: str | Path | None = None, image_column: str | None = None,
+          label_column: str | None = None, split_column: str | None = None, **options) -> TrainResult:
     """Train a classifier on DATA and write a run folder (with report.html unless `report=False`); first log the
     doctor's one-paragraph count of data problems (unless `doctor=False`). Options are `TrainConfig` fields, e.g.
     ``head="mlp"``, ``mode="finetune"``.
@@ -590,9 +594,18 @@ def train(data: str | Path, *, val: str | Path | None = None, test: str | Path |
     `from_run`: a finished run to train further, as a new run: it starts from that run's head (and its backbone,
     if that run trained it) instead of fresh weights; the data must have the same classes.
 
+    DATA may also be a pandas DataFrame or a Hugging Face `datasets.Dataset` (an image column of paths, URLs, bytes
+    or a `datasets.Image` feature, a label column, optionally a split column; found by name unless `image_column`,
+    `label_column`, `split_column` say).
+
     Example: ``transferkit.train("photos/", epochs=50).val_accuracy``.
     """
     config = replace(config or TrainConfig(), **options).resolved()
+    if tables.is_table(data):
+        data = tables.register(data, image_column, label_column, split_column)
+    elif image_column or label_column or split_column:
+        raise DataError("image_column, label_column and split_column name the columns of a DataFrame or datasets "
+                        "table; DATA is not one.")
     # absolute, so that the run (and resuming it) works from any folder
     arguments = {"data": absolute_path(data), "val": absolute_path(val), "test": absolute_path(test),
                  "groups": absolute_path(groups) if isinstance(groups, (str, Path)) else groups,
@@ -737,8 +750,6 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
            checkpoint: dict | None, report: bool, doctor: bool = True) -> TrainResult:
     clock = Clock(config.time_limit, spent_before=(checkpoint or {}).get("elapsed", 0.0))
     ranks = distributed.setup(config.device)
-    if ranks.distributed and not config.use_cache:
-        raise DataError("under torchrun the ranks share features through the cache; drop --no-cache.")
     if ranks.distributed and config.mode == "auto":
         raise DataError("--mode auto / --time-limit plans training from one process's measured speed; under torchrun "
                         "give --mode finetune with --epochs (run --time-limit once without torchrun to see its plan).")
