@@ -833,6 +833,49 @@ def summary(
               f"{result.layers}\nFeature size: {result.feature_size}")
 
 
+@app.command(epilog="Example: transferkit shard photos/ s3://bucket/shards/ --size 500MB")
+@_friendly_errors
+def shard(
+    data: str = typer.Argument(..., metavar="DATA", help="Folder of class subfolders, folder with train/ (val/, "
+                                                         "test/), CSV, WebDataset shards, or an s3:// (gs://, az://) "
+                                                         "URL of any of these."),
+    out_dir: str = typer.Argument(..., metavar="OUT", help="Folder or s3:// (gs://, az://) URL that gets the shards "
+                                                           "(train-000000.tar, ..., val-..., test-...) and "
+                                                           "classes.txt."),
+    size: str = typer.Option("1GB", metavar="SIZE", help="Largest shard: 1GB, 500MB, 64MiB or bytes (GB = 10^9, "
+                                                         "GiB = 2^30); a larger image gets a shard of its own."),
+    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
+    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
+    val_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for validation when it "
+                                                                    "has no val/ folder."),
+    test_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for testing when it "
+                                                                     "has no test/ folder."),
+    multi_label: bool = _flag("--multi-label", "Several labels an image \\[default: detected from the CSV]."),
+    single_label: bool = _flag("--single-label", "Exactly one label an image."),
+    label_sep: Optional[str] = typer.Option(None, metavar="SEP", help="The separator of several labels in a CSV's "
+                                            "label field \\[default: detected]."),
+    overwrite: bool = _flag("--overwrite", "Replace the shards OUT already holds."),
+    as_json: bool = _flag("--json", "Print what was written as JSON."),
+) -> None:
+    """Write DATA as WebDataset tar shards with the splits train would use: the images' original bytes, their
+    labels (.cls, .json) and classes.txt. `transferkit train OUT` then reads them."""
+    from transferkit.make_shards import write_shards
+
+    _setup_logging()
+    result = write_shards(data, out_dir, size=size, val=val, test=test, val_percent=val_percent,
+                          test_percent=test_percent, multi_label=_label_kind(multi_label, single_label),
+                          label_sep=label_sep, overwrite=overwrite)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(escape(result.summary()))
+    if result.skipped:
+        table = Table("file", "why", title=f"skipped ({len(result.skipped)})", title_justify="left")
+        for item in result.skipped[:10]:
+            table.add_row(escape(item.path), escape(item.reason))
+        out.print(table)
+
+
 @app.command(epilog="Example: transferkit doctor photos/ --report doctor.html")
 @_friendly_errors
 def doctor(
