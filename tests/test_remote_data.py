@@ -227,3 +227,22 @@ def test_an_unreadable_object_is_skipped_and_listed(bucket, s3, tmp_path):
     result = extract_features(extractor, paths, None, progress=False)
     assert [s.path for s in result.skipped] == ["s3://photos/h/val/ants/broken.jpg"]
     assert len(result.kept) == len(paths) - 1
+
+
+@pytest.mark.slow
+def test_doctor_and_evaluate_read_a_bucket(bucket, s3, s3_server, tmp_path):
+    s3.pipe("photos/h/val/ants/broken.jpg", b"\xff\xd8 this is not a jpeg")
+    s3.pipe("photos/h/val/bees/copy.jpg", s3.cat_file(next(p for p in s3.find("photos/h/train/bees"))))
+    env = s3_server.environment()
+    doctor = _cli(["doctor", "s3://photos/h/", "--json"], env, tmp_path)
+    assert doctor.returncode == 0, doctor.stderr
+    findings = json.loads(doctor.stdout)["findings"]
+    assert {(f["kind"], f["path"]) for f in findings if f["kind"] in ("unreadable", "leak_exact")} >= {
+        ("unreadable", "s3://photos/h/val/ants/broken.jpg"), ("leak_exact", "s3://photos/h/val/bees/copy.jpg")}
+    trained = _cli(["train", str(bucket), "--out", str(tmp_path / "run"), "--image-size", "96", "--no-report",
+                    "--no-doctor"], env, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = _cli(["evaluate", str(tmp_path / "run"), "s3://photos/h/val/", "--json"], env, tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["accuracy"] >= 0.8 and result["n"] == 2 * PER_CLASS["val"] + 1  # broken.jpg skipped

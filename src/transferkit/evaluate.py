@@ -362,6 +362,8 @@ def _evaluate_label_sets(classifier, run, data, split: str, samples: list, paths
 
 def _is_training_data(data: str | Path, source: str | None) -> bool:
     """Whether DATA is the folder or CSV the run was trained on (the same file, however it is named)."""
+    if source is not None and str(data) == source:  # a URL or table is its own name
+        return True
     try:
         return source is not None and os.path.samefile(Path(data).expanduser(), Path(source).expanduser())
     except OSError:
