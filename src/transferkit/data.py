@@ -427,7 +427,7 @@ def _read_source(source: Path | str, multi_label: bool | None = None, label_sep:
     text = str(source)
     if text.startswith("file://"):
         source = text = text.removeprefix("file://")
-    if tables.is_row(text + "/0") or text.startswith(tables.PREFIX):
+    if text.startswith(tables.PREFIX):
         return _read_table(text)
     if shards.is_shard_pattern(text) or (not storage.is_store_url(text) and _only_shards(Path(text).expanduser())):
         return _read_shards(shards.list_shards(str(Path(text).expanduser()) if not storage.is_store_url(text)
@@ -616,7 +616,7 @@ def load_dataset(
         raise DataError(f"class folder(s) with no images: {', '.join(empty)}; add images or remove the folder(s).")
     train_labels = {s.label for s in splits.get("train", [])}
     if len(train_labels) < 2:
-        raise DataError(_too_few_classes(Path(data), train_labels))
+        raise DataError(_too_few_classes(data, train_labels))
     for name in ("val", "test"):
         unknown = sorted({s.label for s in splits.get(name, [])} - train_labels)
         if unknown:
@@ -630,7 +630,7 @@ def _label_sets(data: str | Path, splits: dict[str, list[Sample]], skipped: list
     warning names the classes that cannot be learnt (no training image has them: they are left out)."""
     trained = Counter(label for s in splits.get("train", []) for label in s.labels)
     if len(trained) < 2:
-        raise DataError(_too_few_classes(Path(data), set(trained)))
+        raise DataError(_too_few_classes(data, set(trained)))
     elsewhere = {label for name in ("val", "test") for s in splits.get(name, []) for label in s.labels}
     unlearnable = sorted((elsewhere | set(source.declared_classes)) - set(trained))
     if unlearnable:
@@ -646,13 +646,16 @@ def _label_sets(data: str | Path, splits: dict[str, list[Sample]], skipped: list
                    source.label_sep)
 
 
-def _too_few_classes(data: Path, labels: set[str]) -> str:
+def _too_few_classes(data: Path | str, labels: set[str]) -> str:
     """Why DATA cannot train: no class, or one; a single class folder whose own subfolders look like the classes is
     named as the folder that was probably meant."""
     needed = "at least 2 are needed (one subfolder per class, or a CSV with at least two labels)."
     if not labels:
         return f"found no class with training images in {data}; {needed}"
     label = next(iter(labels))
+    if is_remote(str(data)) or str(data).startswith(tables.PREFIX):
+        return f"found 1 class, {label!r}, with training images in {storage.redact(str(data))}; {needed}"
+    data = Path(data)
     inner = data / label
     if inner.is_dir() and sum(p.is_dir() and not _is_hidden(p.name) for p in inner.iterdir()) >= 2:
         return f"found 1 class, {label!r}, in {data}: did you mean {inner}? (its subfolders look like classes)"
@@ -888,7 +891,7 @@ def is_url(item: object) -> bool:
 
 def is_remote(item: object) -> bool:
     """Anything but a local file: an http(s) or store URL, a shard member, a table row."""
-    return is_url(item) or storage.is_store_url(item) or shards.is_member(item)
+    return is_url(item) or storage.is_store_url(item) or shards.is_member(item) or tables.is_row(item)
 
 
 def read_item(item: Path | str) -> bytes:
@@ -937,7 +940,7 @@ def read_file_and_stat(path: Path) -> tuple[bytes, tuple[int, int, int] | None]:
     """File bytes (or ImageDecodeError) and the file's (size, mtime_ns, inode) taken before reading, for a cache
     keyed by file stat: a file that changes while it is read is then read again next time. Images that are not
     local files (URLs, shard members, table rows) have no stat."""
-    if is_remote(path) or tables.is_row(path):
+    if is_remote(path):
         return read_item(path), None
     try:
         status = os.stat(path)
@@ -998,7 +1001,7 @@ def make_preparer(preprocessing: Preprocessing,
             elif storage.is_store_url(item) and not shards.is_member(item) and not tables.is_row(item):
                 version = storage.stored_object(item).identity
                 data = read_item(item)
-            elif is_remote(item) or tables.is_row(item):
+            elif is_remote(item):
                 data = read_item(item)
             else:
                 data, file_stat = read_file_and_stat(Path(item))

@@ -241,7 +241,7 @@ class FeatureCache:
                     result[i] = digest
             elif storage.is_store_url(path) and not tables.is_row(path):
                 objects[i] = path
-            elif is_remote(path) or tables.is_row(path):
+            elif is_remote(path):
                 continue
             else:
                 try:
