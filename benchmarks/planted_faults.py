@@ -231,6 +231,21 @@ FAULTS = [
     Fault("a rank's share rows taken as rows of the whole list", "src/transferkit/train.py",
           "distributed.gather_rows(positions[feature_set.kept]", "distributed.gather_rows(feature_set.kept",
           ("test_distributed.py",)),
+    Fault("the doctor's index cuts near-duplicate candidates at the threshold plus the margin",
+          "src/transferkit/neighbours.py", "near = (similar >= threshold - SIMILARITY_MARGIN) & (ids >= 0)",
+          "near = (similar >= threshold + SIMILARITY_MARGIN) & (ids >= 0)", ("test_neighbours.py",)),
+    Fault("the index's outlier score counts an image as its own neighbour", "src/transferkit/neighbours.py",
+          "cosine[(candidates == query[:, None]) | (candidates < 0)] = -np.inf", "cosine[candidates < 0] = -np.inf",
+          ("test_neighbours.py",)),
+    Fault("perceptual-hash pairs searched with too few parts", "src/transferkit/neighbours.py",
+          "parts = max_distance + 1", "parts = max_distance // 2 + 1", ("test_neighbours.py",)),
+    Fault("the doctor's index path ignores --near-duplicate-cosine", "src/transferkit/doctor.py",
+          "similar, _ = similar_pairs(library, directions, threshold, progress)",
+          "similar, _ = similar_pairs(library, directions, NEAR_DUPLICATE_COSINE, progress)", ("test_neighbours.py",)),
+    Fault("images the graph cannot reach are not searched exactly", "src/transferkit/neighbours.py",
+          "lost.append(_lost(rows, ids))", "lost.append(rows[:0])", ("test_neighbours.py",)),
+    Fault("the index's outliers are not measured exactly", "src/transferkit/doctor.py",
+          "distance[suspects] = exact_distances(unit, suspects, NEIGHBOURS)", "pass", ("test_neighbours.py",)),
 ]
 
 

@@ -28,6 +28,8 @@ from PIL import Image
 from transferkit.data import (DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, content_digest, decode_image, default_workers,
                              load_dataset, read_file_and_stat, read_item)
 from transferkit.multilabel import is_multilabel, label_matrix, sigmoid
+from transferkit.neighbours import (exact_distances, hamming, hash_pairs, index_library, neighbour_distances,
+                                    row_dots, similar_pairs, unit_rows_in_blocks)
 from transferkit.novelty import NEIGHBOURS, neighbour_distance, unit_rows
 from transferkit.text import plural
 
@@ -85,6 +87,7 @@ LABEL_FEATURES = "blocks"
 OUTLIER_Z = 5.0
 MIN_IMAGES_FOR_OUTLIERS = 20
 COMPARE_BLOCK = 512
+DIRECTION_ROWS = 4096  # rows made unit-length at a time: each row's length is its own, so blocks change no number
 SHOW_COMPARE_PROGRESS = 5000  # images; fewer are compared in a few seconds
 _FORMAT_EXTENSIONS = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "GIF": {".gif"}, "BMP": {".bmp"},
                       "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"}, "MPO": {".jpg", ".jpeg"}}
@@ -254,12 +257,12 @@ def _image_facts(data: bytes, max_pixels: int) -> ImageFacts:
     return ImageFacts(image_format, frames, width, height, phash=str(imagehash.phash(image, hash_size=PHASH_SIZE)))
 
 
-def _file_findings(path: Path, facts: ImageFacts) -> list[Finding]:
+def _file_findings(path: Path | str, facts: ImageFacts) -> list[Finding]:
     name = str(path)
     if facts.error is not None:
         return [Finding("unreadable", name, facts.error, 1.0)]
     found = []
-    suffix, width, height = path.suffix.lower(), facts.width, facts.height
+    suffix, width, height = Path(name).suffix.lower(), facts.width, facts.height
     if facts.format in _FORMAT_EXTENSIONS and suffix not in _FORMAT_EXTENSIONS[facts.format]:
         found.append(Finding("wrong_extension", name, f"{facts.format} data in a {suffix or 'no-extension'} file"))
     if facts.frames > 1:
@@ -369,7 +372,10 @@ def _directions(features: np.ndarray) -> np.ndarray:
     """Features less the dataset's mean, at unit length. Pooled backbone features share a large common part (on
     the demo's digits, two random images have a raw cosine of 0.83), which would make every pair look alike."""
     centred = features - features.mean(0)
-    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    for start in range(0, len(centred), DIRECTION_ROWS):  # in place, by blocks: one images x numbers array in memory
+        block = centred[start:start + DIRECTION_ROWS]
+        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return centred
 
 
 def _label_issues(paths: list[str], features: np.ndarray, targets: np.ndarray, classes: list[str],
@@ -450,10 +456,33 @@ def _label_findings(issues: list[LabelIssue]) -> list[Finding]:
             for issue in issues if issue.likely]
 
 
+def _hash_bits(hashes: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's perceptual hash as PHASH_SIZE squared 0/1 numbers (zeros without a hash), and which have one."""
+    bits = np.zeros((len(hashes), PHASH_SIZE * PHASH_SIZE), dtype=np.uint8)
+    present = np.array([text is not None for text in hashes], dtype=bool)
+    rows = np.flatnonzero(present)
+    if len(rows):  # imagehash's hex is the bits in order, first bit highest: 40 us a hash through hex_to_hash
+        packed = np.frombuffer(bytes.fromhex("".join(hashes[i] for i in rows)), dtype=np.uint8)
+        bits[rows] = np.unpackbits(packed.reshape(len(rows), -1), axis=1)
+    return bits, present
+
+
+def _near_finding(paths: list[str], splits: list[str], i: int, j: int, cosine: float, differ: float) -> Finding:
+    """Image i looks like image j (i < j): a leak when they are in different splits."""
+    bits = PHASH_SIZE * PHASH_SIZE
+    leak = splits[i] != splits[j]
+    return Finding("leak_near" if leak else "near_duplicate", paths[i],
+                   f"looks like {paths[j]} (cosine {cosine:.3f}, {differ:.0f} of {bits} hash bits differ)"
+                   + (f"; {splits[i]} vs {splits[j]}" if leak else ""),
+                   float(max(cosine, 1 - differ / bits)), paths[j])
+
+
 def _compare_all(paths: list[str], splits: list[str], features: np.ndarray, hashes: list[str | None],
                  exact: set[frozenset], threshold: float, progress: bool | None) -> tuple[list[Finding], list[Finding]]:
     """Near duplicates and outliers, from every image compared with every other, a block of rows at a time: memory
-    grows with the block times the images, never with the images squared, and the search is exact.
+    grows with the block times the images, never with the images squared, and the search is exact. From
+    neighbours.INDEX_FROM images on (with faiss installed) an approximate nearest-neighbour index proposes the pairs
+    and neighbours instead, and exact cosines and hash distances decide (`_compare_by_index`).
 
     Near duplicates: mean-centred directions (`_directions`) at `threshold` cosine or more, or perceptual hashes at
     most PHASH_DISTANCE bits apart (Hamming distances from a product of +-1 vectors). Outliers are the images whose
@@ -462,44 +491,76 @@ def _compare_all(paths: list[str], splits: list[str], features: np.ndarray, hash
     a placeholder picture (hymenoptera's imageNotFound.gif) would no longer stand out."""
     from transferkit.progress import progress_bar
 
-    directions = _directions(features).astype(np.float32)
-    bits = PHASH_SIZE * PHASH_SIZE
-    signs = np.zeros((len(hashes), bits), dtype=np.float32)  # an image without a hash is 128 bits from every other
-    for i, text in enumerate(hashes):
-        if text is not None:
-            signs[i] = imagehash.hex_to_hash(text).hash.ravel() * 2.0 - 1.0
-    unit = unit_rows(features)
-    neighbours = min(NEIGHBOURS, len(unit) - 1)
-    distance = np.zeros(len(unit))
-    duplicates = []
-    bar = progress_bar(len(unit), "Comparing images", "img", progress if len(unit) >= SHOW_COMPARE_PROGRESS else False)
-    for start in range(0, len(unit), COMPARE_BLOCK):
-        rows = slice(start, start + COMPARE_BLOCK)
-        similar = directions[rows] @ directions.T
-        differ = (bits - signs[rows] @ signs.T) / 2
-        for row, column in zip(*np.nonzero((similar >= threshold) | (differ <= PHASH_DISTANCE))):
-            i = start + row
-            if column <= i or frozenset((paths[i], paths[column])) in exact:
-                continue
-            leak = splits[i] != splits[column]
-            duplicates.append(Finding("leak_near" if leak else "near_duplicate", paths[i],
-                                      f"looks like {paths[column]} (cosine {similar[row, column]:.3f}, "
-                                      f"{differ[row, column]:.0f} of {bits} hash bits differ)"
-                                      + (f"; {splits[i]} vs {splits[column]}" if leak else ""),
-                                      float(max(similar[row, column], 1 - differ[row, column] / bits)), paths[column]))
-        if neighbours > 0:  # the same score that calls a trained model's inputs unknown
-            distance[rows] = neighbour_distance(unit[rows], unit, neighbours, first_self=start)
-        bar.update(len(similar))
-    bar.close()
+    hash_bits, has_hash = _hash_bits(hashes)
+    shown = progress if len(features) >= SHOW_COMPARE_PROGRESS else False
+    library = index_library(len(features))
+    neighbours = min(NEIGHBOURS, len(features) - 1)
+    if library is not None:
+        duplicates, distance = _compare_by_index(library, paths, splits, features, hash_bits, has_hash, exact,
+                                                 threshold, shown)
+    else:
+        directions = _directions(features).astype(np.float32, copy=False)
+        bits = PHASH_SIZE * PHASH_SIZE
+        # an image without a hash is 128 bits from every other
+        signs = np.where(has_hash[:, None], hash_bits * 2.0 - 1.0, 0.0).astype(np.float32)
+        unit = unit_rows(features)
+        distance = np.zeros(len(unit))
+        duplicates = []
+        bar = progress_bar(len(unit), "Comparing images", "img", shown)
+        for start in range(0, len(unit), COMPARE_BLOCK):
+            rows = slice(start, start + COMPARE_BLOCK)
+            similar = directions[rows] @ directions.T
+            differ = (bits - signs[rows] @ signs.T) / 2
+            for row, column in zip(*np.nonzero((similar >= threshold) | (differ <= PHASH_DISTANCE))):
+                i = start + row
+                if column <= i or frozenset((paths[i], paths[column])) in exact:
+                    continue
+                duplicates.append(_near_finding(paths, splits, i, column, similar[row, column], differ[row, column]))
+            if neighbours > 0:  # the same score that calls a trained model's inputs unknown
+                distance[rows] = neighbour_distance(unit[rows], unit, neighbours, first_self=start)
+            bar.update(len(similar))
+        bar.close()
     outliers = []
-    if neighbours > 0 and len(unit) >= MIN_IMAGES_FOR_OUTLIERS:
-        typical = np.median(distance)
-        spread = 1.4826 * np.median(np.abs(distance - typical))  # the standard deviation, were it normal
-        z = (distance - typical) / max(spread, 1e-6)
+    if neighbours > 0 and len(features) >= MIN_IMAGES_FOR_OUTLIERS:
+        typical, z = _robust_z(distance)
         outliers = [Finding("outlier", paths[i], f"far from every other image (distance {distance[i]:.2f} to its "
                             f"{neighbours} nearest; typical {typical:.2f})", float(z[i]))
                     for i in np.flatnonzero(z > OUTLIER_Z)]
     return duplicates, outliers
+
+
+def _robust_z(distance: np.ndarray) -> tuple[float, np.ndarray]:
+    """The median of the distances, and each one's distance from it in robust standard deviations."""
+    typical = np.median(distance)
+    spread = 1.4826 * np.median(np.abs(distance - typical))  # the standard deviation, were it normal
+    return typical, (distance - typical) / max(spread, 1e-6)
+
+
+def _compare_by_index(library, paths: list[str], splits: list[str], features: np.ndarray, hash_bits: np.ndarray,
+                      has_hash: np.ndarray, exact: set[frozenset], threshold: float,
+                      progress: bool | None) -> tuple[list[Finding], np.ndarray]:
+    """`_compare_all`'s near duplicates (in the same order) and neighbour distances, from nearest-neighbour indexes
+    (one at a time: the centred directions, then the raw unit features) and multi-index hashing of the perceptual
+    hashes, never every pair: `transferkit.neighbours` says how, and what was measured."""
+    directions = _directions(features).astype(np.float32, copy=False)
+    similar, _ = similar_pairs(library, directions, threshold, progress)
+    hashed = np.flatnonzero(has_hash)
+    pairs = np.unique(np.concatenate([similar, hashed[hash_pairs(hash_bits[hashed], PHASH_DISTANCE)[0]]]), axis=0)
+    cosines = row_dots(directions, pairs[:, 0], pairs[:, 1])
+    del directions
+    differ = np.where(has_hash[pairs[:, 0]] & has_hash[pairs[:, 1]],
+                      hamming(np.packbits(hash_bits, axis=1), pairs[:, 0], pairs[:, 1]), PHASH_SIZE * PHASH_SIZE / 2)
+    duplicates = [_near_finding(paths, splits, i, j, cosine, difference)
+                  for (i, j), cosine, difference in zip(pairs.tolist(), cosines.tolist(), differ.tolist())
+                  if frozenset((paths[i], paths[j])) not in exact]
+    unit = unit_rows_in_blocks(features)
+    distance = neighbour_distances(library, unit, NEIGHBOURS, progress)
+    # The index's distances are never too low (what it misses can only be nearer), so every outlier is among those it
+    # makes outliers: they are measured exactly. At 200,000 images it made 41, 23 of them outliers
+    # (benchmarks/doctor_ann.py).
+    suspects = np.flatnonzero(_robust_z(distance)[1] > OUTLIER_Z)
+    distance[suspects] = exact_distances(unit, suspects, NEIGHBOURS)
+    return duplicates, distance
 
 
 def diagnose(data: str | Path, val: str | Path | None = None, test: str | Path | None = None,
