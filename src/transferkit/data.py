@@ -489,6 +489,8 @@ def _read_shards(shard_names: list[str]) -> _Source:
     for shard, members in zip(shard_names, indexed):
         split = (named[shard] or "train") if fixed else "all"
         by_split.setdefault(split, []).extend(Sample(m.ref, m.label) for m in members)
+    for samples in by_split.values():  # by member name, as a folder's files are ordered, however the shards shuffled
+        samples.sort(key=lambda s: str(s.path).rsplit(shards.MEMBER_MARK, 1)[1])
     if not any(by_split.values()):
         raise DataError(f"the shards {shard_names[0]} ... hold no images; check that they are WebDataset shards.")
     multi = any(isinstance(s.label, tuple) for samples in by_split.values() for s in samples)
