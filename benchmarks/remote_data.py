@@ -63,6 +63,12 @@ def run_child(source: str, env: dict[str, str], image_size: int | None = None,
     return json.loads(output.strip().splitlines()[-1]), usage.ru_maxrss / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def upload(s3, files: list[Path], prefix: str, count: int) -> float:
     """`count` objects under prefix/CLASS/NAME (flowers100's bytes, cycled); the seconds it took."""
     started = time.perf_counter()
@@ -108,10 +114,12 @@ def main() -> None:
             run_child(source, env, limit=200)
         results = {}
         for name, source in (("local disk", local), ("S3 (moto, loopback)", remote)):
+            server_before = cpu_seconds(server.process.pid)
             results[name], memory = run_child(source, env, limit=limit)
             r = results[name]
             print(f"{name:<22} {r['images']:,} images in {r['seconds']:.1f} s: {r['per_second']:.1f} img/s "
-                  f"(peak memory {memory:.0f} MB)")
+                  f"(peak memory {memory:.0f} MB; the S3 server used "
+                  f"{cpu_seconds(server.process.pid) - server_before:.1f} CPU s of the same {os.cpu_count()} cores)")
         ratio = results["S3 (moto, loopback)"]["per_second"] / results["local disk"]["per_second"]
         print(f"S3 / local throughput: {ratio:.2f}x (target >= 0.8x)")
         for count in args.sizes:

@@ -54,13 +54,13 @@ ENTRY_POINTS = [
     ("transferkit.summary", "list_backbones", []), ("transferkit.summary", "summarize", "result"),
     ("transferkit.doctor", "diagnose", "result"), ("transferkit.doctor", "write_html", "raise"),
     ("transferkit.download", "download", "raise"), ("transferkit.download", "download_url", "raise"),
-    ("transferkit.demo", "run_demo", "raise"),
+    ("transferkit.demo", "run_demo", "raise"), ("transferkit.make_shards", "write_shards", "result"),
 ]
 
 # The arguments each command is called with; an option that only means something with another gets that one too.
 BASE = {"train": ["data"], "evaluate": ["run", "data"], "predict": ["run", "IMAGE"], "export": ["run"],
         "serve": ["model"], "report": ["run"], "models": [], "summary": ["target"], "doctor": ["data"],
-        "download": ["hymenoptera"], "demo": [], "runs": []}
+        "download": ["hymenoptera"], "demo": [], "runs": [], "shard": ["data", "out"]}
 CONTEXT = {("train", "--resume"): [], ("predict", "--backbone"): ["--imagenet", "IMAGE"],
            ("predict", "--weights"): ["--imagenet", "IMAGE"], ("download", "--sha256"): ["--url", "https://x/y.zip"]}
 # Values the CLI itself checks or converts: (what is typed, what the API must receive).
@@ -74,6 +74,7 @@ PRINTING = {("train", "--json"): "test_cli.py::test_train_json_summary",
             ("predict", "--json"): "test_newcomer_cli.py::test_predict_json_flag_and_report_no_cache",
             ("download", "--json"): "test_newcomer_cli.py::test_download_json",
             ("runs", "--json"): "test_newcomer_cli.py::test_runs_lists_runs",
+            ("shard", "--json"): "test_shards.py::test_shard_then_train_on_the_shards_gives_the_folder_model",
             ("predict", "--ood-report"): "test_unknown.py::test_cli_predict_evaluate_and_report_say_unknown"}
 
 

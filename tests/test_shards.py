@@ -177,7 +177,9 @@ def test_shard_then_train_on_the_shards_gives_the_folder_model(tmp_path):
 
     written = cli("shard", str(folder), str(tmp_path / "shards"), "--size", "40KB", "--json")
     assert written.returncode == 0, written.stderr
-    assert len(list((tmp_path / "shards").glob("train-*.tar"))) > 1
+    summary = json.loads(written.stdout)
+    assert len(summary["shards"]["train"]) == len(list((tmp_path / "shards").glob("train-*.tar"))) > 1
+    assert summary["images"] == {"train": 30, "val": 12} and summary["classes"] == ["circles", "squares", "stripes"]
     assert cli("shard", str(folder), str(tmp_path / "shards")).returncode == 2  # already written: not overwritten
     runs = {}
     for name, data in (("folder", folder), ("shards", tmp_path / "shards")):
