@@ -6,7 +6,8 @@ same feature extraction (the default backbone and engine, no feature cache) over
 s3://bench/flowers/, in fresh processes, after one warm-up pass over each (the local files in the page cache, the
 backbone's ONNX file exported). Then uploads N objects (flowers100's bytes under N keys, N = 10,000 and 100,000 by
 default) and extracts them at a small input size (the backbone is not what is measured) in a fresh process each,
-printing that process's peak resident memory (os.wait4).
+printing that process's peak resident memory (os.wait4) and how much of it is the feature matrix it returns (which
+grows with the images by necessity: N x D float32 numbers).
 
     python benchmarks/remote_data.py                        # throughput, then memory at 10k and 100k
     python benchmarks/remote_data.py --sizes 2000 --quick   # a quick check
@@ -43,7 +44,7 @@ def child(source: str, image_size: int | None, limit: int | None) -> None:
     result = extract_features(extractor, paths, None, progress=False)
     seconds = time.perf_counter() - started
     print(json.dumps({"images": len(result.kept), "skipped": len(result.skipped), "seconds": seconds,
-                      "per_second": len(result.kept) / seconds}))
+                      "per_second": len(result.kept) / seconds, "features_mb": result.features.nbytes / 2**20}))
 
 
 def run_child(source: str, env: dict[str, str], image_size: int | None = None,
@@ -128,7 +129,8 @@ def main() -> None:
             result, memory = run_child(f"s3://{prefix}/", env, image_size=args.memory_image_size)
             print(f"{count:>9,} objects (uploaded in {seconds:.0f} s): extracted {result['images']:,} at "
                   f"{args.memory_image_size} px in {result['seconds']:.0f} s ({result['per_second']:.0f} img/s), "
-                  f"peak memory {memory:.0f} MB")
+                  f"peak memory {memory:.0f} MB, of which the features returned {result['features_mb']:.0f} MB: "
+                  f"{memory - result['features_mb']:.0f} MB besides them")
 
 
 if __name__ == "__main__":

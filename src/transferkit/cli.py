@@ -252,9 +252,10 @@ def train(
                                                     "CSV, WebDataset shards (a folder of .tar, or "
                                                     "train-{000..009}.tar), or any of these at an s3:// gs:// az:// "
                                                     "URL. Not needed with --resume."),
-    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA).",
+    val: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit validation data (same forms as DATA).",
                                        rich_help_panel=DATA),
-    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA).", rich_help_panel=DATA),
+    test: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit test data (same forms as DATA).",
+                                       rich_help_panel=DATA),
     val_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for validation when it "
                                                                     "has no val/ folder.", rich_help_panel=DATA),
     test_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for testing when it "
@@ -756,8 +757,8 @@ def serve_command(
 @_friendly_errors
 def report(
     run: Path = typer.Argument(..., help="Run folder written by `transferkit train`."),
-    data: Optional[str] = typer.Option(None, help="Evaluate on this labelled data \\[default: the run's own "
-                                                   "test/validation split as training measured it]."),
+    data: Optional[str] = typer.Option(None, metavar="DATA", help="Evaluate on this labelled data \\[default: the "
+                                       "run's own test/validation split as training measured it]."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file \\[default: RUN/report.html]; its PNGs "
                                                                  "go in a NAME_files/ folder beside it."),
     split: Split = typer.Option("auto", case_sensitive=False,
@@ -844,8 +845,8 @@ def shard(
                                                            "classes.txt."),
     size: str = typer.Option("1GB", metavar="SIZE", help="Largest shard: 1GB, 500MB, 64MiB or bytes (GB = 10^9, "
                                                          "GiB = 2^30); a larger image gets a shard of its own."),
-    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
-    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
+    val: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit validation data (same forms as DATA)."),
+    test: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit test data (same forms as DATA)."),
     val_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for validation when it "
                                                                     "has no val/ folder."),
     test_percent: float = typer.Option(10.0, min=0.0, max=99.0, help="Share of DATA held out for testing when it "
@@ -880,8 +881,8 @@ def shard(
 @_friendly_errors
 def doctor(
     data: str = typer.Argument(..., help="Folder or CSV, as for train."),
-    val: Optional[str] = typer.Option(None, help="Explicit validation data (same forms as DATA)."),
-    test: Optional[str] = typer.Option(None, help="Explicit test data (same forms as DATA)."),
+    val: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit validation data (same forms as DATA)."),
+    test: Optional[str] = typer.Option(None, metavar="DATA", help="Explicit test data (same forms as DATA)."),
     report_file: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page with thumbnails."),
     near_duplicate_cosine: float = typer.Option(0.97, min=0.0, max=1.0, metavar="", help="Feature similarity for near "
                                                                              "duplicates."),

@@ -422,8 +422,11 @@ def extract_features(extractor: Extractor, paths: Sequence[Path], cache: Feature
             writer.close()
     kept = np.array(sorted(found), dtype=np.int64)
     dim = next(iter(found.values())).shape[0] if found else 0
-    matrix = np.stack([found[i] for i in kept]) if found else np.empty((0, dim), dtype=np.float32)
-    return FeatureSet(matrix, kept, skipped, computed=computed, from_cache=len(found) - computed)
+    from_cache = len(found) - computed
+    matrix = np.empty((len(kept), dim), dtype=np.float32)
+    for row, i in enumerate(kept):  # popped as copied: the batches are freed as they go, never held twice
+        matrix[row] = found.pop(i)
+    return FeatureSet(matrix, kept, skipped, computed=computed, from_cache=from_cache)
 
 
 def _read_cached(cache: FeatureCache, space: str, digests: dict[int, str], found: dict[int, np.ndarray]) -> None:

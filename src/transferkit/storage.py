@@ -193,6 +193,7 @@ def list_objects(url: str) -> list[StoredObject]:
     path = fs._strip_protocol(url)
     fs.invalidate_cache(path)  # a listing is of the store as it is now, not as this process last saw it
     listing = retrying(lambda: fs.find(path, detail=True, withdirs=False), url, "list")
+    fs.invalidate_cache(path)  # the versions are kept below, once; fsspec's copy would grow with the listing
     objects = [_stored_object(protocol + name.lstrip("/") if protocol != "file://" else protocol + name, info)
                for name, info in sorted(listing.items()) if info.get("type", "file") != "directory"]
     if not objects:
