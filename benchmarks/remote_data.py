@@ -83,12 +83,32 @@ def upload(s3, files: list[Path], prefix: str, count: int) -> float:
     return time.perf_counter() - started
 
 
+def throughput(s3, files: list[Path], source: Path, server, env: dict[str, str], limit: int | None) -> None:
+    """The same extraction from local disk and from the S3 server, in fresh processes, after a warm-up of each."""
+    seconds = upload(s3, files, "bench/flowers", len(files))
+    print(f"uploaded {len(files):,} objects to moto's S3 server in {seconds:.0f} s")
+    local, remote = str(source), "s3://bench/flowers/"
+    for source in (local, remote):  # warm-up: page cache, ONNX export
+        run_child(source, env, limit=200)
+    results = {}
+    for name, source in (("local disk", local), ("S3 (moto, loopback)", remote)):
+        server_before = cpu_seconds(server.process.pid)
+        results[name], memory = run_child(source, env, limit=limit)
+        r = results[name]
+        print(f"{name:<22} {r['images']:,} images in {r['seconds']:.1f} s: {r['per_second']:.1f} img/s "
+              f"(peak memory {memory:.0f} MB; the S3 server used "
+              f"{cpu_seconds(server.process.pid) - server_before:.1f} CPU s of the same {os.cpu_count()} cores)")
+    ratio = results["S3 (moto, loopback)"]["per_second"] / results["local disk"]["per_second"]
+    print(f"S3 / local throughput: {ratio:.2f}x (target >= 0.8x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000], help="object counts for memory")
     parser.add_argument("--memory-image-size", type=int, default=32, help="input size for the memory runs")
     parser.add_argument("--quick", action="store_true", help="throughput on the first 1,000 images only")
+    parser.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
@@ -108,21 +128,8 @@ def main() -> None:
         os.environ.update(env)
         s3 = s3fs.S3FileSystem(skip_instance_cache=True)
         s3.mkdir("bench")
-        seconds = upload(s3, files, "bench/flowers", len(files))
-        print(f"uploaded {len(files):,} objects to moto's S3 server in {seconds:.0f} s")
-        local, remote = str(args.source), "s3://bench/flowers/"
-        for source in (local, remote):  # warm-up: page cache, ONNX export
-            run_child(source, env, limit=200)
-        results = {}
-        for name, source in (("local disk", local), ("S3 (moto, loopback)", remote)):
-            server_before = cpu_seconds(server.process.pid)
-            results[name], memory = run_child(source, env, limit=limit)
-            r = results[name]
-            print(f"{name:<22} {r['images']:,} images in {r['seconds']:.1f} s: {r['per_second']:.1f} img/s "
-                  f"(peak memory {memory:.0f} MB; the S3 server used "
-                  f"{cpu_seconds(server.process.pid) - server_before:.1f} CPU s of the same {os.cpu_count()} cores)")
-        ratio = results["S3 (moto, loopback)"]["per_second"] / results["local disk"]["per_second"]
-        print(f"S3 / local throughput: {ratio:.2f}x (target >= 0.8x)")
+        if not args.memory_only:
+            throughput(s3, files, args.source, server, env, limit)
         for count in args.sizes:
             prefix = f"bench/n{count}"
             seconds = upload(s3, files, prefix, count)

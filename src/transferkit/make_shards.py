@@ -29,14 +29,13 @@ from typing import Iterator
 
 from transferkit import data as data_module
 from transferkit import shards, storage
-from transferkit.data import ImageDecodeError, Sample, Skipped, load_dataset
+from transferkit.data import SPLITS, ImageDecodeError, Sample, Skipped, load_dataset
 from transferkit.errors import DataError
 from transferkit.progress import progress_bar
 from transferkit.text import plural
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 """The names this module gives its shards: what --overwrite replaces."""
 TAR_FORMAT = tarfile.PAX_FORMAT
