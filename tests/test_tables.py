@@ -56,6 +56,12 @@ def test_missing_or_unknown_columns_are_one_line(shapes):
     with pytest.raises(DataError, match="row 0 of column 'picture' holds float"):
         transferkit.tables.register(pd.DataFrame({"picture": [1.5], "kind": ["a"]}), image_column="picture",
                                     label_column="kind")
+    with pytest.raises(DataError, match="row 1 of the table's split column: unknown split 'tset'"):
+        load_dataset(pd.DataFrame({"path": [str(p) for p in files[:2]], "label": ["a", "b"],
+                                   "split": ["train", "tset"]}))
+    given = load_dataset(pd.DataFrame({"path": [str(p) for p in files[:3]], "label": ["a", "b", "a"],
+                                       "split": ["train", None, "validation"]}), val_percent=0)
+    assert [len(given.splits[name]) for name in ("train", "val")] == [2, 1]  # no split given: train
     with pytest.raises(DataError, match="name the columns of a DataFrame"):
         transferkit.train(shapes, label_column="kind")
 

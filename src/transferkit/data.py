@@ -259,12 +259,13 @@ def _looks_like_header(row: list[str], base: Path | str) -> bool:
     return words and (isinstance(base, str) or not (base / first).exists())
 
 
-def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
-    """The split a CSV row's third column names (None when empty); any spelling a split folder may have."""
+def _split_named(value: str, where: str) -> str | None:
+    """The split a CSV's or a table's split column names (None when empty); any spelling a split folder may have.
+    `where` names the row for the error."""
     if not value.strip():
         return None
     if value.strip().lower() not in SPLIT_OF_NAME:
-        raise DataError(f"{csv_path} line {line}: unknown split {value!r}; write train, val or test (or training, "
+        raise DataError(f"{where}: unknown split {value!r}; write train, val or test (or training, "
                         "valid, validation, testing).")
     return SPLIT_OF_NAME[value.strip().lower()]
 
@@ -335,7 +336,8 @@ def _read_csv(csv_path: Path | str, multi_label: bool | None = None, label_sep: 
             skipped.append(Skipped(str(path), f"file not found (line {line} of {csv_name})"))
             continue
         samples.append(Sample(path, label))
-        split = _csv_split(csv_path, line, row[split_at]) if split_at is not None and len(row) > split_at else None
+        split = (_split_named(row[split_at], f"{csv_path} line {line}") if split_at is not None and len(row) > split_at
+                 else None)
         if split is not None:
             split_column[path] = split
     if not samples:
@@ -429,9 +431,9 @@ def _read_source(source: Path | str, multi_label: bool | None = None, label_sep:
         source = text = text.removeprefix("file://")
     if text.startswith(tables.PREFIX):
         return _read_table(text)
-    if shards.is_shard_pattern(text) or (not storage.is_store_url(text) and _only_shards(Path(text).expanduser())):
-        return _read_shards(shards.list_shards(str(Path(text).expanduser()) if not storage.is_store_url(text)
-                                               else text))
+    if _names_shards(text):
+        return _read_shards(shards.list_shards(text if storage.is_store_url(text) else
+                                               str(Path(text).expanduser())))
     if storage.is_store_url(text):
         return _read_store(text, multi_label, label_sep)
     source = Path(source).expanduser()
@@ -467,6 +469,12 @@ def _csv_source(listing: _Listing) -> _Source:
     return _Source(by_split, listing.skipped, [], listing.multi_label, listing.label_sep, listing.declared_classes)
 
 
+def _names_shards(source: str) -> bool:
+    """A shard pattern or .tar (local or URL), or a local folder of only shards (a prefix is told by its listing)."""
+    return shards.is_shard_pattern(source) or (not storage.is_store_url(source) and
+                                               _only_shards(Path(source).expanduser()))
+
+
 def _only_shards(folder: Path) -> bool:
     """A folder holding .tar files and nothing else but a classes.txt is read as WebDataset shards."""
     if not folder.is_dir():
@@ -478,8 +486,15 @@ def _only_shards(folder: Path) -> bool:
 
 def _read_shards(shard_names: list[str]) -> _Source:
     """Samples of WebDataset shards, split by the shards' names (train-000000.tar, val-...) where they say it."""
+    from transferkit.progress import progress_bar
+
+    bar = progress_bar(len(shard_names), "Indexing shards", "shard", None if len(shard_names) > 1 else False)
     with ThreadPoolExecutor(max_workers=min(8, len(shard_names)), thread_name_prefix="transferkit-shard") as pool:
-        indexed = list(pool.map(shards.index_shard, shard_names))
+        indexed = []
+        for members in pool.map(shards.index_shard, shard_names):
+            indexed.append(members)
+            bar.update()
+    bar.close()
     named = {}
     for shard in shard_names:
         base, folder = shards.split_words(shard)
@@ -501,8 +516,8 @@ def _read_table(name: str) -> _Source:
     found = tables.table(name)
     by_split: dict[str, list[Sample]] = {}
     for row, (path, label, split) in enumerate(zip(found.images, found.labels, found.splits)):
-        where = "all" if not any(found.splits) else (SPLIT_OF_NAME.get(str(split).strip().lower(), "train")
-                                                     if split else "train")
+        named = _split_named(str(split), f"row {row} of the table's split column") if split is not None else None
+        where = "all" if not any(found.splits) else (named or "train")
         item = tables.row_ref(found.name, row) if path is None else (path if is_remote(path) else Path(path))
         by_split.setdefault(where, []).append(Sample(item, label))
     multi = any(isinstance(label, tuple) for label in found.labels)
@@ -683,7 +698,7 @@ def list_images(sources: list[str | Path]) -> list[Path | str]:
     paths: list[Path | str] = []
     skipped: list[Skipped] = []
     for source in [s for item in sources for s in ([item] if is_remote(str(item)) else _expanded(item))]:
-        if shards.is_shard_pattern(str(source)) or (isinstance(source, Path) and _only_shards(source)):
+        if _names_shards(str(source)):
             paths += [s.path for samples in _read_source(source).samples.values() for s in samples]
         elif is_url(source):
             paths.append(source)

@@ -104,8 +104,8 @@ def _from_frame(frame: Any, image_column: str | None, label_column: str | None, 
     held = {i: data for i, (_, data) in enumerate(cells) if data is not None}
     return Table(uuid.uuid4().hex[:12], [path for path, _ in cells],
                  [_label(value, None) for value in frame[label].tolist()],
-                 [None if split is None else str(value) for value in (frame[split].tolist() if split else
-                                                                     [None] * len(frame))],
+                 [None if value is None or value != value else str(value)  # None / NaN: no split given
+                  for value in (frame[split].tolist() if split else [None] * len(frame))],
                  held.__getitem__, f"a DataFrame of {len(frame)} rows")
 
 
