@@ -176,3 +176,22 @@ def s3(s3_server, monkeypatch):
     monkeypatch.setattr(storage, "_filesystems", {})
     monkeypatch.setattr(storage, "_objects", {})
     return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, local artefacts) on a free loopback port for the session
+    (tests/mlflow_server.py)."""
+    pytest.importorskip("mlflow")
+    from mlflow_server import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_server, monkeypatch) -> str:
+    """The session's MLflow server as the tracking URI of this test (and of the processes it starts)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return mlflow_server.uri

@@ -15,6 +15,7 @@ from transferkit.features import check_precision, resolve_device
 from transferkit.head import HEAD_KINDS, FitOptions
 from transferkit.novelty import check_accept
 from transferkit.recipe import Recipe, recipe_for
+from transferkit.tracking import parse_trackers
 
 MODES = ("auto", "probe", "head", "finetune", "scratch")
 # Options that name a choice: accepted in any case ("MLP", "SGD").
@@ -133,6 +134,11 @@ class TrainConfig(FitOptions):
     workers: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     tensorboard: bool = False
+    """Kept for runs and calls of earlier versions: the same as track=("tensorboard",)."""
+    track: tuple[str, ...] = ()
+    """Experiment trackers to log to: "tensorboard", "mlflow", "wandb" (`transferkit.tracking`)."""
+    experiment: str | None = None
+    """The MLflow experiment / W&B project (default: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else "transferkit")."""
     compile: bool = False
 
     def resolved(self) -> TrainConfig:
@@ -157,8 +163,9 @@ class TrainConfig(FitOptions):
         if self.optimizer is None:
             defaults["optimizer"] = probe_optimizer(self.head.lower()) if mode == "probe" else "adamw"
         balance = {True: "weights", False: "none"}.get(self.balance, self.balance)
+        track = parse_trackers([*parse_trackers(self.track), *(["tensorboard"] if self.tensorboard else [])])
         config = replace(self, **defaults, mode=mode, time_limit=time_limit, balance=balance,
-                         lr_steps=tuple(self.lr_steps))
+                         lr_steps=tuple(self.lr_steps), track=track, tensorboard=False)
         config = replace(config, **{name: value.lower() for name in CHOICE_OPTIONS
                                     if isinstance(value := getattr(config, name), str)})
         config.check()

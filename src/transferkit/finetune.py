@@ -38,6 +38,7 @@ from transferkit.optim import make_optimizer, make_scheduler
 from transferkit.progress import progress_bar
 from transferkit.recipe import Recipe, WeightAverage, mix_batch, set_drop_path
 from transferkit.topcache import Bottom, first_trained_unit, top_forward
+from transferkit.tracking import Trackers
 
 if TYPE_CHECKING:
     from transferkit.config import TrainConfig
@@ -497,7 +498,7 @@ class _Stage:
 def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targets: np.ndarray,
                val_paths: Sequence[Path], val_targets: np.ndarray, *, first_epoch_number: int = 1,
                history: list[dict] | None = None, resume_state: dict | None = None,
-               save_checkpoint: Callable[[dict], None] | None = None, tensorboard=None,
+               save_checkpoint: Callable[[dict], None] | None = None, tracker: Trackers | None = None,
                progress: bool | None = None, clock: Clock | None = None,
                reserve_seconds: float = 0.0) -> ImageFitResult:
     """Train `training.net` for `options.epochs` epochs; checkpoint after each one; early-stop on the monitor and
@@ -573,11 +574,8 @@ def fit_images(training: ImageTraining, train_paths: Sequence[Path], train_targe
                 best = {"score": (0.0,), "epoch": epoch,
                         "model": None if stage.average is None else copy.deepcopy(stage.evaluated.state_dict())}
             history.append(row)
-            if tensorboard is not None:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        tensorboard.add_scalar(key, value, row["epoch"])
-                tensorboard.flush()
+            if tracker is not None:
+                tracker.epoch(row)
             if save_checkpoint is not None:
                 save_checkpoint({**stage.state_dict(), "epoch": epoch, "best": best, "history": history})
             last_epoch_seconds = time.perf_counter() - epoch_started

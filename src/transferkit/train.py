@@ -7,6 +7,7 @@ import csv
 import io
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from transferkit.plots import plot_lr_finding
 from transferkit.runs import (CHECKPOINT, RUN_FORMAT, StagedRun, absolute_path, default_run_dir, load_checkpoint,
                               save_checkpoint, staging_dir, write_atomically)
 from transferkit.text import plural
+from transferkit.tracking import Trackers, run_params
 from transferkit.topcache import MAX_VIEWS
 
 log = logging.getLogger("transferkit")
@@ -103,17 +105,6 @@ def _history_csv(history: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()
-
-
-def _tensorboard(folder: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise DataError("--tensorboard needs TensorBoard: pip install 'transferkit[tensorboard]'.") from None
-    log.info("TensorBoard logs: tensorboard --logdir %s", folder / "tensorboard")
-    return SummaryWriter(str(folder / "tensorboard"))
 
 
 @dataclass
@@ -400,7 +391,7 @@ class _Outcome:
     """The kept head, which turns `features` into logits."""
 
 
-def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tensorboard,
+def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, progress, tracker: Trackers,
                start: Classifier | None = None) -> _Outcome:
     extractor = Extractor(backbone, config.device, config.precision, config.engine, config.cache_dir)
     prepared, features = _extract(dataset, extractor, config, progress)
@@ -410,10 +401,7 @@ def _run_probe(dataset, backbone, config: TrainConfig, options: FitOptions, prog
     fit = _fit_probe(prepared, features, spec, options, progress, backbone, start.head.state_dict() if start else None)
     for row in fit.history:
         row["stage"] = "probe"
-        if tensorboard is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    tensorboard.add_scalar(key, value, row["epoch"])
+        tracker.epoch(row)
     logits = _logits(fit.head, {name: features[name] for name in ("val", "test") if name in features})
     probabilities = {name: class_probabilities(torch.from_numpy(values), spec.multi_label).numpy()
                      for name, values in logits.items()}
@@ -459,7 +447,7 @@ def _network(backbone, config: TrainConfig, num_classes: int, multi_label: bool 
         return Network(model, backbone, spec.build(), multi_label), spec
 
 
-def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun,
+def _run_images(dataset, backbone, config: TrainConfig, progress, tracker: Trackers, staged: StagedRun,
                 checkpoint: dict, clock: Clock, reserve_seconds: float = 0.0,
                 start: Classifier | None = None) -> _Outcome:
     device = resolve_device(config.device)
@@ -475,6 +463,8 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
         prepared, first_stage = Prepared.from_state(checkpoint["prepared"]), checkpoint["first_stage"]
     else:
         prepared, first_stage = _prepare_images(dataset, backbone, config, progress, start)
+        for row in (first_stage or {}).get("history", []):
+            tracker.epoch(row)
         checkpoint = {**checkpoint, "prepared": prepared.to_state(), "first_stage": first_stage}
         _save(staged, checkpoint, clock)
     if first_stage:
@@ -488,7 +478,7 @@ def _run_images(dataset, backbone, config: TrainConfig, progress, tensorboard, s
                      history=earlier, resume_state=checkpoint.get("stage"),
                      save_checkpoint=(lambda state: _save(staged, {**checkpoint, "stage": state}, clock))
                      if distributed.current().is_main else None,
-                     tensorboard=tensorboard, progress=progress, clock=clock if clock.limit else None,
+                     tracker=tracker, progress=progress, clock=clock if clock.limit else None,
                      reserve_seconds=reserve_seconds)
     train_paths = prepared.paths["train"]
     prepared.skipped += [Skipped(train_paths[i], f"became unreadable during training: {reason}")
@@ -672,13 +662,13 @@ def _finetune_planner(backbone, config: TrainConfig, prepared: Prepared, probe_v
     return plan
 
 
-def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, staged: StagedRun, checkpoint: dict,
+def _run_auto(dataset, backbone, config: TrainConfig, progress, tracker: Trackers, staged: StagedRun, checkpoint: dict,
               clock: Clock) -> _Outcome:
     """The probe on cached features; then, if the time left buys fine-tuning and the probe leaves room, fine-tuning
     fitted to that time; the better of the two on validation is kept."""
     log.info("auto: the probe on cached features first, then fine-tuning if it pays, within %s (until %s)",
              format_duration(clock.left()), finish_time(clock.left()))
-    probe = _run_probe(dataset, backbone, config, _probe_options(config), progress, tensorboard)
+    probe = _run_probe(dataset, backbone, config, _probe_options(config), progress, tracker)
     probe_val = _val_accuracy(probe)
     if probe_val is None:
         probe.choice = ("kept the probe: auto chooses between the probe and fine-tuning on validation images, and "
@@ -715,7 +705,7 @@ def _run_auto(dataset, backbone, config: TrainConfig, progress, tensorboard, sta
                               backbone_lr_mult=plan.backbone_lr_mult, train_size=plan.train_size,
                               image_size=plan.eval_size, cache_bottom=plan.cache_bottom)
     eval_images = sum(probe.prepared.sizes.values())  # after training: train features (novelty), val and test
-    finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tensorboard, staged, checkpoint,
+    finetuned = _run_images(dataset, finetune_backbone, finetune_config, progress, tracker, staged, checkpoint,
                             clock, final_seconds(eval_images, plan.eval_images_per_second))
     finetuned_val = _val_accuracy(finetuned)
     if finetuned_val is not None and finetuned_val > probe_val:
@@ -784,7 +774,7 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
     unique, run_dir = run_dir is None, run_dir or default_run_dir()
     run_folder = (StagedRun(run_dir, overwrite, resume=checkpoint is not None, unique=unique) if ranks.is_main
                   else ScratchRun())
-    with run_folder as staged:  # opened first: an unwritable --out fails before any work
+    with ExitStack() as closing, run_folder as staged:  # opened first: an unwritable --out fails before any work
         run_dir = staged.out if ranks.is_main else run_dir  # a default name taken by another run moves on (-2...)
         if checkpoint is None:  # saved before the data check: a run stopped during it can be resumed
             checkpoint = {"arguments": arguments}
@@ -795,19 +785,16 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
         if config.mode != "probe":
             log.info("writing %s; if this run is interrupted, continue it with: transferkit train --resume %s",
                      run_dir, run_dir)
-        tensorboard = _tensorboard(staged.staging, config.tensorboard)
-        try:
-            if config.mode == "probe":
-                outcome = _run_probe(dataset, backbone, config, config, progress, tensorboard, start)
-                outcome.advice = _finetune_advice(arguments, config, backbone, outcome, clock)
-            elif config.mode == "auto":
-                outcome = _run_auto(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock)
-            else:
-                outcome = _run_images(dataset, backbone, config, progress, tensorboard, staged, checkpoint, clock,
-                                      start=start)
-        finally:
-            if tensorboard is not None:
-                tensorboard.close()
+        tracker = closing.enter_context(_open_trackers(config, arguments, staged, run_dir, checkpoint, clock)
+                                        if ranks.is_main else Trackers())
+        if config.mode == "probe":
+            outcome = _run_probe(dataset, backbone, config, config, progress, tracker, start)
+            outcome.advice = _finetune_advice(arguments, config, backbone, outcome, clock)
+        elif config.mode == "auto":
+            outcome = _run_auto(dataset, backbone, config, progress, tracker, staged, checkpoint, clock)
+        else:
+            outcome = _run_images(dataset, backbone, config, progress, tracker, staged, checkpoint, clock,
+                                  start=start)
         prepared = outcome.prepared
         judged = _judge(outcome, config.accept, config.seed, config.threshold)
         metrics, predictions = _evaluated(prepared, judged, group_map)
@@ -844,11 +831,27 @@ def _train(arguments: dict, config: TrainConfig, run_dir: Path | None, overwrite
         staged.write_json("metrics.json", metrics)
         staged.write_text(PREDICTIONS_FILE, predictions_csv(predictions, prepared.classes))
         staged.write_text("skipped.txt", "".join(f"{s.path}\t{s.reason}\n" for s in prepared.skipped))
+        tracker.finish(metrics)
+    report_path = _write_report(run_dir, group_map) if report and ranks.is_main else None
+    tracker.log_run(run_dir)
+    tracker.close()
     return TrainResult(run_dir, prepared.classes, metrics, outcome.history, outcome.best_epoch,
                        prepared.sizes, prepared.skipped, prepared.features_computed + checked,
                        max(0, prepared.features_from_cache - checked),
-                       clock.elapsed(), _write_report(run_dir, group_map) if report and ranks.is_main else None,
-                       outcome.advice, outcome.choice)
+                       clock.elapsed(), report_path, outcome.advice, outcome.choice)
+
+
+def _open_trackers(config: TrainConfig, arguments: dict, staged: StagedRun, run_dir: Path, checkpoint: dict,
+                   clock: Clock) -> Trackers:
+    """The run's trackers (none unless --track), continuing their runs when this run is resumed; their run ids go
+    into the checkpoint for that."""
+    if not config.track:
+        return Trackers()
+    tracker = Trackers.open(config.track, staged.staging, run_dir, run_params(arguments, config),
+                            config.experiment, checkpoint.get("trackers"))
+    checkpoint["trackers"] = tracker.ids
+    _save(staged, checkpoint, clock)
+    return tracker
 
 
 def _doctor_summary(arguments: dict, config: TrainConfig, image_size: int, distributed_run: bool,
