@@ -249,6 +249,23 @@ FAULTS = [
           "lost.append(_lost(rows, ids))", "lost.append(rows[:0])", ("test_neighbours.py",)),
     Fault("the index's outliers are not measured exactly", "src/transferkit/doctor.py",
           "distance[suspects] = exact_distances(unit, suspects, NEIGHBOURS)", "pass", ("test_neighbours.py",)),
+    # experiment trackers
+    Fault("the fine-tuning loop's epochs never reach the trackers", "src/transferkit/finetune.py",
+          "                tracker.epoch(row)", "                pass", ("test_tracking.py",)),
+    Fault("the probe's epochs never reach the trackers", "src/transferkit/train.py",
+          '        row["stage"] = "probe"\n        tracker.epoch(row)', '        row["stage"] = "probe"',
+          ("test_tracking.py",)),
+    Fault("every epoch logged at the same step", "src/transferkit/tracking.py", "self.step += 1", "self.step = 1",
+          ("test_tracking.py",)),
+    Fault("the final metrics never reach the trackers", "src/transferkit/tracking.py",
+          "self._call(tracker, lambda t=tracker: t.finish(flat))", "pass", ("test_tracking.py",)),
+    Fault("a failing tracker stops the run", "src/transferkit/tracking.py",
+          "                self.failed.add(tracker.name)\n", "                raise\n", ("test_tracking.py",)),
+    Fault("the logged MLflow model lacks the run's weights", "src/transferkit/tracking.py",
+          'MODEL_FILES = ("config.json", "model.safetensors", "labels.txt", "novelty.npz")',
+          'MODEL_FILES = ("config.json", "labels.txt", "novelty.npz")', ("test_tracking.py",)),
+    Fault("W&B goes online without a key", "src/transferkit/tracking.py",
+          '("online" if _wandb_key() else "offline")', '"online"', ("test_tracking.py",)),
 ]
 
 

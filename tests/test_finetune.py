@@ -262,12 +262,6 @@ def test_lr_find_plots_and_suggests(split_folder, tmp_path, cache_dir):
     assert len((tmp_path / "lr" / "lr_find.csv").read_text().splitlines()) == len(finding.lrs) + 1
 
 
-def test_tensorboard_logs(split_folder, tmp_path, cache_dir):
-    pytest.importorskip("tensorboard")
-    run = _train(split_folder, tmp_path, cache_dir, mode="head", epochs=1, tensorboard=True).run_dir
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-
-
 def test_cli_image_training_errors(split_folder, tmp_path):
     from typer.testing import CliRunner
 

@@ -131,7 +131,7 @@ def test_a_server_down_mid_run_costs_a_warning_and_nothing_is_lost(split_folder,
 
 def test_wandb_offline_run_holds_config_history_summary_pictures_and_the_run(split_folder, tmp_path, cache_dir,
                                                                            monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from wandb_records import read_offline_run
 
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT"):
@@ -140,6 +140,7 @@ def test_wandb_offline_run_holds_config_history_summary_pictures_and_the_run(spl
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     result = _train(split_folder, tmp_path, cache_dir, "wandb-run", track=["wandb"], experiment="shapes")
+    wandb.teardown()  # W&B's service process buffers the offline file until it shuts down (as at the end of a CLI run)
     (folder,) = (tmp_path / "wandb-files" / "wandb").glob("offline-run-*")
     logged = read_offline_run(folder)
     assert logged.name == "wandb-run" and logged.project == "shapes" and logged.exit_code == 0
@@ -158,7 +159,8 @@ def test_tensorboard_scalars_are_the_history(split_folder, tmp_path, cache_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = _train(split_folder, tmp_path, cache_dir, track=["tensorboard"], report=False)
+    # image training (the fine-tuning loop reports its own epochs)
+    result = _train(split_folder, tmp_path, cache_dir, mode="head", epochs=2, track=["tensorboard"], report=False)
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
     rows = _history(result.run_dir)
@@ -184,14 +186,15 @@ def test_track_names_combine_and_the_old_tensorboard_flag_still_works():
     assert config.track == ("mlflow", "tensorboard")
 
 
-@pytest.mark.slow
-def test_cli_train_with_two_trackers_on_real_photos(hymenoptera, tmp_path, mlflow_uri, monkeypatch):
+def test_cli_train_with_two_trackers(split_folder, tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    outcome = CliRunner().invoke(app, ["train", str(hymenoptera), "--out", str(tmp_path / "bees"), "--track",
-                                       "mlflow,wandb", "--experiment", "hymenoptera", "--no-doctor"])
+    outcome = CliRunner().invoke(app, ["train", str(split_folder), "--out", str(tmp_path / "shapes"), "--track",
+                                       "mlflow,wandb", "--experiment", "cli-shapes", "--no-doctor", "--no-report",
+                                       "--json"])
     assert outcome.exit_code == 0, outcome.output
-    _, logged = _mlflow_run("hymenoptera", "bees")
-    assert logged.data.metrics["final/val_accuracy"] > 0.9
+    _, logged = _mlflow_run("cli-shapes", "shapes")
+    assert logged.data.metrics["final/val_accuracy"] > 0.5
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")), outcome.output
+    assert "logged to MLflow: http://127.0.0.1" in outcome.output and "wandb sync" in outcome.output
