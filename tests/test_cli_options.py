@@ -55,12 +55,14 @@ ENTRY_POINTS = [
     ("transferkit.doctor", "diagnose", "result"), ("transferkit.doctor", "write_html", "raise"),
     ("transferkit.download", "download", "raise"), ("transferkit.download", "download_url", "raise"),
     ("transferkit.demo", "run_demo", "raise"), ("transferkit.make_shards", "write_shards", "result"),
+    ("transferkit.compare", "compare", "raise"), ("transferkit.tracking", "track_run", "raise"),
 ]
 
 # The arguments each command is called with; an option that only means something with another gets that one too.
 BASE = {"train": ["data"], "evaluate": ["run", "data"], "predict": ["run", "IMAGE"], "export": ["run"],
         "serve": ["model"], "report": ["run"], "models": [], "summary": ["target"], "doctor": ["data"],
-        "download": ["hymenoptera"], "demo": [], "runs": [], "shard": ["data", "out"]}
+        "download": ["hymenoptera"], "demo": [], "runs": [], "shard": ["data", "out"], "compare": ["run_a", "run_b"],
+        "track": ["run", "--to", "mlflow"]}
 CONTEXT = {("train", "--resume"): [], ("predict", "--backbone"): ["--imagenet", "IMAGE"],
            ("predict", "--weights"): ["--imagenet", "IMAGE"], ("download", "--sha256"): ["--url", "https://x/y.zip"]}
 # Values the CLI itself checks or converts: (what is typed, what the API must receive).
@@ -75,7 +77,8 @@ PRINTING = {("train", "--json"): "test_cli.py::test_train_json_summary",
             ("download", "--json"): "test_newcomer_cli.py::test_download_json",
             ("runs", "--json"): "test_newcomer_cli.py::test_runs_lists_runs",
             ("shard", "--json"): "test_shards.py::test_shard_then_train_on_the_shards_gives_the_folder_model",
-            ("predict", "--ood-report"): "test_unknown.py::test_cli_predict_evaluate_and_report_say_unknown"}
+            ("predict", "--ood-report"): "test_unknown.py::test_cli_predict_evaluate_and_report_say_unknown",
+            ("compare", "--json"): "test_compare.py::test_cli_prints_the_table_and_writes_the_page"}
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,14 @@ _WHERE = {
     "EMBEDDED_BACKBONES": "backbone", "Backbone": "backbone", "open_backbone": "backbone",
     "Classifier": "classifier", "predict_imagenet": "classifier",
     "Dataset": "data", "load_dataset": "data",
+    "Comparison": "compare", "compare": "compare",
     "EvaluationReport": "evaluate", "evaluate": "evaluate",
     "export_run": "export",
     "report": "report",
     "RunSummary": "runs", "list_runs": "runs",
     "ModelSummary": "summary", "list_backbones": "summary", "summarize": "summary",
     "TrainConfig": "train", "TrainResult": "train", "find_lr": "train", "resume": "train", "train": "train",
+    "track_run": "tracking",
 }
 __all__ = sorted(_WHERE)
 

@@ -1,7 +1,8 @@
 """`--mode auto` and `--time-limit`: how much fine-tuning the time left buys, planned from the data and from the
 network's throughput measured on this machine.
 
-The rules, and what they rest on (measured on the 2-core CPUs this project is built on; see README "Time limits"):
+The rules, and what they rest on (measured on the 2-core CPUs this project is built on; see docs/time-limits.md
+and docs/numbers.md):
 - Fine-tuning is tried only when the probe leaves room: validation accuracy below `FINETUNE_BELOW` (0.97). On
   ImageNet-like photos the probe on cached features is as good as fine-tuning (hymenoptera: probe 0.974, fine-tuned
   0.961) at a fortieth of the cost; on data unlike ImageNet it is not (flowers100 thumbnails: probe 0.78).

@@ -374,7 +374,14 @@ def train(
     from_run: Optional[Path] = typer.Option(None, "--from", metavar="RUN", rich_help_panel=OUTPUT,
                                             help="Train a finished run further, as a new run: start from its head "
                                                  "(and its backbone, if it was fine-tuned)."),
-    tensorboard: bool = _flag("--tensorboard", "Also log to TensorBoard (in the run folder's tensorboard/).", OUTPUT),
+    track: Optional[list[str]] = typer.Option(None, metavar="mlflow|wandb|tensorboard", rich_help_panel=OUTPUT,
+                                              help="Log the run to an experiment tracker (repeat, or comma-separate, "
+                                                   "for several): parameters, metrics per epoch, the report, the "
+                                                   "model."),
+    experiment: Optional[str] = typer.Option(None, metavar="NAME", rich_help_panel=OUTPUT,
+                                             help="MLflow experiment / W&B project \\[default: "
+                                                  "MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else transferkit]."),
+    tensorboard: bool = _flag("--tensorboard", "Also log to TensorBoard (the same as --track tensorboard).", OUTPUT),
     no_report: bool = _flag("--no-report", "Skip the HTML report (report.html in the run).", OUTPUT),
     as_json: bool = _flag("--json", "Print a machine-readable summary.", OUTPUT),
     cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP, rich_help_panel=SPEED),
@@ -432,7 +439,7 @@ def train(
                    val_percent=val_percent, test_percent=test_percent,
                    cache_dir=str(cache_dir) if cache_dir else None, use_cache=not no_cache, workers=workers,
                    engine=engine, device=device, precision=precision, tensorboard=tensorboard,
-                   compile=compile_model)
+                   track=tuple(track or ()), experiment=experiment, compile=compile_model)
     if lr_find:
         finding, plot = find_lr(data, val=val, test=test, out=out_dir, **options)
         if as_json:
@@ -781,6 +788,42 @@ def report(
     out.print(f"Report: [bold]{escape(str(page))}[/] (pictures in {escape(str(page.parent / (page.stem + '_files')))})")
 
 
+@app.command(epilog="Example: transferkit compare runs/probe runs/finetuned --data new_photos/")
+@_friendly_errors
+def compare(
+    run_a: Path = typer.Argument(..., help="The first run folder (A)."),
+    run_b: Path = typer.Argument(..., help="The second run folder (B)."),
+    data: Optional[str] = typer.Option(None, metavar="DATA", help="Score both runs on this labelled data \\[default: "
+                                       "the images both were evaluated on at training, matched by path]."),
+    split: Split = typer.Option("auto", case_sensitive=False,
+                                help="With --data: auto (other data: all of it; a run's own data: test, else val), "
+                                     "train, val, test, all. Without: auto (test, else val), val or test."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.html, compare.json and the "
+                                                                "pictures \\[default: RUN_A/../compare/A-vs-B]."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
+    no_cache: bool = _flag("--no-cache", "Neither read nor write the feature cache."),
+    engine: Engine = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
+    as_json: bool = _flag("--json", "Print the numbers as JSON (as compare.json holds them)."),
+) -> None:
+    """Two runs on the same images: accuracy overall and per class side by side, the images one gets right and the
+    other wrong (pictures on a page), and McNemar's test of whether the difference is more than chance."""
+    from transferkit.compare import compare as compare_runs
+
+    _setup_logging()
+    result = compare_runs(run_a, run_b, data, out_dir, split, cache_dir=cache_dir, use_cache=not no_cache,
+                          engine=engine, device=device)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(f"{plural(result.n, 'image')} compared: {escape(result.scored)}. A = {escape(str(result.run_a))}, "
+              f"B = {escape(str(result.run_b))}.", highlight=False)
+    out.print(result.table())
+    out.print(f"A right, B wrong: {len(result.a_only)}; B right, A wrong: {len(result.b_only)}. "
+              f"{escape(result.verdict)}", highlight=False)
+    out.print(f"Page: [bold]{escape(str(result.page))}[/]")
+
+
 @app.command(epilog="Example: transferkit models 'convnext*'")
 @_friendly_errors
 def models(
@@ -832,6 +875,26 @@ def summary(
     out.print(f"Total parameters: {result.total_parameters:,}\nTrainable parameters: {result.trainable_parameters:,}"
               f"\nNon-trainable parameters: {result.non_trainable_parameters:,}\nLayers with weights: "
               f"{result.layers}\nFeature size: {result.feature_size}")
+
+
+@app.command(epilog="Example: MLFLOW_TRACKING_URI=http://127.0.0.1:5000 transferkit track runs/cats --to mlflow")
+@_friendly_errors
+def track(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Finished run folders."),
+    to: list[str] = typer.Option(..., metavar="mlflow|wandb|tensorboard",
+                                 help="The tracker to log to (repeat for several)."),
+    experiment: Optional[str] = typer.Option(None, metavar="NAME",
+                                             help="MLflow experiment / W&B project \\[default: "
+                                                  "MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else transferkit]."),
+) -> None:
+    """Log finished runs to experiment trackers afterwards (trained without --track, or while the server was
+    down): parameters, each epoch, the final metrics, the run folder and the model."""
+    from transferkit.tracking import track_run
+
+    _setup_logging()
+    for run in runs:
+        ids = track_run(run, to, experiment)
+        out.print(f"{escape(str(run))}: " + ", ".join(f"{name} run {run_id}" for name, run_id in ids.items()))
 
 
 @app.command(epilog="Example: transferkit shard photos/ s3://bucket/shards/ --size 500MB")
