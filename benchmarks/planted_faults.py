@@ -266,6 +266,17 @@ FAULTS = [
           'MODEL_FILES = ("config.json", "labels.txt", "novelty.npz")', ("test_tracking.py",)),
     Fault("W&B goes online without a key", "src/transferkit/tracking.py",
           '("online" if _wandb_key() else "offline")', '"online"', ("test_tracking.py",)),
+    # comparing runs
+    Fault("compare: McNemar's test one-sided", "src/transferkit/compare.py",
+          "binomtest(a_only, a_only + b_only, 0.5).pvalue",
+          'binomtest(a_only, a_only + b_only, 0.5, alternative="greater").pvalue', ("test_compare.py",)),
+    Fault("compare: per-class precision instead of recall", "src/transferkit/compare.py",
+          "            rows = a.truth[:, k]\n", "            rows = a.predicted[:, k]\n", ("test_compare.py",)),
+    Fault("compare: images matched by position, not path", "src/transferkit/compare.py",
+          "    rows_b = [where[answers_a.paths[i]] for i in rows_a]", "    rows_b = rows_a", ("test_compare.py",)),
+    Fault("compare: pictures of the wrong images", "src/transferkit/compare.py",
+          "[_view(row.path, preprocessing) for row in rows]",
+          "[_view(row.path, preprocessing) for row in rows[::-1]]", ("test_compare.py",)),
 ]
 
 

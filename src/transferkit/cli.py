@@ -877,10 +877,10 @@ def summary(
               f"{result.layers}\nFeature size: {result.feature_size}")
 
 
-@app.command(epilog="Example: MLFLOW_TRACKING_URI=http://127.0.0.1:5000 transferkit track runs/cats --to mlflow")
+@app.command(epilog="Example: transferkit track runs/cats --to mlflow (the server: MLFLOW_TRACKING_URI)")
 @_friendly_errors
 def track(
-    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Finished run folders."),
+    runs: list[str] = typer.Argument(..., metavar="RUN...", help="Finished run folders."),
     to: list[str] = typer.Option(..., metavar="mlflow|wandb|tensorboard",
                                  help="The tracker to log to (repeat for several)."),
     experiment: Optional[str] = typer.Option(None, metavar="NAME",

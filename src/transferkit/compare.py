@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import plots
-from transferkit.data import load_dataset
 from transferkit.errors import DataError, RunError
-from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, _is_training_data, _scored,
-                                  read_predictions)
+from transferkit.evaluate import (PREDICTIONS_FILE, LabelSetPredictions, Predictions, _scored, read_predictions,
+                                  split_samples)
 from transferkit.multilabel import label_matrix, stored_thresholds
 from transferkit.pages import render_template
 from transferkit.report import RIGHT, WRONG, _Pictures, _view
@@ -383,19 +382,7 @@ def _scored_answers(run: Path, data: str | Path, split: str, compared: list[str]
     options = dict(scoring)
     extraction = {key: options.pop(key) for key in ("use_cache", "batch_size", "workers", "progress")}
     classifier = Classifier.load(run, **options)
-    data_config = classifier.config.get("data", {})
-    dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
-                           test_percent=data_config.get("test_percent", 10.0),
-                           multi_label=True if classifier.multi_label else None,
-                           label_sep=data_config.get("label_sep") if classifier.multi_label else None)
-    own = _is_training_data(data, data_config.get("source"))
-    chosen = next((s for s in ("test", "val") if s in dataset.splits and own), "all") if split == "auto" else split
-    if chosen == "all":
-        samples = [s for part in dataset.splits.values() for s in part]
-    elif chosen in dataset.splits:
-        samples = dataset.splits[chosen]
-    else:
-        raise DataError(f"{data} has no {chosen} split (it has: {', '.join(dataset.splits)}); pick another --split.")
+    _, samples, chosen, own = split_samples(classifier, data, split)
     left_out = set()
     if not classifier.multi_label:
         left_out = {(str(s.path), s.label) for s in samples if s.label not in compared}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.calibration import expected_calibration_error
-from transferkit.data import Skipped, load_dataset
+from transferkit.data import Dataset, Skipped, load_dataset
 from transferkit.errors import DataError
 from transferkit.multilabel import decide, label_matrix, multilabel_metrics
 from transferkit.novelty import rejection_threshold
@@ -288,6 +288,27 @@ class EvaluationReport:
                 f"{plural(self.metrics['n'], 'image')}{skipped})")
 
 
+def split_samples(classifier, data: str | Path, split: str) -> tuple[Dataset, list, str, bool]:
+    """DATA as `classifier`'s run split its own (the same percentages and kind of labels), the samples of `split`,
+    that split's name ("auto" decided) and whether DATA is the run's own training data. "auto": data the run was
+    not trained on whole, the run's own data on its test split (else validation, else every image)."""
+    data_config = classifier.config.get("data", {})
+    dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
+                           test_percent=data_config.get("test_percent", 10.0),
+                           multi_label=True if classifier.multi_label else None,
+                           label_sep=data_config.get("label_sep") if classifier.multi_label else None)
+    own = _is_training_data(data, data_config.get("source"))
+    if split == "auto":
+        split = next((s for s in ("test", "val") if s in dataset.splits and own), "all")
+    if split == "all":
+        samples = [s for part in dataset.splits.values() for s in part]
+    elif split in dataset.splits:
+        samples = dataset.splits[split]
+    else:
+        raise DataError(f"{data} has no {split} split (it has: {', '.join(dataset.splits)}); pick another --split.")
+    return dataset, samples, split, own
+
+
 def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str | Path | dict | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int | None = None,
              workers: int | None = None, progress: bool | None = None, reject: bool = True,
@@ -303,20 +324,7 @@ def evaluate(run: str | Path, data: str | Path, split: str = "auto", groups: str
     from transferkit.classifier import Classifier
 
     classifier = Classifier.load(run, cache_dir=cache_dir, **engine_options)
-    data_config = classifier.config.get("data", {})
-    dataset = load_dataset(data, val_percent=data_config.get("val_percent", 10.0),
-                           test_percent=data_config.get("test_percent", 10.0),
-                           multi_label=True if classifier.multi_label else None,
-                           label_sep=data_config.get("label_sep") if classifier.multi_label else None)
-    own = _is_training_data(data, data_config.get("source"))
-    if split == "auto":
-        split = next((s for s in ("test", "val") if s in dataset.splits and own), "all")
-    if split == "all":
-        samples = [s for part in dataset.splits.values() for s in part]
-    elif split in dataset.splits:
-        samples = dataset.splits[split]
-    else:
-        raise DataError(f"{data} has no {split} split (it has: {', '.join(dataset.splits)}); pick another --split.")
+    dataset, samples, split, own = split_samples(classifier, data, split)
     unknown = sorted({label for s in samples for label in s.labels} - set(classifier.classes))
     if unknown and classifier.multi_label:
         log.warning("%s has labels the model was not trained on; they are left out of the metrics: %s", data,
