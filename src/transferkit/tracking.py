@@ -23,6 +23,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -209,8 +210,6 @@ class MlflowTracker(Tracker):
         self._metrics(metrics, step)
 
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
